@@ -1,0 +1,127 @@
+//! The control-port protocol between the guest agent and the VMM.
+//!
+//! The agent talks to the VMM with 32-bit `outl`/`inl` on [`CONTROL_PORT`]; every access is a
+//! synchronous exit, so the conversation lands at the same point of guest execution on every run.
+//! A message is `(command << 24) | argument`. The C side (`agent/rrr_protocol.h`) carries the same
+//! numbers; a test keeps the two in step.
+
+/// The I/O port of the control device (4 bytes wide).
+pub const CONTROL_PORT: u16 = 0x0790;
+/// How many ports the control device decodes.
+pub const CONTROL_PORT_LEN: u16 = 4;
+
+/// Commands the agent writes with `outl`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Command {
+    /// Mounts done, about to wait for GO. The snapshot point.
+    Ready = 1,
+    /// The stimulus exited normally; the argument is its exit status (0..=255).
+    Exited = 2,
+    /// The stimulus was killed by a signal; the argument is the signal number.
+    Signaled = 3,
+    /// The stimulus ran past its time limit and was killed.
+    TimedOut = 4,
+    /// The stimulus has been started (argument: its pid).
+    Started = 5,
+    /// The agent could not start the stimulus; the argument is the errno.
+    SpawnFailed = 6,
+    /// A deterministic progress point from instrumented user code (argument free for use).
+    Progress = 7,
+    /// The agent is about to power the machine off.
+    PowerOff = 8,
+}
+
+impl Command {
+    pub fn from_u8(value: u8) -> Option<Self> {
+        Some(match value {
+            1 => Command::Ready,
+            2 => Command::Exited,
+            3 => Command::Signaled,
+            4 => Command::TimedOut,
+            5 => Command::Started,
+            6 => Command::SpawnFailed,
+            7 => Command::Progress,
+            8 => Command::PowerOff,
+            _ => return None,
+        })
+    }
+}
+
+/// The reply to an `inl` from the control port after READY: [`GO`] in the top byte and the
+/// stimulus time limit in seconds (0: no limit) in the low 24 bits.
+pub const GO: u8 = 0x60;
+
+/// Largest argument that fits in a message.
+pub const ARG_MASK: u32 = 0x00ff_ffff;
+
+/// A decoded `outl` from the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Message {
+    pub command: Command,
+    pub argument: u32,
+}
+
+/// Why a word from the guest is not a message. The guest is not trusted: a bad word is reported,
+/// never a panic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("unknown control command {command} (word {word:#010x})")]
+pub struct UnknownCommand {
+    pub command: u8,
+    pub word: u32,
+}
+
+impl Message {
+    pub fn decode(word: u32) -> Result<Self, UnknownCommand> {
+        let command = (word >> 24) as u8;
+        Command::from_u8(command)
+            .map(|command| Message {
+                command,
+                argument: word & ARG_MASK,
+            })
+            .ok_or(UnknownCommand { command, word })
+    }
+
+    pub fn encode(self) -> u32 {
+        ((self.command as u32) << 24) | (self.argument & ARG_MASK)
+    }
+}
+
+/// The GO word for a time limit in seconds (saturating at the 24-bit maximum).
+pub fn go_word(time_limit_secs: u32) -> u32 {
+    ((GO as u32) << 24) | time_limit_secs.min(ARG_MASK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip() {
+        for raw in 1..=8u8 {
+            let command = Command::from_u8(raw).unwrap();
+            let message = Message {
+                command,
+                argument: 0x1234,
+            };
+            assert_eq!(Message::decode(message.encode()), Ok(message));
+        }
+    }
+
+    #[test]
+    fn unknown_commands_are_errors() {
+        assert_eq!(
+            Message::decode(0xee00_0001),
+            Err(UnknownCommand {
+                command: 0xee,
+                word: 0xee00_0001
+            })
+        );
+    }
+
+    #[test]
+    fn go_word_carries_the_limit() {
+        assert_eq!(go_word(30), 0x6000_001e);
+        assert_eq!(go_word(u32::MAX) & ARG_MASK, ARG_MASK);
+    }
+}

@@ -1,0 +1,1 @@
+//! Emulated devices. `legacy` holds the PC platform devices, `virtio` the virtio-mmio ones.
