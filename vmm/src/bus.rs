@@ -5,6 +5,7 @@
 //! the interrupt lines; they never see KVM, the host clock, or which execution mode is running.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 
 use crate::clock::VirtualTime;
 use crate::irq::IrqLines;
@@ -15,11 +16,16 @@ pub struct DeviceContext<'a> {
     pub irqs: &'a mut IrqLines,
 }
 
-/// A device on a bus. `offset` is relative to the start of the range the device was inserted at.
-pub trait BusDevice {
-    fn read(&mut self, cx: &mut DeviceContext<'_>, offset: u64, data: &mut [u8]);
-    fn write(&mut self, cx: &mut DeviceContext<'_>, offset: u64, data: &[u8]);
+/// A device on a bus. `base` is the start of the range the access hit (a device inserted at
+/// several ranges, like the PIC pair, tells them apart by it) and `offset` is relative to it.
+pub trait BusDevice: Send {
+    fn read(&mut self, cx: &mut DeviceContext<'_>, base: u64, offset: u64, data: &mut [u8]);
+    fn write(&mut self, cx: &mut DeviceContext<'_>, base: u64, offset: u64, data: &[u8]);
 }
+
+/// Devices are shared between the bus and the run loop (which asks the PIC what to inject and
+/// the PIT for its next deadline). Everything runs on the vCPU thread, so the locks never contend.
+pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BusError {
@@ -43,7 +49,7 @@ pub enum BusKind {
 
 struct Slot {
     len: u64,
-    device: Box<dyn BusDevice>,
+    device: SharedDevice,
 }
 
 /// An address space of devices. Accesses that hit no device read as all-ones (open bus) and
@@ -63,12 +69,7 @@ impl Bus {
         }
     }
 
-    pub fn insert(
-        &mut self,
-        base: u64,
-        len: u64,
-        device: Box<dyn BusDevice>,
-    ) -> Result<(), BusError> {
+    pub fn insert(&mut self, base: u64, len: u64, device: SharedDevice) -> Result<(), BusError> {
         let end = base
             .checked_add(len)
             .filter(|_| len > 0)
@@ -92,17 +93,17 @@ impl Bus {
 
     /// The device holding `addr`, with the offset of `addr` inside it. An access that starts in a
     /// device but runs past its end is not the device's: it is treated as unhandled.
-    fn find(&mut self, addr: u64, size: usize) -> Option<(&mut Slot, u64)> {
-        let (base, slot) = self.slots.range_mut(..=addr).next_back()?;
+    fn find(&self, addr: u64, size: usize) -> Option<(&SharedDevice, u64, u64)> {
+        let (base, slot) = self.slots.range(..=addr).next_back()?;
         let offset = addr - *base;
         let last = offset.checked_add(size.max(1) as u64 - 1)?;
-        (last < slot.len).then_some((slot, offset))
+        (last < slot.len).then_some((&slot.device, *base, offset))
     }
 
     /// Returns false when no device handled the access (the data is then all-ones).
     pub fn read(&mut self, cx: &mut DeviceContext<'_>, addr: u64, data: &mut [u8]) -> bool {
-        if let Some((slot, offset)) = self.find(addr, data.len()) {
-            slot.device.read(cx, offset, data);
+        if let Some((device, base, offset)) = self.find(addr, data.len()) {
+            lock(device).read(cx, base, offset, data);
             return true;
         }
         data.fill(0xff);
@@ -112,8 +113,8 @@ impl Bus {
 
     /// Returns false when no device handled the access (the write is dropped).
     pub fn write(&mut self, cx: &mut DeviceContext<'_>, addr: u64, data: &[u8]) -> bool {
-        if let Some((slot, offset)) = self.find(addr, data.len()) {
-            slot.device.write(cx, offset, data);
+        if let Some((device, base, offset)) = self.find(addr, data.len()) {
+            lock(device).write(cx, base, offset, data);
             return true;
         }
         self.log_unhandled(addr, data.len(), "write");
@@ -127,6 +128,14 @@ impl Bus {
     }
 }
 
+/// Locks a device. A poisoned lock means a device panicked on this same thread; its state is
+/// still the best we have, and the panic itself is reported where it happened.
+pub fn lock<T: ?Sized>(device: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    device
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,16 +145,16 @@ mod tests {
     }
 
     impl BusDevice for Echo {
-        fn read(&mut self, _cx: &mut DeviceContext<'_>, offset: u64, data: &mut [u8]) {
+        fn read(&mut self, _cx: &mut DeviceContext<'_>, _base: u64, offset: u64, data: &mut [u8]) {
             data.fill(offset as u8);
         }
-        fn write(&mut self, _cx: &mut DeviceContext<'_>, _offset: u64, data: &[u8]) {
+        fn write(&mut self, _cx: &mut DeviceContext<'_>, _base: u64, _offset: u64, data: &[u8]) {
             self.last = data.to_vec();
         }
     }
 
-    fn echo() -> Box<dyn BusDevice> {
-        Box::new(Echo { last: Vec::new() })
+    fn echo() -> SharedDevice {
+        Arc::new(Mutex::new(Echo { last: Vec::new() }))
     }
 
     #[test]

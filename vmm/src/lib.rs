@@ -8,4 +8,5 @@
 pub mod bus;
 pub mod clock;
 pub mod devices;
+pub mod host;
 pub mod irq;

@@ -1,0 +1,8 @@
+//! `rrr boot` (not yet written).
+
+#[derive(clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<i32> {
+    anyhow::bail!("`rrr boot` is not implemented yet")
+}

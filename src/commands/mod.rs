@@ -1,0 +1,9 @@
+//! One module per subcommand. Each has its clap arguments and a `run` returning the exit code.
+
+pub mod boot;
+pub mod carrier;
+pub mod demo;
+pub mod doctor;
+pub mod kernel;
+pub mod rootfs;
+pub mod run;

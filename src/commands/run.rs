@@ -1,0 +1,8 @@
+//! `rrr run` (not yet written).
+
+#[derive(clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<i32> {
+    anyhow::bail!("`rrr run` is not implemented yet")
+}
