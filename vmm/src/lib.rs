@@ -7,6 +7,7 @@
 
 pub mod bus;
 pub mod clock;
+pub mod crash;
 pub mod devices;
 pub mod host;
 pub mod irq;

@@ -1,0 +1,297 @@
+/* rrr-agent: PID 1 of every rootfs rrr builds.
+ *
+ * It mounts the pseudo filesystems a syzkaller reproducer expects, tells the VMM it is READY (the
+ * snapshot point), waits for GO (which carries the time limit), runs /stimulus, reports how it
+ * ended, and powers the machine off. Everything it says to the VMM goes through the control port
+ * (rrr_protocol.h); everything it says to a human goes to the console.
+ *
+ * Built with `gcc -O2 -static`. It uses only syscalls a tinyconfig kernel has: no timers beyond
+ * nanosleep (a tiny kernel may lack POSIX timers, so the time limit is a sleeping child process),
+ * no signal handlers, no threads. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/io.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "rrr_protocol.h"
+
+#define STIMULUS "/stimulus"
+#define STIMULUS_CWD "/tmp/stimulus-cwd"
+#define ALL_ONES 0xffffffffu
+
+static int have_port;
+
+static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void say(const char *fmt, ...)
+{
+	char buf[512];
+	int len = snprintf(buf, sizeof(buf), "rrr-agent: ");
+	va_list ap;
+	va_start(ap, fmt);
+	len += vsnprintf(buf + len, sizeof(buf) - len - 1, fmt, ap);
+	va_end(ap);
+	if (len > (int)sizeof(buf) - 2)
+		len = sizeof(buf) - 2;
+	buf[len++] = '\n';
+	/* One write per line so the agent's lines never interleave with the stimulus's. */
+	if (write(STDOUT_FILENO, buf, len) < 0)
+		(void)write(STDERR_FILENO, buf, len);
+}
+
+static void port_out(uint32_t word)
+{
+	if (have_port)
+		__asm__ volatile("outl %0, %1" : : "a"(word), "Nd"((uint16_t)RRR_CONTROL_PORT));
+}
+
+static uint32_t port_in(void)
+{
+	uint32_t word = ALL_ONES;
+	if (have_port)
+		__asm__ volatile("inl %1, %0" : "=a"(word) : "Nd"((uint16_t)RRR_CONTROL_PORT));
+	return word;
+}
+
+static void send(uint32_t cmd, uint32_t arg)
+{
+	port_out((cmd << 24) | (arg & RRR_ARG_MASK));
+}
+
+struct mount_point {
+	const char *source, *target, *type, *data;
+	unsigned long flags;
+};
+
+/* Order matters: each target lives on a filesystem mounted above it. */
+static const struct mount_point mounts[] = {
+	{ "proc", "/proc", "proc", NULL, MS_NOSUID | MS_NODEV | MS_NOEXEC },
+	{ "sysfs", "/sys", "sysfs", NULL, MS_NOSUID | MS_NODEV | MS_NOEXEC },
+	{ "devpts", "/dev/pts", "devpts", "mode=0620,ptmxmode=0666", MS_NOSUID | MS_NOEXEC },
+	{ "tmpfs", "/dev/shm", "tmpfs", "mode=1777", MS_NOSUID | MS_NODEV },
+	{ "tmpfs", "/tmp", "tmpfs", "mode=1777", MS_NOSUID | MS_NODEV },
+	{ "tmpfs", "/run", "tmpfs", "mode=0755", MS_NOSUID | MS_NODEV },
+	{ "debugfs", "/sys/kernel/debug", "debugfs", NULL, 0 },
+	{ "configfs", "/sys/kernel/config", "configfs", NULL, 0 },
+	{ "securityfs", "/sys/kernel/security", "securityfs", NULL, 0 },
+	{ "tracefs", "/sys/kernel/tracing", "tracefs", NULL, 0 },
+	{ "binfmt_misc", "/proc/sys/fs/binfmt_misc", "binfmt_misc", NULL, 0 },
+	{ "cgroup2", "/sys/fs/cgroup", "cgroup2", NULL, 0 },
+};
+
+static void mount_one(const struct mount_point *m)
+{
+	/* Targets on proc and sysfs exist only when the kernel has the feature; mkdir there fails
+	 * harmlessly and the mount reports the real reason. */
+	mkdir(m->target, 0755);
+	if (mount(m->source, m->target, m->type, m->flags, m->data) < 0)
+		say("mount %s on %s failed: %s", m->type, m->target, strerror(errno));
+}
+
+/* The kernel could not open /dev/console for us before devtmpfs was mounted, so stdio is set up
+ * here; until then there is nowhere to print, so a devtmpfs failure is reported afterwards. */
+static void setup_console(void)
+{
+	int devtmpfs_errno = 0;
+	mkdir("/dev", 0755);
+	if (mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755") < 0)
+		devtmpfs_errno = errno;
+	int fd = open("/dev/console", O_RDWR | O_NOCTTY);
+	if (fd >= 0) {
+		for (int i = 0; i < 3; i++)
+			if (fd != i)
+				dup2(fd, i);
+		if (fd > 2)
+			close(fd);
+	}
+	if (devtmpfs_errno)
+		say("mount devtmpfs on /dev failed: %s", strerror(devtmpfs_errno));
+	mkdir("/dev/pts", 0755);
+	mkdir("/dev/shm", 01777);
+}
+
+/* READY is the VMM's snapshot point; the reply to the inl that follows carries GO and the time
+ * limit. All-ones means nothing decodes the port (plain QEMU): run at once with no limit. */
+static uint32_t wait_for_go(void)
+{
+	send(RRR_CMD_READY, 0);
+	for (unsigned long tries = 0;; tries++) {
+		uint32_t word = port_in();
+		if (word == ALL_ONES) {
+			say("no rrr VMM on port %#x (read all-ones); running the stimulus with no time limit",
+			    RRR_CONTROL_PORT);
+			return 0;
+		}
+		if ((word >> 24) == RRR_GO)
+			return word & RRR_ARG_MASK;
+		if (tries == 1000)
+			say("still waiting for GO (port reads %#x)", word);
+	}
+}
+
+/* Returns the pid, or -errno when /stimulus could not be executed. A close-on-exec pipe carries
+ * execve's errno back, so "did it start" is known before STARTED is sent. */
+static pid_t spawn_stimulus(void)
+{
+	int pipefd[2];
+	if (pipe2(pipefd, O_CLOEXEC) < 0)
+		return -errno;
+	pid_t pid = fork();
+	if (pid < 0) {
+		int err = errno;
+		close(pipefd[0]);
+		close(pipefd[1]);
+		return -err;
+	}
+	if (pid == 0) {
+		close(pipefd[0]);
+		/* Its own session and process group, so a time-out can kill everything it forked. */
+		setsid();
+		sigset_t none;
+		sigemptyset(&none);
+		sigprocmask(SIG_SETMASK, &none, NULL);
+		if (chdir(STIMULUS_CWD) < 0)
+			(void)chdir("/");
+		char *const argv[] = { STIMULUS, NULL };
+		char *const envp[] = { "PATH=/sbin:/usr/sbin:/bin:/usr/bin", "HOME=/root", "TERM=linux",
+				       NULL };
+		execve(STIMULUS, argv, envp);
+		int err = errno;
+		(void)write(pipefd[1], &err, sizeof(err));
+		_exit(127);
+	}
+	close(pipefd[1]);
+	int err = 0;
+	ssize_t n;
+	do
+		n = read(pipefd[0], &err, sizeof(err));
+	while (n < 0 && errno == EINTR);
+	close(pipefd[0]);
+	if (n == (ssize_t)sizeof(err)) {
+		waitpid(pid, NULL, 0);
+		return -err;
+	}
+	return pid;
+}
+
+/* A child that sleeps for the limit and exits: its exit wakes PID 1's wait. It needs only
+ * nanosleep, which every kernel has, where alarm()/setitimer need CONFIG_POSIX_TIMERS. */
+static pid_t start_timer(uint32_t seconds)
+{
+	pid_t pid = fork();
+	if (pid == 0) {
+		struct timespec ts = { .tv_sec = seconds, .tv_nsec = 0 };
+		while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+			;
+		_exit(0);
+	}
+	if (pid < 0)
+		say("cannot start the time-limit timer: %s; running with no limit", strerror(errno));
+	return pid;
+}
+
+/* Waits for the stimulus, reaping every orphan that PID 1 inherits on the way. */
+static void supervise(pid_t stimulus, uint32_t limit)
+{
+	pid_t timer = limit ? start_timer(limit) : -1;
+	int timed_out = 0, status = 0;
+	for (;;) {
+		int st;
+		pid_t pid = waitpid(-1, &st, 0);
+		if (pid < 0) {
+			if (errno == EINTR)
+				continue;
+			say("wait failed: %s", strerror(errno));
+			break;
+		}
+		if (pid == timer && !timed_out) {
+			timer = -1;
+			timed_out = 1;
+			kill(-stimulus, SIGKILL);
+			kill(stimulus, SIGKILL);
+			continue;
+		}
+		if (pid == stimulus) {
+			status = st;
+			break;
+		}
+	}
+	if (timer > 0) {
+		kill(timer, SIGKILL);
+		waitpid(timer, NULL, 0);
+	}
+
+	if (timed_out) {
+		send(RRR_CMD_TIMED_OUT, limit);
+		say("stimulus timed out after %u s and was killed", limit);
+	} else if (WIFEXITED(status)) {
+		send(RRR_CMD_EXITED, WEXITSTATUS(status));
+		say("stimulus exited with status %d", WEXITSTATUS(status));
+	} else if (WIFSIGNALED(status)) {
+		send(RRR_CMD_SIGNALED, WTERMSIG(status));
+		say("stimulus killed by signal %d (%s)", WTERMSIG(status), strsignal(WTERMSIG(status)));
+	}
+}
+
+static void power_off(void)
+{
+	send(RRR_CMD_POWER_OFF, 0);
+	say("powering off");
+	sync();
+	reboot(RB_POWER_OFF);
+	/* PID 1 must never exit: that panics the kernel. */
+	say("power off failed: %s", strerror(errno));
+	for (;;)
+		pause();
+}
+
+int main(void)
+{
+	if (getpid() != 1) {
+		fprintf(stderr, "rrr-agent: must run as PID 1 (it mounts, then powers the machine off)\n");
+		return 1;
+	}
+	setup_console();
+	for (size_t i = 0; i < sizeof(mounts) / sizeof(mounts[0]); i++)
+		mount_one(&mounts[i]);
+	mkdir(STIMULUS_CWD, 0777);
+	if (sethostname("rrr", 3) < 0)
+		say("sethostname failed: %s", strerror(errno));
+	setenv("PATH", "/sbin:/usr/sbin:/bin:/usr/bin", 1);
+	setenv("HOME", "/root", 1);
+
+	/* ioperm is inherited across fork and exec, so the stimulus (and instrumented code in it)
+	 * can reach the control port too. */
+	if (ioperm(RRR_CONTROL_PORT, RRR_CONTROL_PORT_LEN, 1) == 0)
+		have_port = 1;
+	else
+		say("ioperm(%#x) failed: %s; cannot talk to the VMM", RRR_CONTROL_PORT, strerror(errno));
+
+	uint32_t limit = wait_for_go();
+	if (limit)
+		say("running %s with a time limit of %u s", STIMULUS, limit);
+	else
+		say("running %s", STIMULUS);
+
+	pid_t pid = spawn_stimulus();
+	if (pid < 0) {
+		send(RRR_CMD_SPAWN_FAILED, -pid);
+		say("cannot run %s: %s", STIMULUS, strerror(-pid));
+	} else {
+		send(RRR_CMD_STARTED, pid);
+		supervise(pid, limit);
+	}
+	power_off();
+	return 0;
+}

@@ -1,0 +1,25 @@
+/* The control-port protocol between the guest agent and the rrr VMM.
+ *
+ * Mirrors guest/src/protocol.rs; a Rust test parses this file and checks every number against it,
+ * so change both together. A message is (command << 24) | argument, written with a 32-bit outl to
+ * RRR_CONTROL_PORT; the VMM's reply to an inl after READY is GO in the top byte and the time limit
+ * in seconds in the low 24 bits. */
+#ifndef RRR_PROTOCOL_H
+#define RRR_PROTOCOL_H
+
+#define RRR_CONTROL_PORT 0x0790
+#define RRR_CONTROL_PORT_LEN 4
+
+#define RRR_CMD_READY 1
+#define RRR_CMD_EXITED 2
+#define RRR_CMD_SIGNALED 3
+#define RRR_CMD_TIMED_OUT 4
+#define RRR_CMD_STARTED 5
+#define RRR_CMD_SPAWN_FAILED 6
+#define RRR_CMD_PROGRESS 7
+#define RRR_CMD_POWER_OFF 8
+
+#define RRR_GO 0x60
+#define RRR_ARG_MASK 0x00ffffffu
+
+#endif

@@ -1,0 +1,79 @@
+//! The agent's C source, embedded so `rrr` can build rootfs images from any working directory.
+
+/// `agent/agent.c`: PID 1 of every rootfs.
+pub const AGENT_C: &str = include_str!("../agent/agent.c");
+/// `agent/rrr_protocol.h`: the protocol numbers for C, included by `agent.c`.
+pub const PROTOCOL_H: &str = include_str!("../agent/rrr_protocol.h");
+
+/// The files to place side by side before compiling `agent.c` (name, contents).
+pub const SOURCES: [(&str, &str); 2] = [("agent.c", AGENT_C), ("rrr_protocol.h", PROTOCOL_H)];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{Command, ARG_MASK, CONTROL_PORT, CONTROL_PORT_LEN, GO};
+    use std::collections::HashMap;
+
+    /// `#define NAME VALUE` lines of the header, values parsed as C integer literals.
+    fn defines() -> HashMap<String, u32> {
+        PROTOCOL_H
+            .lines()
+            .filter_map(|line| {
+                let mut words = line.split_whitespace();
+                if words.next()? != "#define" {
+                    return None;
+                }
+                let name = words.next()?.to_string();
+                let value = words.next()?.trim_end_matches(['u', 'U']);
+                let value = match value.strip_prefix("0x") {
+                    Some(hex) => u32::from_str_radix(hex, 16).ok()?,
+                    None => value.parse().ok()?,
+                };
+                Some((name, value))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn header_matches_protocol_rs() {
+        let defs = defines();
+        let get = |name: &str| {
+            *defs
+                .get(name)
+                .unwrap_or_else(|| panic!("rrr_protocol.h lacks {name}"))
+        };
+        assert_eq!(get("RRR_CONTROL_PORT"), u32::from(CONTROL_PORT));
+        assert_eq!(get("RRR_CONTROL_PORT_LEN"), u32::from(CONTROL_PORT_LEN));
+        assert_eq!(get("RRR_GO"), u32::from(GO));
+        assert_eq!(get("RRR_ARG_MASK"), ARG_MASK);
+        let commands = [
+            ("RRR_CMD_READY", Command::Ready),
+            ("RRR_CMD_EXITED", Command::Exited),
+            ("RRR_CMD_SIGNALED", Command::Signaled),
+            ("RRR_CMD_TIMED_OUT", Command::TimedOut),
+            ("RRR_CMD_STARTED", Command::Started),
+            ("RRR_CMD_SPAWN_FAILED", Command::SpawnFailed),
+            ("RRR_CMD_PROGRESS", Command::Progress),
+            ("RRR_CMD_POWER_OFF", Command::PowerOff),
+        ];
+        for (name, command) in commands {
+            assert_eq!(get(name), command as u32, "{name}");
+        }
+        // Every command the header defines is one protocol.rs knows, so neither side has extras.
+        let header_commands = defs.keys().filter(|k| k.starts_with("RRR_CMD_")).count();
+        assert_eq!(header_commands, commands.len());
+        let known_commands = (0..=255u8)
+            .filter(|&raw| Command::from_u8(raw).is_some())
+            .count();
+        assert_eq!(
+            known_commands,
+            commands.len(),
+            "protocol.rs has a command the test misses"
+        );
+    }
+
+    #[test]
+    fn agent_includes_the_header() {
+        assert!(AGENT_C.contains("#include \"rrr_protocol.h\""));
+    }
+}

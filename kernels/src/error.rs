@@ -1,0 +1,63 @@
+//! Everything that can go wrong building a kernel, each with what to do about it.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("cannot run `{command}`: {source} (is it installed? try `sudo scripts/setup`)")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("`{command}` failed ({status}){detail}")]
+    Command {
+        command: String,
+        status: String,
+        detail: String,
+    },
+
+    #[error(
+        "the Debian kernel source is not installed ({tarball} is missing): \
+         run `sudo apt-get install linux-source-6.12` or pass --source DIR"
+    )]
+    DebianSourceMissing { tarball: PathBuf },
+
+    #[error("{path} is not a kernel source tree (no Makefile and Kconfig there)")]
+    NotASourceTree { path: PathBuf },
+
+    #[error("base config {path} cannot be read: {source}")]
+    BaseConfig {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("config fragment {path} cannot be read: {source}")]
+    Fragment {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("Kconfig did not keep options rrr asked for:\n{report}")]
+    OptionsDropped { report: String },
+
+    #[error("the kernel build failed; full log: {log}\n{errors}")]
+    BuildFailed { log: PathBuf, errors: String },
+}
+
+impl KernelError {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| KernelError::Io { path, source }
+    }
+}

@@ -1,0 +1,152 @@
+//! Compiling the stimulus (the way syzkaller builds reproducers) and the guest agent.
+
+use std::path::{Path, PathBuf};
+
+use crate::tool::{combined, GCC};
+use crate::RootfsError;
+
+/// Where the stimulus's source directory appears in its debug info, so the binary (and the image)
+/// does not depend on where the user keeps the file.
+pub const STIMULUS_SOURCE_DIR: &str = "/rrr/stimulus";
+
+/// What to compile and how.
+#[derive(Debug, Clone)]
+pub struct StimulusBuild<'a> {
+    pub source: &'a Path,
+    pub m32: bool,
+    pub extra_cflags: &'a [String],
+    /// Fed to `-frandom-seed` so gcc's few random choices repeat.
+    pub seed: &'a str,
+}
+
+/// Compiles the stimulus into `out` with `gcc -O2 -g -pthread`, static, symbols kept. Links as
+/// `-static-pie` where the toolchain can and falls back to `-static`. No `-Werror`: reproducers are
+/// generated code and warn a lot.
+pub fn compile_stimulus(build: &StimulusBuild, work: &Path, out: &Path) -> Result<(), RootfsError> {
+    let source = build
+        .source
+        .canonicalize()
+        .map_err(|source| RootfsError::StimulusUnreadable {
+            path: build.source.to_path_buf(),
+            source,
+        })?;
+    let (dir, name) = split(&source)?;
+    if build.m32 {
+        check_multilib(work)?;
+    }
+    let object = work.join("stimulus.o");
+
+    // Compiling from the source's own directory keeps gcc's messages short (`hello.c:3:5: ...`)
+    // and, with the prefix map, keeps the host path out of the debug info.
+    let mut compile = GCC.command();
+    compile
+        .current_dir(dir)
+        .args(["-O2", "-g", "-pthread", "-c"])
+        .args(common_flags(build))
+        .arg(format!("-ffile-prefix-map={}={STIMULUS_SOURCE_DIR}", dir.display()))
+        .arg("-o")
+        .arg(&object)
+        .arg(name);
+    let output = GCC.output(&mut compile)?;
+    if !output.status.success() {
+        return Err(RootfsError::CompileFailed {
+            file: source,
+            diagnostics: combined(&output),
+        });
+    }
+    log_warnings(&source, &output);
+
+    let mut last = String::new();
+    for link_mode in ["-static-pie", "-static"] {
+        let mut link = GCC.command();
+        link.args(["-O2", "-g", "-pthread", link_mode])
+            .args(common_flags(build))
+            .arg("-o")
+            .arg(out)
+            .arg(&object);
+        let output = GCC.output(&mut link)?;
+        if output.status.success() {
+            tracing::info!(stimulus = %source.display(), link_mode, "stimulus compiled");
+            return Ok(());
+        }
+        last = combined(&output);
+        tracing::debug!(link_mode, diagnostics = %last, "link attempt failed");
+    }
+    Err(RootfsError::LinkFailed {
+        file: source,
+        diagnostics: last,
+    })
+}
+
+fn common_flags(build: &StimulusBuild) -> Vec<String> {
+    let mut flags = vec![format!("-frandom-seed={}", build.seed)];
+    if build.m32 {
+        flags.push("-m32".into());
+    }
+    flags.extend(build.extra_cflags.iter().cloned());
+    flags
+}
+
+fn split(source: &Path) -> Result<(&Path, &std::ffi::OsStr), RootfsError> {
+    match (source.parent(), source.file_name()) {
+        (Some(dir), Some(name)) if source.extension().is_some_and(|e| e == "c") => Ok((dir, name)),
+        _ => Err(RootfsError::StimulusNotC {
+            path: source.to_path_buf(),
+        }),
+    }
+}
+
+/// A 32-bit static link needs gcc-multilib's crt files and libc.a; without them gcc's own message
+/// (`bits/libc-header-start.h: No such file`) does not say what to install.
+fn check_multilib(work: &Path) -> Result<(), RootfsError> {
+    let probe = work.join("m32-probe.c");
+    std::fs::write(&probe, "#include <stdio.h>\nint main(void) { return 0; }\n")
+        .map_err(RootfsError::io("cannot write the -m32 probe"))?;
+    let output = GCC.output(
+        GCC.command()
+            .args(["-m32", "-static", "-o"])
+            .arg(work.join("m32-probe"))
+            .arg(&probe),
+    )?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(RootfsError::MultilibMissing {
+            diagnostics: combined(&output),
+        })
+    }
+}
+
+fn log_warnings(source: &Path, output: &std::process::Output) {
+    let text = combined(output);
+    if !text.is_empty() {
+        tracing::info!(stimulus = %source.display(), "gcc warnings:\n{text}");
+    }
+}
+
+/// Compiles the embedded agent source into `out` (`gcc -O2 -static -Wall`).
+pub fn compile_agent(work: &Path, out: &Path) -> Result<PathBuf, RootfsError> {
+    let dir = work.join("agent");
+    std::fs::create_dir_all(&dir).map_err(RootfsError::io("cannot create the agent build dir"))?;
+    for (name, text) in rrr_guest::agent::SOURCES {
+        std::fs::write(dir.join(name), text)
+            .map_err(RootfsError::io(format!("cannot write {name}")))?;
+    }
+    let output = GCC.output(
+        GCC.command()
+            .current_dir(&dir)
+            .args(["-O2", "-static", "-Wall", "-o"])
+            .arg(out)
+            .arg("agent.c"),
+    )?;
+    if !output.status.success() {
+        return Err(RootfsError::AgentCompileFailed {
+            diagnostics: combined(&output),
+        });
+    }
+    let warnings = combined(&output);
+    if !warnings.is_empty() {
+        tracing::warn!("the guest agent compiled with warnings:\n{warnings}");
+    }
+    Ok(out.to_path_buf())
+}

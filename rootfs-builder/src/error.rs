@@ -1,0 +1,66 @@
+//! What can go wrong while building a rootfs, each with what to do about it.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RootfsError {
+    #[error("cannot read the stimulus {path}: {source}")]
+    StimulusUnreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error("the stimulus {path} is not a C source file (expected a name ending in .c)")]
+    StimulusNotC { path: PathBuf },
+
+    #[error("`{tool}` was not found; install it with `apt-get install {package}`")]
+    ToolMissing {
+        tool: &'static str,
+        package: &'static str,
+    },
+
+    #[error("cannot compile {file}:\n{diagnostics}")]
+    CompileFailed { file: PathBuf, diagnostics: String },
+
+    #[error("cannot link {file} statically:\n{diagnostics}")]
+    LinkFailed { file: PathBuf, diagnostics: String },
+
+    #[error(
+        "-m32 needs the 32-bit C library, which gcc cannot find; \
+         install it with `apt-get install gcc-multilib`\n{diagnostics}"
+    )]
+    MultilibMissing { diagnostics: String },
+
+    #[error("cannot compile the guest agent (a bug in rrr):\n{diagnostics}")]
+    AgentCompileFailed { diagnostics: String },
+
+    #[error(
+        "{path} is not a statically linked busybox ({why}); \
+         install one with `apt-get install busybox-static`"
+    )]
+    BusyboxUnusable { path: PathBuf, why: String },
+
+    #[error("`{command}` failed ({status}):\n{output}")]
+    ToolFailed {
+        command: String,
+        status: std::process::ExitStatus,
+        output: String,
+    },
+
+    #[error("`qemu-img check` found problems in {path}:\n{report}")]
+    ImageCheckFailed { path: PathBuf, report: String },
+
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+impl RootfsError {
+    /// An I/O error with a sentence saying what was being done.
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let what = what.into();
+        move |source| RootfsError::Io { what, source }
+    }
+}

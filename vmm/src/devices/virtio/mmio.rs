@@ -1,0 +1,353 @@
+//! The virtio-mmio transport, modern (version 2) register layout (virtio 1.2, section 4.2.2).
+//!
+//! The transport owns feature negotiation, the device status and the virtqueues; the device
+//! behind it only serves queues. Guest mistakes in configuration (a bad queue size, rings
+//! outside guest memory, a broken available ring) put the device in DEVICE_NEEDS_RESET, as the
+//! spec asks, instead of touching memory the guest did not offer.
+
+use std::collections::BTreeSet;
+
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK,
+    VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::virtio_mmio::*;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use super::VirtioDevice;
+use crate::bus::{BusDevice, DeviceContext};
+use crate::irq::{IrqLines, IsaIrq};
+
+/// Size of one device's register window.
+pub const MMIO_WINDOW: u64 = 0x1000;
+/// Where the first virtio-mmio device goes; device n is at `MMIO_BASE + n * MMIO_WINDOW`.
+pub const MMIO_BASE: u64 = 0xd000_0000;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR_ID: u32 = u32::from_le_bytes(*b"rrr\0");
+const CONFIG_SPACE: u64 = VIRTIO_MMIO_CONFIG as u64;
+/// What Linux reads from SHMLenLow/High to learn that a shared-memory region does not exist.
+const NO_SHM: u32 = u32::MAX;
+
+/// The Linux command-line entry that declares a device (`VIRTIO_MMIO_CMDLINE_DEVICES`).
+pub fn cmdline_entry(base: u64, irq: IsaIrq) -> String {
+    format!("virtio_mmio.device=4K@{base:#x}:{}", irq.line())
+}
+
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    irq: IsaIrq,
+    queues: Vec<Queue>,
+    queue_sel: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    status: u32,
+    interrupt_status: u32,
+    /// Guest mistakes already logged, so a misbehaving driver cannot flood the log.
+    logged: BTreeSet<(&'static str, u64)>,
+}
+
+impl MmioTransport {
+    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, irq: IsaIrq) -> Self {
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .map(|&max| {
+                // Sizes come from our own device code, never from the guest.
+                Queue::new(max).expect("virtio device declares an invalid queue size")
+            })
+            .collect();
+        MmioTransport {
+            device,
+            mem,
+            irq,
+            queues,
+            queue_sel: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            status: 0,
+            interrupt_status: 0,
+            logged: BTreeSet::new(),
+        }
+    }
+
+    /// The device behind the transport (the snapshot code reaches the disk overlay this way).
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    pub fn interrupt_status(&self) -> u32 {
+        self.interrupt_status
+    }
+
+    fn log_once(&mut self, what: &'static str, value: u64) {
+        if self.logged.insert((what, value)) {
+            tracing::warn!(
+                device = self.device.device_type(),
+                value = format_args!("{value:#x}"),
+                "virtio-mmio: {what}"
+            );
+        }
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn read_register(&mut self, offset: u64) -> u32 {
+        match offset as u32 {
+            VIRTIO_MMIO_MAGIC_VALUE => MAGIC,
+            VIRTIO_MMIO_VERSION => VERSION,
+            VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
+            VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
+            VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.device.features() as u32,
+                1 => (self.device.features() >> 32) as u32,
+                _ => 0,
+            },
+            VIRTIO_MMIO_QUEUE_NUM_MAX => {
+                self.selected_queue().map_or(0, |q| u32::from(q.max_size()))
+            }
+            VIRTIO_MMIO_QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt_status,
+            VIRTIO_MMIO_STATUS => self.status,
+            VIRTIO_MMIO_SHM_LEN_LOW | VIRTIO_MMIO_SHM_LEN_HIGH => NO_SHM,
+            // The config space never changes under the driver.
+            VIRTIO_MMIO_CONFIG_GENERATION => 0,
+            _ => {
+                self.log_once("read of an unknown or write-only register", offset);
+                0
+            }
+        }
+    }
+
+    fn write_register(&mut self, irqs: &mut IrqLines, offset: u64, value: u32) {
+        match offset as u32 {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            VIRTIO_MMIO_DRIVER_FEATURES => self.write_driver_features(value),
+            VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = value,
+            VIRTIO_MMIO_QUEUE_NUM
+            | VIRTIO_MMIO_QUEUE_DESC_LOW
+            | VIRTIO_MMIO_QUEUE_DESC_HIGH
+            | VIRTIO_MMIO_QUEUE_AVAIL_LOW
+            | VIRTIO_MMIO_QUEUE_AVAIL_HIGH
+            | VIRTIO_MMIO_QUEUE_USED_LOW
+            | VIRTIO_MMIO_QUEUE_USED_HIGH => self.write_queue_config(irqs, offset as u32, value),
+            VIRTIO_MMIO_QUEUE_READY => self.write_queue_ready(irqs, value),
+            VIRTIO_MMIO_QUEUE_NOTIFY => self.notify(irqs, value),
+            VIRTIO_MMIO_INTERRUPT_ACK => {
+                self.interrupt_status &= !value;
+                if self.interrupt_status == 0 {
+                    irqs.set_level(self.irq, false);
+                }
+            }
+            VIRTIO_MMIO_STATUS => self.write_status(irqs, value),
+            VIRTIO_MMIO_SHM_SEL => {}
+            _ => self.log_once("write to an unknown or read-only register", offset),
+        }
+    }
+
+    fn write_driver_features(&mut self, value: u32) {
+        if self.status & VIRTIO_CONFIG_S_DRIVER == 0
+            || self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0
+        {
+            self.log_once(
+                "driver features written outside negotiation",
+                u64::from(value),
+            );
+            return;
+        }
+        let value = u64::from(value);
+        match self.driver_features_sel {
+            0 => self.driver_features = (self.driver_features & !0xffff_ffff) | value,
+            1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (value << 32),
+            sel if value != 0 => {
+                self.log_once("driver features in a nonexistent word", u64::from(sel))
+            }
+            _ => {}
+        }
+    }
+
+    fn write_status(&mut self, irqs: &mut IrqLines, value: u32) {
+        if value == 0 {
+            self.reset(irqs);
+            return;
+        }
+        // DEVICE_NEEDS_RESET is the device's to set, never the driver's.
+        let mut new = value & !VIRTIO_CONFIG_S_NEEDS_RESET;
+        if new & VIRTIO_CONFIG_S_FEATURES_OK != 0 && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0
+        {
+            let offered = self.device.features();
+            let extra = self.driver_features & !offered;
+            if extra != 0 || self.driver_features & (1 << VIRTIO_F_VERSION_1) == 0 {
+                // Leaving FEATURES_OK clear is how the spec says "no" (3.1.1, step 6).
+                self.log_once("driver features refused", self.driver_features);
+                new &= !VIRTIO_CONFIG_S_FEATURES_OK;
+            } else {
+                let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+                self.queues
+                    .iter_mut()
+                    .for_each(|q| q.set_event_idx(event_idx));
+            }
+        }
+        self.status = new | (self.status & VIRTIO_CONFIG_S_NEEDS_RESET);
+    }
+
+    fn reset(&mut self, irqs: &mut IrqLines) {
+        tracing::debug!(device = self.device.device_type(), "virtio-mmio reset");
+        self.device.reset();
+        self.queues.iter_mut().for_each(|q| q.reset());
+        self.queue_sel = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.status = 0;
+        if self.interrupt_status != 0 {
+            self.interrupt_status = 0;
+            irqs.set_level(self.irq, false);
+        }
+    }
+
+    fn write_queue_config(&mut self, irqs: &mut IrqLines, register: u32, value: u32) {
+        let configurable = self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0
+            && self.status & VIRTIO_CONFIG_S_NEEDS_RESET == 0;
+        let sel = u64::from(self.queue_sel);
+        let Some(queue) = self.queues.get_mut(self.queue_sel as usize) else {
+            self.log_once("configuration of a nonexistent queue", sel);
+            return;
+        };
+        if !configurable || queue.ready() {
+            self.log_once(
+                "queue configured while live or before FEATURES_OK",
+                u64::from(register),
+            );
+            return;
+        }
+        // Each address arrives as two 32-bit halves; the LOW registers sit 4 bytes below HIGH.
+        let high_half = register & 4 != 0;
+        let splice = |old: u64| {
+            let v = u64::from(value);
+            GuestAddress(if high_half {
+                (old & 0xffff_ffff) | (v << 32)
+            } else {
+                (old & !0xffff_ffff) | v
+            })
+        };
+        let result = match register {
+            VIRTIO_MMIO_QUEUE_NUM => queue.try_set_size(u16::try_from(value).unwrap_or(0)),
+            VIRTIO_MMIO_QUEUE_DESC_LOW | VIRTIO_MMIO_QUEUE_DESC_HIGH => {
+                queue.try_set_desc_table_address(splice(queue.desc_table()))
+            }
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW | VIRTIO_MMIO_QUEUE_AVAIL_HIGH => {
+                queue.try_set_avail_ring_address(splice(queue.avail_ring()))
+            }
+            _ => queue.try_set_used_ring_address(splice(queue.used_ring())),
+        };
+        if let Err(e) = result {
+            self.needs_reset(
+                irqs,
+                &format!("queue {sel}: {e} (register {register:#x} = {value:#x})"),
+            );
+        }
+    }
+
+    fn write_queue_ready(&mut self, irqs: &mut IrqLines, value: u32) {
+        let sel = self.queue_sel;
+        let broken = self.status & VIRTIO_CONFIG_S_NEEDS_RESET != 0;
+        let Some(queue) = self.queues.get_mut(sel as usize) else {
+            self.log_once("QueueReady on a nonexistent queue", u64::from(sel));
+            return;
+        };
+        if value == 0 {
+            queue.set_ready(false);
+            return;
+        }
+        if broken || queue.ready() {
+            return;
+        }
+        // `is_valid` only looks at a queue marked ready, so mark it and take it back on failure.
+        queue.set_ready(true);
+        if !queue.is_valid(&self.mem) {
+            queue.set_ready(false);
+            self.needs_reset(irqs, &format!("queue {sel} rings lie outside guest memory"));
+        }
+    }
+
+    fn notify(&mut self, irqs: &mut IrqLines, index: u32) {
+        let live = self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0
+            && self.status & VIRTIO_CONFIG_S_NEEDS_RESET == 0;
+        if !live {
+            self.log_once(
+                "notify while the device is not live",
+                u64::from(self.status),
+            );
+            return;
+        }
+        let Some(queue) = self.queues.get_mut(index as usize).filter(|q| q.ready()) else {
+            self.log_once("notify of a nonexistent or unready queue", u64::from(index));
+            return;
+        };
+        match self.device.process_queue(index as usize, queue, &self.mem) {
+            Ok(true) => self.raise(irqs, VIRTIO_MMIO_INT_VRING),
+            Ok(false) => {}
+            Err(e) => self.needs_reset(irqs, &e.to_string()),
+        }
+    }
+
+    /// The device cannot go on until the driver resets it (virtio 1.2, 2.1.2).
+    fn needs_reset(&mut self, irqs: &mut IrqLines, why: &str) {
+        if self.status & VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
+            return;
+        }
+        tracing::warn!(
+            device = self.device.device_type(),
+            "virtio-mmio device needs reset: {why}"
+        );
+        self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+        if self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            self.raise(irqs, VIRTIO_MMIO_INT_CONFIG);
+        }
+    }
+
+    fn raise(&mut self, irqs: &mut IrqLines, cause: u32) {
+        if self.interrupt_status == 0 {
+            irqs.set_level(self.irq, true);
+        }
+        self.interrupt_status |= cause;
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, _cx: &mut DeviceContext<'_>, _base: u64, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE {
+            self.device.read_config(offset - CONFIG_SPACE, data);
+        } else if data.len() == 4 && offset % 4 == 0 {
+            data.copy_from_slice(&self.read_register(offset).to_le_bytes());
+        } else {
+            // The spec allows only aligned 32-bit register accesses.
+            self.log_once("register read that is not 32-bit aligned", offset);
+            data.fill(0);
+        }
+    }
+
+    fn write(&mut self, cx: &mut DeviceContext<'_>, _base: u64, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE {
+            self.device.write_config(offset - CONFIG_SPACE, data);
+        } else if let (Ok(bytes), 0) = (<[u8; 4]>::try_from(data), offset % 4) {
+            self.write_register(cx.irqs, offset, u32::from_le_bytes(bytes));
+        } else {
+            self.log_once("register write that is not 32-bit aligned", offset);
+        }
+    }
+}

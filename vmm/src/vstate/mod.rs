@@ -1,0 +1,6 @@
+//! The KVM-side objects only: the system handle, the VM, the vCPU, guest memory.
+
+pub mod kvm;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

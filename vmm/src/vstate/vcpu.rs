@@ -1,0 +1,114 @@
+//! The one vCPU: configuration for the 64-bit boot, interrupt injection without an in-kernel
+//! irqchip, and the kick that forces it out of `KVM_RUN`.
+
+use std::sync::Once;
+
+use kvm_bindings::{kvm_interrupt, CpuId};
+use kvm_ioctls::VcpuFd;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::ioctl::ioctl_with_ref;
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+use vmm_sys_util::{ioctl_ioc_nr, ioctl_iow_nr};
+
+use super::vm::Vm;
+use crate::arch::x86_64::fault::CpuSnapshot;
+use crate::arch::x86_64::regs::{self, RegsError};
+
+const KVMIO: u32 = 0xae;
+ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("KVM_CREATE_VCPU failed: {0}")]
+    Create(kvm_ioctls::Error),
+    #[error("KVM_SET_CPUID2 failed: {0}")]
+    SetCpuid(kvm_ioctls::Error),
+    #[error("setting up the boot registers failed: {0}")]
+    Regs(#[from] RegsError),
+    #[error("KVM_INTERRUPT with vector {vector:#x} failed: {source}")]
+    Interrupt {
+        vector: u8,
+        source: std::io::Error,
+    },
+    #[error("reading the vCPU registers failed: {0}")]
+    GetRegs(kvm_ioctls::Error),
+    #[error("installing the vCPU kick signal handler failed: {0}")]
+    SignalHandler(vmm_sys_util::errno::Error),
+}
+
+pub struct Vcpu {
+    pub fd: VcpuFd,
+}
+
+impl Vcpu {
+    pub fn create(vm: &Vm) -> Result<Self, VcpuError> {
+        let fd = vm.fd.create_vcpu(0).map_err(VcpuError::Create)?;
+        Ok(Vcpu { fd })
+    }
+
+    pub fn set_cpuid(&self, cpuid: &CpuId) -> Result<(), VcpuError> {
+        self.fd.set_cpuid2(cpuid).map_err(VcpuError::SetCpuid)
+    }
+
+    /// Everything the kernel's 64-bit entry expects.
+    pub fn configure_boot(&self, mem: &GuestMemoryMmap, entry: u64) -> Result<(), VcpuError> {
+        regs::setup_msrs(&self.fd)?;
+        regs::setup_fpu(&self.fd)?;
+        regs::setup_sregs(mem, &self.fd)?;
+        regs::setup_regs(&self.fd, entry)?;
+        Ok(())
+    }
+
+    /// Queues an external interrupt for the next entry (`KVM_INTERRUPT`; valid only because
+    /// there is no in-kernel irqchip, and only when the run page said injection is possible).
+    pub fn inject(&self, vector: u8) -> Result<(), VcpuError> {
+        let irq = kvm_interrupt { irq: u32::from(vector) };
+        // SAFETY: KVM_INTERRUPT reads one `kvm_interrupt` from the pointer, which is valid for
+        // the duration of the call; the fd is a vCPU fd.
+        let ret = unsafe { ioctl_with_ref(&self.fd, KVM_INTERRUPT(), &irq) };
+        if ret < 0 {
+            return Err(VcpuError::Interrupt {
+                vector,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Registers, control registers and the code at RIP, for a fault report.
+    pub fn snapshot(&self, mem: &GuestMemoryMmap) -> Result<CpuSnapshot, VcpuError> {
+        let regs = self.fd.get_regs().map_err(VcpuError::GetRegs)?;
+        let sregs = self.fd.get_sregs().map_err(VcpuError::GetRegs)?;
+        Ok(CpuSnapshot::capture(regs, &sregs, mem))
+    }
+}
+
+/// Sends the kick signal to the vCPU thread. The signal's only job is to make `KVM_RUN` return
+/// `EINTR`; the handler does nothing.
+#[derive(Debug, Clone, Copy)]
+pub struct VcpuKicker {
+    thread: libc::pthread_t,
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+impl VcpuKicker {
+    /// A kicker for the calling thread, which must be the one that calls `KVM_RUN`.
+    pub fn for_current_thread() -> Result<Self, VcpuError> {
+        static INSTALL: Once = Once::new();
+        let mut result = Ok(());
+        INSTALL.call_once(|| result = register_signal_handler(SIGRTMIN(), on_kick));
+        result.map_err(VcpuError::SignalHandler)?;
+        // SAFETY: pthread_self has no preconditions.
+        let thread = unsafe { libc::pthread_self() };
+        Ok(VcpuKicker { thread })
+    }
+
+    pub fn kick(&self) {
+        // SAFETY: the thread id came from pthread_self on the vCPU thread, which outlives every
+        // kicker use (the watchdog is stopped and joined before the run returns).
+        unsafe {
+            libc::pthread_kill(self.thread, SIGRTMIN());
+        }
+    }
+}
