@@ -1,6 +1,6 @@
 //! Compiling the stimulus (the way syzkaller builds reproducers) and the guest agent.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::tool::{combined, GCC};
 use crate::RootfsError;
@@ -125,7 +125,7 @@ fn log_warnings(source: &Path, output: &std::process::Output) {
 }
 
 /// Compiles the embedded agent source into `out` (`gcc -O2 -static -Wall`).
-pub fn compile_agent(work: &Path, out: &Path) -> Result<PathBuf, RootfsError> {
+pub fn compile_agent(work: &Path, out: &Path) -> Result<(), RootfsError> {
     let dir = work.join("agent");
     std::fs::create_dir_all(&dir).map_err(RootfsError::io("cannot create the agent build dir"))?;
     for (name, text) in rrr_guest::agent::SOURCES {
@@ -148,5 +148,5 @@ pub fn compile_agent(work: &Path, out: &Path) -> Result<PathBuf, RootfsError> {
     if !warnings.is_empty() {
         tracing::warn!("the guest agent compiled with warnings:\n{warnings}");
     }
-    Ok(out.to_path_buf())
+    Ok(())
 }

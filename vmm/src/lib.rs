@@ -4,10 +4,18 @@
 //! one vCPU, no in-kernel irqchip, every device emulated in userspace on the vCPU thread, and
 //! interrupts injected only at synchronous exits. Virtual time ([`clock::VirtualClock`]) advances
 //! with guest progress, never with the host clock.
+//!
+//! Building a VM is [`builder::build_vm`]; running it is [`run_loop::run`].
 
+pub mod arch;
+//TMP pub mod builder;
 pub mod bus;
 pub mod clock;
-pub mod crash;
+pub mod config;
+pub mod description;
 pub mod devices;
 pub mod host;
 pub mod irq;
+//TMP pub mod run_loop;
+pub mod vstate;
+pub mod watchdog;

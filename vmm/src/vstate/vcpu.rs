@@ -8,7 +8,7 @@ use kvm_ioctls::VcpuFd;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
-use vmm_sys_util::{ioctl_ioc_nr, ioctl_iow_nr};
+use vmm_sys_util::ioctl_iow_nr;
 
 use super::vm::Vm;
 use crate::arch::x86_64::fault::CpuSnapshot;

@@ -217,11 +217,13 @@ mod tests {
     #[test]
     fn loads_segments_and_reports_entry() {
         let f = file(&elf(ELFCLASS64, EM_X86_64, 0x20_0000, 0x20_0004, b"\x90\x90\x90\x90\xf4"));
-        let k = load_kernel(&mem(), f.path(), 4 << 20).unwrap();
+        let m = mem();
+        let k = load_kernel(&m, f.path(), 4 << 20).unwrap();
         assert_eq!(k.entry, 0x20_0004);
         assert_eq!(k.end, 0x20_0000 + 5 + 0x1000);
-        let mut byte = [0u8; 1];
-        vm_memory::Bytes::read_slice(&mem(), &mut byte, GuestAddress(0x20_0004)).unwrap();
+        let mut code = [0u8; 5];
+        vm_memory::Bytes::read_slice(&m, &mut code, GuestAddress(0x20_0000)).unwrap();
+        assert_eq!(&code, b"\x90\x90\x90\x90\xf4");
     }
 
     #[test]

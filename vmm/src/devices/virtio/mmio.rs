@@ -351,3 +351,172 @@ impl BusDevice for MmioTransport {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::test_driver::{
+        Driver, AVAIL_RING, DESC_TABLE, MEM_SIZE, USED_RING,
+    };
+    use crate::devices::virtio::VirtioError;
+    use crate::irq::isa;
+
+    /// Offers VERSION_1 and one feature in the high word; completes nothing.
+    struct Dummy;
+
+    const HIGH_FEATURE: u64 = 1 << 33;
+
+    impl VirtioDevice for Dummy {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[256]
+        }
+        fn features(&self) -> u64 {
+            1 << VIRTIO_F_VERSION_1 | HIGH_FEATURE | 1
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8 + 1);
+        }
+        fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+        fn process_queue(
+            &mut self,
+            _index: usize,
+            _queue: &mut Queue,
+            _mem: &GuestMemoryMmap,
+        ) -> Result<bool, VirtioError> {
+            Ok(true)
+        }
+        fn reset(&mut self) {}
+    }
+
+    fn driver() -> Driver {
+        Driver::new(Box::new(Dummy))
+    }
+
+    #[test]
+    fn cmdline_entry_uses_linux_syntax() {
+        assert_eq!(
+            cmdline_entry(MMIO_BASE, isa::VIRTIO_FIRST),
+            "virtio_mmio.device=4K@0xd0000000:5"
+        );
+    }
+
+    #[test]
+    fn identifies_itself_and_exposes_64_bit_features_and_config() {
+        let mut d = driver();
+        assert_eq!(d.read32(VIRTIO_MMIO_DEVICE_ID), 42);
+        assert_eq!(d.read32(VIRTIO_MMIO_VENDOR_ID), VENDOR_ID);
+        d.write32(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(d.read32(VIRTIO_MMIO_DEVICE_FEATURES), 0b11);
+        d.write32(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 7);
+        assert_eq!(d.read32(VIRTIO_MMIO_DEVICE_FEATURES), 0);
+        assert_eq!(d.read32(0x104), 0x05050505, "config offset 4");
+        assert_eq!(d.read32(VIRTIO_MMIO_SHM_LEN_LOW), u32::MAX);
+    }
+
+    #[test]
+    fn refuses_features_without_version_1_or_not_offered() {
+        let mut d = driver();
+        assert!(!d.negotiate(1), "VERSION_1 missing");
+        // Offered features are accepted; a bit the device never offered is not.
+        assert!(d.negotiate(1 << VIRTIO_F_VERSION_1 | HIGH_FEATURE));
+        d.write32(VIRTIO_MMIO_STATUS, 0);
+        d.write32(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_DRIVER);
+        d.write32(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        d.write32(VIRTIO_MMIO_DRIVER_FEATURES, 1 | 1 << 5);
+        d.write32(
+            VIRTIO_MMIO_STATUS,
+            VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK,
+        );
+        assert_eq!(
+            d.read32(VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_FEATURES_OK,
+            0
+        );
+    }
+
+    #[test]
+    fn rings_outside_guest_memory_need_a_reset() {
+        let mut d = driver();
+        assert!(d.negotiate(u64::MAX));
+        d.setup_queue(DESC_TABLE, AVAIL_RING, MEM_SIZE - 16);
+        assert_eq!(d.read32(VIRTIO_MMIO_QUEUE_READY), 0);
+        assert_ne!(
+            d.read32(VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET,
+            0
+        );
+        // No DRIVER_OK yet, so no config interrupt.
+        assert!(!d.line_high());
+        d.probe();
+        assert_eq!(
+            d.read32(VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET,
+            0
+        );
+        assert_eq!(d.read32(VIRTIO_MMIO_QUEUE_READY), 1);
+    }
+
+    #[test]
+    fn bad_queue_size_and_alignment_need_a_reset() {
+        for (register, value) in [
+            (VIRTIO_MMIO_QUEUE_NUM, 3),
+            (VIRTIO_MMIO_QUEUE_NUM, 512),
+            (VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1008),
+            (VIRTIO_MMIO_QUEUE_USED_LOW, 0x4002),
+        ] {
+            let mut d = driver();
+            assert!(d.negotiate(u64::MAX));
+            d.write32(register, value);
+            assert_ne!(
+                d.read32(VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET,
+                0,
+                "{register:#x} = {value:#x}"
+            );
+            d.write32(VIRTIO_MMIO_QUEUE_READY, 1);
+            assert_eq!(d.read32(VIRTIO_MMIO_QUEUE_READY), 0);
+        }
+    }
+
+    #[test]
+    fn queue_cannot_be_moved_while_live_and_notify_needs_driver_ok() {
+        let mut d = driver();
+        assert!(d.negotiate(u64::MAX));
+        d.setup_queue(DESC_TABLE, AVAIL_RING, USED_RING);
+        // Before DRIVER_OK a notify does nothing.
+        d.write32(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert!(!d.line_high());
+        d.write32(VIRTIO_MMIO_QUEUE_DESC_LOW, 0x8000);
+        assert_eq!(d.transport.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        d.probe();
+        d.write32(VIRTIO_MMIO_QUEUE_NOTIFY, 5); // no such queue
+        assert!(!d.line_high());
+        d.write32(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert!(d.line_high());
+        assert_eq!(
+            d.read32(VIRTIO_MMIO_INTERRUPT_STATUS),
+            VIRTIO_MMIO_INT_VRING
+        );
+        d.write32(VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
+        assert!(!d.line_high());
+    }
+
+    #[test]
+    fn odd_sized_register_accesses_are_ignored() {
+        let mut d = driver();
+        let mut irqs = IrqLines::new();
+        let mut cx = DeviceContext {
+            now: crate::clock::VirtualTime::ZERO,
+            irqs: &mut irqs,
+        };
+        let mut byte = [0xffu8; 1];
+        d.transport.read(&mut cx, 0, 0, &mut byte);
+        assert_eq!(byte, [0]);
+        let mut word = [0xffu8; 4];
+        d.transport.read(&mut cx, 0, 2, &mut word);
+        assert_eq!(word, [0; 4]);
+        d.transport
+            .write(&mut cx, 0, VIRTIO_MMIO_STATUS.into(), &[1]);
+        assert_eq!(d.read32(VIRTIO_MMIO_STATUS), 0);
+        d.write32(0x0fc0, 1); // unknown register
+    }
+}

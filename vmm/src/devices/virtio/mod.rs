@@ -8,6 +8,8 @@
 pub mod block;
 pub mod disk;
 pub mod mmio;
+#[cfg(test)]
+pub(crate) mod test_driver;
 
 use vm_memory::GuestMemoryMmap;
 

@@ -159,3 +159,6 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {}
 }
+
+#[cfg(test)]
+mod tests;

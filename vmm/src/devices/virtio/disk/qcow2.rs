@@ -466,9 +466,9 @@ mod tests {
         let raw = dir.path().join("rootfs.ext4");
         let status = std::process::Command::new("mkfs.ext4")
             .args(["-q", "-F", raw.to_str().unwrap(), "1M"])
-            .status();
+            .output();
         match status {
-            Ok(s) if s.success() => {}
+            Ok(out) if out.status.success() => {}
             // e2fsprogs is part of the dev setup, but the reader does not depend on it.
             _ => return,
         }

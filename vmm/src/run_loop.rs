@@ -1,0 +1,544 @@
+//! The vCPU run loop, on the calling thread. It only dispatches: port I/O to the PIO bus, MMIO
+//! to the MMIO bus, HLT to the idle logic, everything else to an end of the run.
+//!
+//! Determinism rules (DESIGN.md, "Determinism without a PMU"): virtual time moves by one quantum
+//! per synchronous exit and jumps to the next timer deadline on HLT; interrupts are injected only
+//! at synchronous exits; a watchdog kick (`EINTR`) is not a synchronous exit and changes nothing
+//! the guest can see.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::VcpuExit;
+
+use crate::arch::x86_64::fault::CpuSnapshot;
+use crate::builder::Vmm;
+use crate::bus::{lock, DeviceContext};
+use crate::clock::{VirtualClock, VirtualTime};
+use crate::description::VmDescription;
+use crate::devices::control::ControlEvent;
+use crate::irq::IrqLines;
+use crate::vstate::vcpu::{VcpuError, VcpuKicker};
+use crate::watchdog::Watchdog;
+
+/// Deadline jumps in one HLT without a deliverable interrupt before we conclude the timer's
+/// interrupt is masked and nothing on the board can wake the guest.
+const MAX_IDLE_JUMPS: u32 = 100_000;
+/// How often a guest idling for console input re-checks the host timeout.
+const INPUT_POLL: Duration = Duration::from_millis(50);
+
+/// How a run ended without a fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunEnd {
+    /// HLT with interrupts disabled: Linux's halt/power-off path ends this way.
+    PowerOff,
+    /// The guest asked for a reset (i8042 pulse, or a reset system event).
+    Reboot,
+    /// The host-time limit passed.
+    HostTimeout,
+    /// The virtual-time limit passed.
+    VirtualTimeout,
+}
+
+impl fmt::Display for RunEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RunEnd::PowerOff => "powered off",
+            RunEnd::Reboot => "rebooted",
+            RunEnd::HostTimeout => "timed out (host time)",
+            RunEnd::VirtualTimeout => "timed out (virtual time)",
+        })
+    }
+}
+
+/// Counters of one run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunStats {
+    /// Synchronous exits: the VM's notion of progress, identical on identical runs.
+    pub exits: u64,
+    pub pio_exits: u64,
+    pub mmio_exits: u64,
+    pub halts: u64,
+    pub injections: u64,
+    /// Watchdog kicks (asynchronous; not part of the guest's timeline).
+    pub kicks: u64,
+    pub virtual_time: VirtualTime,
+}
+
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub end: RunEnd,
+    pub stats: RunStats,
+    pub host_elapsed: Duration,
+    pub description: VmDescription,
+    pub control_events: Vec<(VirtualTime, ControlEvent)>,
+}
+
+/// Why the guest could not continue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FaultKind {
+    InternalError { suberror: u32, data: Vec<u64> },
+    FailEntry { reason: u64, cpu: u32 },
+    /// `KVM_EXIT_SHUTDOWN` with no reset requested: a triple fault.
+    TripleFault,
+    /// HLT with interrupts enabled and no timer, interrupt or input that could ever wake it.
+    HaltedForever { reason: &'static str },
+    UnexpectedExit(String),
+}
+
+impl fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FaultKind::InternalError { suberror, data } => {
+                let what = match *suberror {
+                    kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => {
+                        "KVM could not emulate an instruction"
+                    }
+                    kvm_bindings::KVM_INTERNAL_ERROR_SIMUL_EX => "exception while delivering an exception",
+                    kvm_bindings::KVM_INTERNAL_ERROR_DELIVERY_EV => "event delivery failed",
+                    kvm_bindings::KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON => "unexpected hardware exit",
+                    _ => "unknown suberror",
+                };
+                write!(f, "KVM_EXIT_INTERNAL_ERROR, suberror {suberror} ({what}), data {data:x?}")
+            }
+            FaultKind::FailEntry { reason, cpu } => write!(
+                f,
+                "KVM_EXIT_FAIL_ENTRY, hardware entry failure reason {reason:#x} on host cpu {cpu}"
+            ),
+            FaultKind::TripleFault => {
+                write!(f, "KVM_EXIT_SHUTDOWN without a reset request (triple fault)")
+            }
+            FaultKind::HaltedForever { reason } => {
+                write!(f, "the guest halted with interrupts enabled and {reason}")
+            }
+            FaultKind::UnexpectedExit(exit) => write!(f, "unexpected exit {exit}"),
+        }
+    }
+}
+
+/// A run that ended in a guest or KVM fault, with the vCPU state at that point.
+#[derive(Debug)]
+pub struct Fault {
+    pub kind: FaultKind,
+    pub stats: RunStats,
+    pub cpu: Option<CpuSnapshot>,
+    pub description: VmDescription,
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "guest fault after {} exits at virtual time {:.6} s: {}",
+            self.stats.exits,
+            self.stats.virtual_time.as_nanos() as f64 / 1e9,
+            self.kind
+        )?;
+        match &self.cpu {
+            Some(cpu) => write!(f, "{cpu}"),
+            None => write!(f, "  (registers unavailable)"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Fault(Box<Fault>),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("KVM_RUN failed: {0}")]
+    KvmRun(kvm_ioctls::Error),
+    #[error("the KVM run page reports a port-I/O buffer ({offset:#x}+{len:#x}) outside its {size:#x} bytes")]
+    BadIoBuffer { offset: u64, len: usize, size: usize },
+    #[error("starting the host-time watchdog failed: {0}")]
+    Watchdog(std::io::Error),
+}
+
+/// What one `KVM_RUN` came back with, once the run page borrow is over.
+enum Step {
+    /// A port-I/O exit; the data is handled from the run page afterwards.
+    Pio,
+    /// A synchronous exit already fully handled (MMIO, interrupt window).
+    Sync,
+    Halt,
+    Shutdown,
+    Reset,
+    PowerOff,
+    InternalError,
+    Fault(FaultKind),
+    Kick,
+}
+
+/// Console input from the host, crossing threads through a channel and handed to the guest only
+/// at synchronous exits.
+pub type InputReceiver = Receiver<Vec<u8>>;
+
+struct Runner<'a> {
+    vmm: &'a mut Vmm,
+    clock: VirtualClock,
+    irqs: IrqLines,
+    stats: RunStats,
+    input: Option<InputReceiver>,
+    pending_input: VecDeque<u8>,
+    watchdog: Option<Watchdog>,
+    virtual_limit: Option<VirtualTime>,
+}
+
+/// Runs the VM until it powers off, reboots, faults, or a time limit passes.
+pub fn run(vmm: &mut Vmm, input: Option<InputReceiver>) -> Result<RunOutcome, RunError> {
+    let started = Instant::now();
+    let kicker = VcpuKicker::for_current_thread()?;
+    let watchdog = vmm
+        .config
+        .host_timeout()
+        .map(|t| Watchdog::start(t, kicker))
+        .transpose()
+        .map_err(RunError::Watchdog)?;
+    let mut runner = Runner {
+        clock: VirtualClock::new(vmm.config.quantum_ns),
+        virtual_limit: vmm.config.virtual_timeout(),
+        vmm,
+        irqs: IrqLines::new(),
+        stats: RunStats::default(),
+        input,
+        pending_input: VecDeque::new(),
+        watchdog,
+    };
+    let end = runner.run_until_end();
+    runner.stats.virtual_time = runner.clock.now();
+    drop(runner.watchdog.take());
+    let stats = runner.stats;
+    let vmm = runner.vmm;
+    match end {
+        Ok(end) => Ok(RunOutcome {
+            end,
+            stats,
+            host_elapsed: started.elapsed(),
+            description: vmm.description.clone(),
+            control_events: lock(&vmm.devices.control).take_events(),
+        }),
+        Err(RunError::Fault(mut fault)) => {
+            fault.stats = stats;
+            fault.cpu = vmm.vcpu.snapshot(&vmm.mem).ok();
+            Err(RunError::Fault(fault))
+        }
+        Err(other) => Err(other),
+    }
+}
+
+impl Runner<'_> {
+    fn fault(&self, kind: FaultKind) -> RunError {
+        tracing::debug!(%kind, "run ends in a fault");
+        RunError::Fault(Box::new(Fault {
+            kind,
+            stats: self.stats,
+            cpu: None,
+            description: self.vmm.description.clone(),
+        }))
+    }
+
+    fn host_timed_out(&self) -> bool {
+        self.watchdog.as_ref().is_some_and(Watchdog::expired)
+    }
+
+    fn run_until_end(&mut self) -> Result<RunEnd, RunError> {
+        loop {
+            if self.host_timed_out() {
+                return Ok(RunEnd::HostTimeout);
+            }
+            let step = self.enter()?;
+            let end = match step {
+                Step::Kick => {
+                    self.stats.kicks += 1;
+                    continue;
+                }
+                Step::Pio => {
+                    self.stats.pio_exits += 1;
+                    self.handle_pio()?;
+                    self.after_sync_exit()?
+                }
+                Step::Sync => self.after_sync_exit()?,
+                Step::Halt => self.halt()?,
+                Step::Shutdown => {
+                    if lock(&self.vmm.devices.i8042).take_reset_request() {
+                        Some(RunEnd::Reboot)
+                    } else {
+                        return Err(self.fault(FaultKind::TripleFault));
+                    }
+                }
+                Step::Reset => Some(RunEnd::Reboot),
+                Step::PowerOff => Some(RunEnd::PowerOff),
+                Step::InternalError => {
+                    let run = self.vmm.vcpu.fd.get_kvm_run();
+                    // SAFETY: the exit reason was KVM_EXIT_INTERNAL_ERROR, so `internal` is the
+                    // union member KVM filled.
+                    let internal = unsafe { run.__bindgen_anon_1.internal };
+                    let n = (internal.ndata as usize).min(internal.data.len());
+                    return Err(self.fault(FaultKind::InternalError {
+                        suberror: internal.suberror,
+                        data: internal.data[..n].to_vec(),
+                    }));
+                }
+                Step::Fault(kind) => return Err(self.fault(kind)),
+            };
+            if let Some(end) = end {
+                return Ok(end);
+            }
+        }
+    }
+
+    /// One `KVM_RUN`. MMIO is dispatched here while the run page is borrowed; port I/O is
+    /// dispatched afterwards because string I/O needs the element size.
+    fn enter(&mut self) -> Result<Step, RunError> {
+        let now = self.clock.now();
+        let vmm = &mut *self.vmm;
+        let step = match vmm.vcpu.fd.run() {
+            Ok(VcpuExit::IoIn(..)) | Ok(VcpuExit::IoOut(..)) => Step::Pio,
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                self.stats.mmio_exits += 1;
+                let mut cx = DeviceContext {
+                    now,
+                    irqs: &mut self.irqs,
+                };
+                vmm.mmio.bus.read(&mut cx, addr, data);
+                Step::Sync
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                self.stats.mmio_exits += 1;
+                let mut cx = DeviceContext {
+                    now,
+                    irqs: &mut self.irqs,
+                };
+                vmm.mmio.bus.write(&mut cx, addr, data);
+                Step::Sync
+            }
+            Ok(VcpuExit::IrqWindowOpen) => Step::Sync,
+            Ok(VcpuExit::Hlt) => Step::Halt,
+            Ok(VcpuExit::Shutdown) => Step::Shutdown,
+            Ok(VcpuExit::InternalError) => Step::InternalError,
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Step::Fault(FaultKind::FailEntry { reason, cpu }),
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET => Step::Reset,
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Step::PowerOff,
+                other => Step::Fault(FaultKind::UnexpectedExit(format!("system event {other}"))),
+            },
+            Ok(VcpuExit::Intr) => Step::Kick,
+            Ok(other) => Step::Fault(FaultKind::UnexpectedExit(format!("{other:?}"))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Kick,
+            Err(e) => return Err(RunError::KvmRun(e)),
+        };
+        Ok(step)
+    }
+
+    fn handle_pio(&mut self) -> Result<(), RunError> {
+        let run_size = self.vmm.vm.fd.run_size();
+        let now = self.clock.now();
+        let run = self.vmm.vcpu.fd.get_kvm_run();
+        // SAFETY: the exit reason was KVM_EXIT_IO, so `io` is the union member KVM filled.
+        let io = unsafe { run.__bindgen_anon_1.io };
+        let size = usize::from(io.size).max(1);
+        let len = size * io.count as usize;
+        let offset = io.data_offset;
+        if offset
+            .checked_add(len as u64)
+            .is_none_or(|end| end > run_size as u64)
+        {
+            return Err(RunError::BadIoBuffer {
+                offset,
+                len,
+                size: run_size,
+            });
+        }
+        // SAFETY: the buffer lies inside the mmapped run page (checked just above), and nothing
+        // else references the run page while this slice lives.
+        let data = unsafe {
+            std::slice::from_raw_parts_mut(
+                (run as *mut kvm_bindings::kvm_run as *mut u8).add(offset as usize),
+                len,
+            )
+        };
+        let port = u64::from(io.port);
+        let write = u32::from(io.direction) == kvm_bindings::KVM_EXIT_IO_OUT;
+        for element in data.chunks_mut(size) {
+            let mut cx = DeviceContext {
+                now,
+                irqs: &mut self.irqs,
+            };
+            if write {
+                self.vmm.pio.write(&mut cx, port, element);
+            } else {
+                self.vmm.pio.read(&mut cx, port, element);
+            }
+            self.drain_irqs();
+        }
+        Ok(())
+    }
+
+    /// Hands every pending line change to the PIC.
+    fn drain_irqs(&mut self) {
+        if self.irqs.is_empty() {
+            return;
+        }
+        let mut pic = lock(&self.vmm.devices.pic);
+        for change in self.irqs.drain() {
+            pic.apply(change);
+        }
+    }
+
+    fn advance_timers(&mut self) {
+        let now = self.clock.now();
+        lock(&self.vmm.devices.pit).advance(now, &mut self.irqs);
+        self.drain_irqs();
+    }
+
+    /// Moves queued console input into the UART as far as its FIFO has room.
+    fn deliver_input(&mut self) {
+        if let Some(rx) = &self.input {
+            loop {
+                match rx.try_recv() {
+                    Ok(bytes) => self.pending_input.extend(bytes),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        self.input = None;
+                        break;
+                    }
+                }
+            }
+        }
+        if self.pending_input.is_empty() {
+            return;
+        }
+        let mut serial = lock(&self.vmm.devices.serial);
+        let room = serial.input_space().min(self.pending_input.len());
+        if room == 0 {
+            return;
+        }
+        let chunk: Vec<u8> = self.pending_input.drain(..room).collect();
+        serial.queue_input(&chunk, &mut self.irqs);
+        drop(serial);
+        self.drain_irqs();
+    }
+
+    /// Bookkeeping shared by every synchronous exit: the clock, timers, input, resets, limits,
+    /// and interrupt injection. Returns an end of the run if one was reached.
+    fn after_sync_exit(&mut self) -> Result<Option<RunEnd>, RunError> {
+        self.stats.exits += 1;
+        self.clock.tick();
+        if lock(&self.vmm.devices.i8042).take_reset_request() {
+            return Ok(Some(RunEnd::Reboot));
+        }
+        if self.virtual_limit.is_some_and(|limit| self.clock.now() >= limit) {
+            return Ok(Some(RunEnd::VirtualTimeout));
+        }
+        self.advance_timers();
+        self.deliver_input();
+        self.inject_or_request_window()?;
+        Ok(None)
+    }
+
+    /// Injects the PIC's interrupt if the vCPU can take one now; otherwise asks KVM to exit as
+    /// soon as it can.
+    fn inject_or_request_window(&mut self) -> Result<(), RunError> {
+        let pending = lock(&self.vmm.devices.pic).interrupt_pending();
+        let run = self.vmm.vcpu.fd.get_kvm_run();
+        if !pending {
+            run.request_interrupt_window = 0;
+            return Ok(());
+        }
+        if run.ready_for_interrupt_injection == 0 || run.if_flag == 0 {
+            run.request_interrupt_window = 1;
+            return Ok(());
+        }
+        let vector = lock(&self.vmm.devices.pic).acknowledge();
+        if let Some(vector) = vector {
+            self.vmm.vcpu.inject(vector)?;
+            self.stats.injections += 1;
+        }
+        let more = lock(&self.vmm.devices.pic).interrupt_pending();
+        self.vmm.vcpu.fd.get_kvm_run().request_interrupt_window = u8::from(more);
+        Ok(())
+    }
+
+    /// HLT: with interrupts off the guest has stopped for good (Linux's halt and power-off end
+    /// in `cli; hlt`); with interrupts on, virtual time jumps to the next timer deadline.
+    fn halt(&mut self) -> Result<Option<RunEnd>, RunError> {
+        self.stats.halts += 1;
+        let interrupts_on = self.vmm.vcpu.fd.get_kvm_run().if_flag != 0;
+        self.stats.exits += 1;
+        self.clock.tick();
+        if !interrupts_on {
+            return Ok(Some(RunEnd::PowerOff));
+        }
+        self.advance_timers();
+        self.deliver_input();
+        let mut jumps = 0u32;
+        while !lock(&self.vmm.devices.pic).interrupt_pending() {
+            if self.host_timed_out() {
+                return Ok(Some(RunEnd::HostTimeout));
+            }
+            let deadline = lock(&self.vmm.devices.pit).next_deadline();
+            match deadline {
+                Some(deadline) if jumps < MAX_IDLE_JUMPS => {
+                    if self.virtual_limit.is_some_and(|limit| deadline >= limit) {
+                        self.clock.advance_to(self.virtual_limit.unwrap_or(deadline));
+                        return Ok(Some(RunEnd::VirtualTimeout));
+                    }
+                    self.clock.advance_to(deadline);
+                    self.advance_timers();
+                    jumps += 1;
+                }
+                _ => {
+                    let reason = if jumps >= MAX_IDLE_JUMPS {
+                        "its timer interrupt masked"
+                    } else {
+                        "no timer armed"
+                    };
+                    if !self.wait_for_input(reason)? {
+                        return Ok(Some(RunEnd::HostTimeout));
+                    }
+                    jumps = 0;
+                }
+            }
+            self.deliver_input();
+        }
+        self.inject_or_request_window()?;
+        Ok(None)
+    }
+
+    /// Blocks until host console input arrives. Returns false if the host timeout passed first;
+    /// fails if no input can ever come.
+    fn wait_for_input(&mut self, reason: &'static str) -> Result<bool, RunError> {
+        if !self.pending_input.is_empty() {
+            return Ok(true);
+        }
+        let Some(rx) = &self.input else {
+            return Err(self.fault(FaultKind::HaltedForever {
+                reason: if reason == "no timer armed" {
+                    "no timer armed and no console input to wait for"
+                } else {
+                    "its timer interrupt masked and no console input to wait for"
+                },
+            }));
+        };
+        loop {
+            match rx.recv_timeout(INPUT_POLL) {
+                Ok(bytes) => {
+                    self.pending_input.extend(bytes);
+                    return Ok(true);
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.host_timed_out() {
+                        return Ok(false);
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.input = None;
+                    return self.wait_for_input(reason);
+                }
+            }
+        }
+    }
+}
