@@ -33,7 +33,7 @@ const IN_CARRIER_TEST: &str = "kvm_semantics_in_carrier";
 const SPEED_TAG: &str = "RRR_KVM_SEMANTICS loop_instr_per_s=";
 
 // ---------------------------------------------------------------------------------------------
-// Guest memory layout (guest-physical offsets). Everything fits in the first 4 MiB.
+// Guest memory layout. Identity-mapped, so these are both guest-physical and virtual addresses.
 // ---------------------------------------------------------------------------------------------
 
 const MEM_SIZE: usize = 4 << 20;
@@ -41,9 +41,8 @@ const GDT: u64 = 0x1000;
 const IDT: u64 = 0x2000; // 256 gates x 16 bytes = one page
 const TSS: u64 = 0x3000;
 const PML4: u64 = 0x4000;
-const PDPT_LOW: u64 = 0x5000;
-const PDPT_HIGH: u64 = 0x6000;
-const PD: u64 = 0x7000;
+const PDPT: u64 = 0x5000;
+const PD: u64 = 0x6000;
 const CODE: u64 = 0x10_0000;
 /// Exception / interrupt handlers, one 0x100-byte slot each.
 const HANDLER_DE: u64 = 0x10_1000;
@@ -51,15 +50,6 @@ const HANDLER_UD: u64 = 0x10_1100;
 const HANDLER_IRQ: u64 = 0x10_1200;
 const STACK_TOP: u64 = 0x1f_f000;
 const TSS_RSP0: u64 = 0x1f_e000;
-
-/// The guest runs at the top 2 GiB of the address space, where a 64-bit Linux kernel lives,
-/// with the same physical pages also identity-mapped. `kvm_pvm` only runs guest supervisor
-/// code there (its guests are kernels built for that range); hardware KVM does not care.
-const KERNEL_VA: u64 = 0xffff_ffff_8000_0000;
-
-const fn va(gpa: u64) -> u64 {
-    KERNEL_VA + gpa
-}
 
 // Selectors into our GDT.
 const SEL_CODE: u16 = 0x08;
@@ -224,7 +214,7 @@ struct Guest {
 
 impl Guest {
     /// A one-vCPU VM with no in-kernel irqchip, already in 64-bit mode at CPL0, about to run
-    /// `program` at `va(CODE)` with RFLAGS = `rflags`.
+    /// `program` at `CODE` with RFLAGS = `rflags`.
     fn new(kvm: &Kvm, program: &[u8], rflags: u64) -> Result<Self, String> {
         let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
         let mem = GuestMem::new()?;
@@ -271,16 +261,16 @@ impl Guest {
         sregs.ss = data;
         // VMX/SVM entry needs a usable 64-bit busy TSS in TR even if no stack switch happens.
         sregs.tr = kvm_segment {
-            base: va(TSS),
+            base: TSS,
             limit: 0x67,
             selector: SEL_TSS,
             type_: 0xb, // 64-bit TSS, busy
             present: 1,
             ..Default::default()
         };
-        sregs.gdt.base = va(GDT);
+        sregs.gdt.base = GDT;
         sregs.gdt.limit = 5 * 8 - 1;
-        sregs.idt.base = va(IDT);
+        sregs.idt.base = IDT;
         sregs.idt.limit = 256 * 16 - 1;
         sregs.cr3 = PML4;
         sregs.cr4 = 1 << 5; // PAE: required for long mode
@@ -293,8 +283,8 @@ impl Guest {
             .map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
 
         let regs = kvm_bindings::kvm_regs {
-            rip: va(CODE),
-            rsp: va(STACK_TOP),
+            rip: CODE,
+            rsp: STACK_TOP,
             rflags,
             ..Default::default()
         };
@@ -336,8 +326,8 @@ impl Guest {
     /// The 5-qword frame the CPU pushed on interrupt/exception delivery in 64-bit mode
     /// (no error code): RIP, CS, RFLAGS, RSP, SS. `rsp` is the handler's RSP.
     fn interrupt_frame(&self, rsp: u64) -> [u64; 5] {
-        let gpa = rsp - KERNEL_VA;
-        std::array::from_fn(|i| self.mem.read_u64(gpa + 8 * i as u64))
+        // Identity mapping: the stack's virtual address is its guest-physical address.
+        std::array::from_fn(|i| self.mem.read_u64(rsp + 8 * i as u64))
     }
 }
 
@@ -359,14 +349,13 @@ fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
     }
 }
 
-/// Maps guest-physical 0..4 MiB with two 2 MiB pages, both at 0 (identity) and at KERNEL_VA.
+/// Identity-maps guest-physical 0..4 MiB with two 2 MiB pages (one PML4, PDPT and PD entry
+/// chain): 2 MiB pages keep the tables to three pages and TLB misses out of the speed loop.
 fn write_page_tables(mem: &GuestMem) {
     const PRESENT_RW: u64 = 0b11;
     const PAGE_SIZE_2M: u64 = 1 << 7; // PS bit in a PD entry
-    mem.write_u64(PML4, PDPT_LOW | PRESENT_RW);
-    mem.write_u64(PML4 + 8 * 511, PDPT_HIGH | PRESENT_RW); // bits 47:39 of KERNEL_VA = 511
-    mem.write_u64(PDPT_LOW, PD | PRESENT_RW);
-    mem.write_u64(PDPT_HIGH + 8 * 510, PD | PRESENT_RW); // bits 38:30 of KERNEL_VA = 510
+    mem.write_u64(PML4, PDPT | PRESENT_RW);
+    mem.write_u64(PDPT, PD | PRESENT_RW);
     for i in 0..2 {
         mem.write_u64(PD + 8 * i, (i << 21) | PAGE_SIZE_2M | PRESENT_RW);
     }
@@ -376,7 +365,7 @@ fn write_gdt_and_tss(mem: &GuestMem) {
     // Flat descriptors: limit 0xfffff with G=1, P=1, DPL 0, S=1.
     let code64 = 0x00af_9b00_0000_ffffu64; // access 0x9b (exec/read, accessed), flags 0xa (G, L)
     let data = 0x00cf_9300_0000_ffffu64; // access 0x93 (read/write, accessed), flags 0xc (G, D/B)
-    let (base, limit) = (va(TSS), 0x67u64);
+    let (base, limit) = (TSS, 0x67u64);
     let tss_low = (limit & 0xffff)
         | ((base & 0xff_ffff) << 16)
         | (0x8b << 40) // P=1, type 0xb: 64-bit TSS (busy, matching TR)
@@ -388,7 +377,7 @@ fn write_gdt_and_tss(mem: &GuestMem) {
     }
     // RSP0 at TSS+4: used only on a privilege change, which these guests never make, but keep
     // it pointing at real memory.
-    mem.write_u64(TSS + 4, va(TSS_RSP0));
+    mem.write_u64(TSS + 4, TSS_RSP0);
 }
 
 fn write_idt(mem: &GuestMem) {
@@ -397,7 +386,7 @@ fn write_idt(mem: &GuestMem) {
         (6, HANDLER_UD),
         (IRQ_VECTOR as u64, HANDLER_IRQ),
     ] {
-        let offset = va(handler);
+        let offset = handler;
         let low = (offset & 0xffff)
             | ((SEL_CODE as u64) << 16)
             | (0x8e << 40) // P=1, DPL 0, type 0xe: 64-bit interrupt gate (clears IF), IST 0
@@ -461,17 +450,17 @@ fn probe_exceptions(kvm: &Kvm) -> Result<String, String> {
             regs.rbx
         );
         ensure!(
-            regs.rax == va(CODE + at),
+            regs.rax == CODE + at,
             "vector {vector}: handler saw faulting RIP {:#x}, expected {:#x}",
             regs.rax,
-            va(CODE + at)
+            CODE + at
         );
         let [rip, cs, rflags, rsp, ss] = g.interrupt_frame(regs.rsp);
         ensure!(
-            rip == va(CODE + at)
+            rip == CODE + at
                 && cs == u64::from(SEL_CODE)
                 && rflags & RFLAGS_RESERVED != 0
-                && rsp == va(STACK_TOP)
+                && rsp == STACK_TOP
                 && ss == u64::from(SEL_DATA),
             "vector {vector}: bad frame rip={rip:#x} cs={cs:#x} rflags={rflags:#x} rsp={rsp:#x} ss={ss:#x}"
         );
@@ -526,10 +515,10 @@ fn probe_interrupts(kvm: &Kvm) -> Result<String, String> {
                 handled += 1;
                 let regs = g.regs()?;
                 ensure!(
-                    regs.rax == va(CODE + IRQ_AFTER_HLT),
+                    regs.rax == CODE + IRQ_AFTER_HLT,
                     "interrupt frame RIP {:#x}, expected the instruction after hlt {:#x}",
                     regs.rax,
-                    va(CODE + IRQ_AFTER_HLT)
+                    CODE + IRQ_AFTER_HLT
                 );
                 ensure!(
                     regs.rbx & RFLAGS_IF != 0,
@@ -577,7 +566,7 @@ fn probe_single_step(kvm: &Kvm, steps: usize) -> Result<f64, String> {
     let start = Instant::now();
     for step in 0..steps {
         // After `mov ecx` the loop alternates dec, jnz, dec, ... (the counter never reaches 0).
-        let expected = va(CODE + if step % 2 == 0 { LOOP_DEC } else { LOOP_JNZ });
+        let expected = CODE + if step % 2 == 0 { LOOP_DEC } else { LOOP_JNZ };
         let exit = g.run()?;
         ensure!(
             exit == Exit::Debug {
@@ -622,8 +611,8 @@ fn assert_hardware_semantics() {
 fn report_software_semantics(kind: &KvmKind) {
     println!("host KVM: {kind}; probing it for information only");
     let kvm = Kvm::new().expect("open /dev/kvm");
-    // ~3M instr/s here: 1.5M iterations take about a second.
-    match probe_speed(&kvm, 1_500_000) {
+    // ~1-3M instr/s here: 500k iterations take about a second.
+    match probe_speed(&kvm, 500_000) {
         Ok(speed) => println!("host CPL0 loop: {:.2} M instructions/s", speed / 1e6),
         Err(e) => eprintln!("!!! host CPL0 loop FAILED on {kind}: {e}"),
     }

@@ -43,7 +43,10 @@ pub fn compile_stimulus(build: &StimulusBuild, work: &Path, out: &Path) -> Resul
         .current_dir(dir)
         .args(["-O2", "-g", "-pthread", "-c"])
         .args(common_flags(build))
-        .arg(format!("-ffile-prefix-map={}={STIMULUS_SOURCE_DIR}", dir.display()))
+        .arg(format!(
+            "-ffile-prefix-map={}={STIMULUS_SOURCE_DIR}",
+            dir.display()
+        ))
         .arg("-o")
         .arg(&object)
         .arg(name);
@@ -126,7 +129,7 @@ fn log_warnings(source: &Path, output: &std::process::Output) {
 
 /// Compiles the embedded agent source into `out` (`gcc -O2 -static -Wall`).
 pub fn compile_agent(work: &Path, out: &Path) -> Result<(), RootfsError> {
-    let dir = work.join("agent");
+    let dir = work.join("agent-src");
     std::fs::create_dir_all(&dir).map_err(RootfsError::io("cannot create the agent build dir"))?;
     for (name, text) in rrr_guest::agent::SOURCES {
         std::fs::write(dir.join(name), text)

@@ -1,8 +1,84 @@
-//! `rrr kernel` (not yet written).
+//! `rrr kernel build`: build (or find cached) a guest or carrier kernel. Stdout carries only the
+//! kernel directory, so `$(rrr kernel build)` works; progress and notes go to stderr.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use rrr_kernels::{Flavor, KernelBuild, KernelSpec, Source};
 
 #[derive(clap::Subcommand)]
-pub enum KernelCommand {}
+pub enum KernelCommand {
+    /// Build a kernel and print its cache directory (vmlinux, bzImage, .config, build.log).
+    Build(BuildArgs),
+}
 
-pub fn run(cmd: KernelCommand) -> anyhow::Result<i32> {
-    match cmd {}
+#[derive(clap::Args)]
+pub struct BuildArgs {
+    /// A kernel source tree to build instead of Debian's linux-source-6.12 (never written to).
+    #[arg(long, value_name = "DIR")]
+    source: Option<PathBuf>,
+    /// A full kernel config (e.g. syzbot's) to start from instead of tinyconfig.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// An extra config fragment merged after rrr's own (repeatable).
+    #[arg(long, value_name = "FILE")]
+    fragment: Vec<PathBuf>,
+    /// Build the carrier kernel (QEMU with AMD-V, 9p root) instead of a guest kernel.
+    #[arg(long)]
+    carrier: bool,
+}
+
+pub fn run(cmd: KernelCommand) -> Result<i32> {
+    match cmd {
+        KernelCommand::Build(args) => {
+            let spec = KernelSpec {
+                source: args.source.map_or(Source::Debian, Source::Tree),
+                base_config: args.config,
+                fragments: args.fragment,
+                flavor: if args.carrier {
+                    Flavor::Carrier
+                } else {
+                    Flavor::Guest
+                },
+            };
+            let kernel = ensure(&spec)?;
+            println!("{}", kernel.dir.display());
+            Ok(0)
+        }
+    }
+}
+
+/// The default guest kernel (Debian source, tinyconfig plus rrr's fragments), built if needed.
+pub fn ensure_default_kernel() -> Result<KernelBuild> {
+    ensure(&KernelSpec::default())
+}
+
+/// The carrier kernel, built if needed.
+pub fn ensure_carrier_kernel() -> Result<KernelBuild> {
+    ensure(&KernelSpec::carrier())
+}
+
+/// Finds `spec` in the cache or builds it with a spinner on stderr.
+pub fn ensure(spec: &KernelSpec) -> Result<KernelBuild> {
+    let cache = crate::cache::cache_dir()?;
+    let what = format!("{} kernel", spec.flavor.name());
+    if let Some(hit) = rrr_kernels::cached(spec, &cache)
+        .with_context(|| format!("cannot look up the {what} in the cache"))?
+    {
+        eprintln!("rrr: {what}: cached at {}", hit.dir.display());
+        return Ok(hit);
+    }
+    let bar = crate::progress::spinner(format!("{what}: starting"));
+    let started = std::time::Instant::now();
+    let result = rrr_kernels::build(spec, &cache, &|step| {
+        bar.set_message(format!("{what}: {step}"))
+    });
+    bar.finish_and_clear();
+    let kernel = result.with_context(|| format!("cannot build the {what}"))?;
+    eprintln!(
+        "rrr: {what}: built in {:.0?} at {}",
+        started.elapsed(),
+        kernel.dir.display()
+    );
+    Ok(kernel)
 }

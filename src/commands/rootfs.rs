@@ -1,8 +1,77 @@
-//! `rrr rootfs` (not yet written).
+//! `rrr rootfs build`: compile a stimulus into a bootable rootfs image (cached by content).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
 
 #[derive(clap::Subcommand)]
-pub enum RootfsCommand {}
+pub enum RootfsCommand {
+    /// Build a qcow2 rootfs that runs a C stimulus program; prints the image path on stdout.
+    Build(BuildArgs),
+}
 
-pub fn run(cmd: RootfsCommand) -> anyhow::Result<i32> {
-    match cmd {}
+#[derive(clap::Args)]
+pub struct BuildArgs {
+    /// The stimulus, a C source file (built like a syzkaller reproducer: gcc -O2 -g -static).
+    #[arg(long, value_name = "PROG.c")]
+    pub stimulus: PathBuf,
+    /// Also copy the image here.
+    #[arg(long, value_name = "IMAGE.qcow2")]
+    pub out: Option<PathBuf>,
+    /// Build the stimulus as a 32-bit program (needs gcc-multilib).
+    #[arg(long)]
+    pub m32: bool,
+    /// Extra flag for gcc when compiling the stimulus (repeatable).
+    #[arg(long = "cflag", value_name = "FLAG", allow_hyphen_values = true)]
+    pub cflags: Vec<String>,
+}
+
+pub fn run(cmd: RootfsCommand) -> Result<i32> {
+    match cmd {
+        RootfsCommand::Build(args) => build(args),
+    }
+}
+
+fn build(args: BuildArgs) -> Result<i32> {
+    let spec = rrr_rootfs::RootfsSpec {
+        stimulus: args.stimulus,
+        m32: args.m32,
+        extra_cflags: args.cflags,
+    };
+    let image = build_spec(&spec)?;
+    let path = match args.out {
+        Some(out) => {
+            std::fs::copy(&image, &out)
+                .with_context(|| format!("cannot copy {} to {}", image.display(), out.display()))?;
+            out
+        }
+        None => image,
+    };
+    println!("{}", path.display());
+    Ok(0)
+}
+
+/// The cached rootfs image for a stimulus, built if needed. Used by `rrr run`.
+pub fn ensure_rootfs(stimulus: &Path, m32: bool) -> Result<PathBuf> {
+    build_spec(&rrr_rootfs::RootfsSpec {
+        stimulus: stimulus.to_path_buf(),
+        m32,
+        extra_cflags: Vec::new(),
+    })
+}
+
+fn build_spec(spec: &rrr_rootfs::RootfsSpec) -> Result<PathBuf> {
+    let cache = crate::cache::cache_dir()?;
+    let spinner = crate::progress::spinner(format!(
+        "building the rootfs for {}",
+        spec.stimulus.display()
+    ));
+    let result = rrr_rootfs::build(spec, &cache);
+    spinner.finish_and_clear();
+    let image =
+        result.with_context(|| format!("cannot build a rootfs for {}", spec.stimulus.display()))?;
+    if image.cached {
+        tracing::info!(image = %image.path.display(), "rootfs from the cache");
+    }
+    Ok(image.path)
 }

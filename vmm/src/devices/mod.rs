@@ -1,2 +1,6 @@
-//! Emulated devices. `legacy` holds the PC platform devices, `virtio` the virtio-mmio ones.
+//! Emulated devices. `legacy` holds the PC platform devices, `virtio` the virtio-mmio ones;
+//! `control` is the guest agent's port.
+
+pub mod control;
+pub mod legacy;
 pub mod virtio;

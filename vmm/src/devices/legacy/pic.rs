@@ -572,7 +572,11 @@ mod tests {
         assert!(pic.interrupt_pending());
         assert_eq!(pic.acknowledge(), Some(0x3f));
         out(&mut pic, 0xa0, 0x0b);
-        assert_eq!(inb(&mut pic, 0xa0), 0, "spurious IRQ15 sets no slave ISR bit");
+        assert_eq!(
+            inb(&mut pic, 0xa0),
+            0,
+            "spurious IRQ15 sets no slave ISR bit"
+        );
     }
 
     #[test]

@@ -249,7 +249,11 @@ impl Channel {
                 return;
             }
         };
-        self.reload = if count == 0 { 0x1_0000 } else { u32::from(count) };
+        self.reload = if count == 0 {
+            0x1_0000
+        } else {
+            u32::from(count)
+        };
         self.null_count = false;
         if matches!(self.mode, 1 | 5) {
             // These modes wait for a rising gate.
@@ -480,7 +484,10 @@ mod tests {
             (PIT_BASE, port - PIT_BASE)
         };
         pit.write(&mut cx, base, offset, &[value]);
-        assert!(irqs.is_empty(), "port writes never raise IRQ0 by themselves");
+        assert!(
+            irqs.is_empty(),
+            "port writes never raise IRQ0 by themselves"
+        );
     }
 
     fn inb(pit: &mut Pit, now: VirtualTime, port: u64) -> u8 {

@@ -219,7 +219,10 @@ impl Serial {
         let status = if self.looping() {
             // Loopback wires the outputs back to the inputs.
             let bit = |mask: u8, to: u8| if self.mcr & mask != 0 { to } else { 0 };
-            bit(MCR_RTS, MSR_CTS) | bit(MCR_DTR, MSR_DSR) | bit(MCR_OUT1, MSR_RI) | bit(MCR_OUT2, MSR_DCD)
+            bit(MCR_RTS, MSR_CTS)
+                | bit(MCR_DTR, MSR_DSR)
+                | bit(MCR_OUT1, MSR_RI)
+                | bit(MCR_OUT2, MSR_DCD)
         } else {
             MSR_CONNECTED
         };

@@ -1,0 +1,120 @@
+//! Builds real images with real gcc, mke2fs and qemu-img, and looks inside them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use rrr_rootfs::{build, RootfsError, RootfsSpec};
+
+fn example(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/stimuli")
+        .join(name)
+}
+
+fn run(cmd: &mut Command) -> String {
+    let output = cmd.output().expect("tool runs");
+    assert!(output.status.success(), "{cmd:?}: {output:?}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// `debugfs -R 'ls -l DIR'` on the ext4 inside a qcow2.
+fn ls_in_image(qcow2: &Path, dir: &str, scratch: &Path) -> String {
+    let raw = scratch.join("look.raw");
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(qcow2)
+        .arg(&raw));
+    run(Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("ls -l {dir}"))
+        .arg(&raw))
+}
+
+#[test]
+fn hello_image_is_complete_cached_and_reproducible() {
+    let cache = tempfile::tempdir().unwrap();
+    let spec = RootfsSpec::new(example("hello.c"));
+    let first = build(&spec, cache.path()).unwrap();
+    assert!(!first.cached);
+    assert!(first.path.starts_with(cache.path().join("rootfs")));
+    assert!(first.stimulus_binary.is_file());
+
+    let listing = ls_in_image(&first.path, "/", cache.path());
+    for name in [
+        "init", "stimulus", "bin", "sbin", "etc", "tmp", "proc", "sys", "dev", "root",
+    ] {
+        assert!(
+            listing.split_whitespace().any(|word| word == name),
+            "/{name} missing from the image:\n{listing}"
+        );
+    }
+    let bin = ls_in_image(&first.path, "/bin", cache.path());
+    assert!(bin.contains("busybox") && bin.contains(" sh"), "{bin}");
+    // Owned by root, whoever built it: `ls -l` shows "mode (links) uid gid".
+    let init_line = listing
+        .lines()
+        .find(|l| l.ends_with(" init"))
+        .unwrap()
+        .to_string();
+    let fields: Vec<_> = init_line.split_whitespace().collect();
+    assert_eq!(&fields[3..5], ["0", "0"], "{init_line}");
+
+    let again = build(&spec, cache.path()).unwrap();
+    assert!(again.cached);
+    assert_eq!(again.path, first.path);
+
+    // The same inputs in a fresh cache give the same bytes.
+    let other_cache = tempfile::tempdir().unwrap();
+    let rebuilt = build(&spec, other_cache.path()).unwrap();
+    assert!(!rebuilt.cached);
+    assert_eq!(rebuilt.key, first.key);
+    assert!(
+        std::fs::read(&rebuilt.path).unwrap() == std::fs::read(&first.path).unwrap(),
+        "rebuilding the same inputs changed the image"
+    );
+}
+
+#[test]
+fn compile_errors_show_gccs_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("broken.c");
+    std::fs::write(&bad, "int main(void) { return undeclared_thing; }\n").unwrap();
+    let err = build(&RootfsSpec::new(&bad), dir.path()).unwrap_err();
+    assert!(matches!(err, RootfsError::CompileFailed { .. }), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("broken.c"), "{text}");
+    assert!(text.contains("undeclared_thing"), "{text}");
+}
+
+#[test]
+fn missing_and_non_c_stimuli_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.c");
+    let err = build(&RootfsSpec::new(&missing), dir.path()).unwrap_err();
+    assert!(
+        matches!(err, RootfsError::StimulusUnreadable { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("nope.c"));
+
+    let text = dir.path().join("prog.txt");
+    std::fs::write(&text, "int main(){}").unwrap();
+    let err = build(&RootfsSpec::new(&text), dir.path()).unwrap_err();
+    assert!(matches!(err, RootfsError::StimulusNotC { .. }), "{err}");
+}
+
+#[test]
+fn m32_needs_multilib_or_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = RootfsSpec {
+        m32: true,
+        ..RootfsSpec::new(example("exit3.c"))
+    };
+    match build(&spec, dir.path()) {
+        Ok(image) => assert!(image.path.is_file()),
+        Err(err @ RootfsError::MultilibMissing { .. }) => {
+            assert!(err.to_string().contains("apt-get install gcc-multilib"))
+        }
+        Err(err) => panic!("unexpected error: {err}"),
+    }
+}

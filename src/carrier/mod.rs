@@ -1,0 +1,383 @@
+//! The carrier: a QEMU-TCG VM with an emulated AMD-V CPU, where KVM has hardware semantics.
+//!
+//! On a host whose `/dev/kvm` is software-only, rrr reruns itself in here. The carrier boots a
+//! small kernel whose root filesystem is the host's own root (9p, read-only), so the very same
+//! binaries run inside; the current directory, the cache and any extra shares are mounted
+//! writable at their host paths. A generated init script runs the command and reports its exit
+//! status on the console; QEMU ends when init does.
+
+mod qemu;
+mod script;
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::OnceLock;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+use script::Share;
+
+/// Set inside the carrier, so rrr there runs its VMM directly instead of nesting carriers.
+pub const IN_CARRIER_ENV: &str = "RRR_IN_CARRIER";
+
+/// True when this process runs inside a carrier.
+pub fn inside_carrier() -> bool {
+    std::env::var_os(IN_CARRIER_ENV).is_some_and(|v| v == "1")
+}
+
+/// The carrier VM's size and the host directories it may write.
+#[derive(Debug, Clone)]
+pub struct CarrierOptions {
+    pub mem_mb: u32,
+    pub cpus: u32,
+    /// Extra host directories shared writable at the same path (the current directory and the
+    /// cache always are).
+    pub shares: Vec<PathBuf>,
+}
+
+impl Default for CarrierOptions {
+    fn default() -> Self {
+        CarrierOptions {
+            mem_mb: 2048,
+            cpus: 2,
+            shares: Vec::new(),
+        }
+    }
+}
+
+/// Reruns this rrr, with the same arguments, inside the carrier; returns its exit status.
+pub fn reexec_in_carrier(opts: &CarrierOptions) -> Result<i32> {
+    eprintln!(
+        "rrr: this host's KVM is software-only; running inside the carrier (QEMU with AMD-V)"
+    );
+    // The carrier's root is this host's root, so this path is valid in there too.
+    let exe = std::fs::read_link("/proc/self/exe").context("cannot find the rrr executable")?;
+    let mut cmd = vec![exe.into_os_string()];
+    cmd.extend(std::env::args_os().skip(1));
+    run_in_carrier(&cmd, opts)
+}
+
+/// Runs `cmd` inside the carrier with this process's environment and working directory, its
+/// stdout and stderr copied to ours; returns its exit status (128+signal if it was killed).
+pub fn run_in_carrier(cmd: &[OsString], opts: &CarrierOptions) -> Result<i32> {
+    if cmd.is_empty() {
+        bail!("no command given to run in the carrier");
+    }
+    if inside_carrier() {
+        bail!("already inside the carrier ({IN_CARRIER_ENV}=1): carriers do not nest");
+    }
+    which_qemu()?;
+    let kernel = crate::commands::kernel::ensure_carrier_kernel()?;
+    let cache = crate::cache::cache_dir()?;
+    let run = RunDir::create(&cache)?;
+    let result = run_with(cmd, opts, &kernel.bz_image(), &cache, &run);
+    match &result {
+        Ok(_) => run.remove(),
+        Err(_) => tracing::info!(dir = %run.path.display(), "kept the failed carrier run"),
+    }
+    result
+}
+
+fn which_qemu() -> Result<()> {
+    match Command::new(qemu::QEMU).arg("--version").output() {
+        Ok(out) if out.status.success() => Ok(()),
+        _ => bail!(
+            "{} is not installed; the carrier needs it: run `sudo scripts/setup` \
+             (or `sudo apt-get install --no-install-recommends qemu-system-x86`)",
+            qemu::QEMU
+        ),
+    }
+}
+
+/// The per-run directory under the cache: init script, console log, FIFOs. Unique per run, so
+/// carriers can run side by side.
+struct RunDir {
+    path: PathBuf,
+    nonce: String,
+}
+
+impl RunDir {
+    fn create(cache: &Path) -> Result<Self> {
+        let nonce = rrr_kernels::store::unique_suffix();
+        let path = cache.join("carrier").join("runs").join(&nonce);
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        // The kernel command line is split at spaces: the init path must not contain any.
+        if path
+            .as_os_str()
+            .as_bytes()
+            .iter()
+            .any(u8::is_ascii_whitespace)
+        {
+            bail!(
+                "the cache directory {} contains whitespace, which the carrier's kernel command \
+                 line cannot carry; set RRR_CACHE_DIR to a path without spaces",
+                cache.display()
+            );
+        }
+        Ok(RunDir { path, nonce })
+    }
+
+    fn remove(&self) {
+        if let Err(err) = std::fs::remove_dir_all(&self.path) {
+            tracing::warn!("cannot remove {}: {err}", self.path.display());
+        }
+    }
+}
+
+fn run_with(
+    cmd: &[OsString],
+    opts: &CarrierOptions,
+    bz_image: &Path,
+    cache: &Path,
+    run: &RunDir,
+) -> Result<i32> {
+    let cwd = std::env::current_dir().context("cannot read the current directory")?;
+    let shares = shares(&cwd, cache, &opts.shares)?;
+    let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(name, _)| name != IN_CARRIER_ENV)
+        .collect();
+    env.push((IN_CARRIER_ENV.into(), "1".into()));
+
+    let init = run.path.join("init.sh");
+    let script = script::Script {
+        nonce: &run.nonce,
+        shares: &shares,
+        cwd: &cwd,
+        env: &env,
+        cmd,
+    };
+    write_executable(&init, &script.render())?;
+    let console_log = run.path.join("console.log");
+    let stdout_fifo = run.path.join("stdout.fifo");
+    let stderr_fifo = run.path.join("stderr.fifo");
+    mkfifo(&stdout_fifo)?;
+    mkfifo(&stderr_fifo)?;
+
+    let launch = qemu::Launch {
+        bz_image,
+        mem_mb: opts.mem_mb,
+        cpus: opts.cpus.max(1),
+        init: &init,
+        console_log: &console_log,
+        stdout_fifo: &stdout_fifo,
+        stderr_fifo: &stderr_fifo,
+        shares: &shares,
+    };
+    let started = Instant::now();
+    let out_pump = pump(stdout_fifo.clone(), std::io::stdout());
+    let err_pump = pump(stderr_fifo.clone(), std::io::stderr());
+    tracing::debug!(args = ?launch.args(), "starting the carrier");
+    let mut child = Command::new(qemu::QEMU)
+        .args(launch.args())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {}", qemu::QEMU))?;
+    let _guard = interrupt::register(child.id() as i32);
+    let mut qemu_stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = pipe.read_to_string(&mut qemu_stderr);
+    }
+    let status = child.wait().context("cannot wait for QEMU")?;
+    tracing::info!(seconds = started.elapsed().as_secs_f64(), %status, "carrier ended");
+    // If QEMU died before opening a FIFO, its reader still waits in open(): release it.
+    for fifo in [&stdout_fifo, &stderr_fifo] {
+        release_reader(fifo);
+    }
+    let _ = out_pump.join();
+    let _ = err_pump.join();
+
+    if interrupt::interrupted() {
+        eprintln!("rrr: interrupted; the carrier was stopped");
+        return Ok(130);
+    }
+    let console = std::fs::read_to_string(&console_log).unwrap_or_default();
+    if let Some(code) = script::exit_status(&console, &run.nonce) {
+        return Ok(code);
+    }
+    let why = if let Some(what) = script::setup_error(&console, &run.nonce) {
+        format!("setting up the carrier failed: {what}")
+    } else if !status.success() {
+        format!("QEMU failed ({status}): {}", qemu_stderr.trim())
+    } else {
+        "the carrier stopped without reporting the command's exit status (kernel panic?)".into()
+    };
+    bail!(
+        "{why}\nlast lines of the carrier console ({}):\n{}",
+        console_log.display(),
+        tail(&console, 25)
+    )
+}
+
+/// The writable shares: the working directory, the cache and the caller's, canonical and
+/// deduplicated, parents first so a child share is mounted on top of its parent.
+fn shares(cwd: &Path, cache: &Path, extra: &[PathBuf]) -> Result<Vec<Share>> {
+    let mut paths = Vec::new();
+    for path in [cwd, cache]
+        .into_iter()
+        .chain(extra.iter().map(PathBuf::as_path))
+    {
+        let canonical = std::fs::canonicalize(path)
+            .with_context(|| format!("cannot share {} with the carrier", path.display()))?;
+        if !canonical.is_dir() {
+            bail!(
+                "cannot share {} with the carrier: not a directory",
+                path.display()
+            );
+        }
+        if canonical == Path::new("/") {
+            bail!("cannot share / writable with the carrier; run from a subdirectory");
+        }
+        if !paths.contains(&canonical) {
+            paths.push(canonical);
+        }
+    }
+    paths.sort_by_key(|p| p.components().count());
+    Ok(paths
+        .into_iter()
+        .enumerate()
+        .map(|(i, path)| Share {
+            path,
+            tag: format!("rrr{i}"),
+        })
+        .collect())
+}
+
+fn write_executable(path: &Path, contents: &[u8]) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, contents).with_context(|| format!("cannot write {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("cannot make {} executable", path.display()))
+}
+
+fn mkfifo(path: &Path) -> Result<()> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .with_context(|| format!("bad path {}", path.display()))?;
+    // SAFETY: a valid NUL-terminated path.
+    if unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) } != 0 {
+        let err = std::io::Error::last_os_error();
+        bail!("cannot create the FIFO {}: {err}", path.display());
+    }
+    Ok(())
+}
+
+/// Copies everything written to the FIFO to `sink` until QEMU closes it.
+fn pump(fifo: PathBuf, mut sink: impl Write + Send + 'static) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut file = match std::fs::File::open(&fifo) {
+            Ok(f) => f,
+            Err(err) => {
+                tracing::warn!("cannot open {}: {err}", fifo.display());
+                return;
+            }
+        };
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if sink
+                        .write_all(&buf[..n])
+                        .and_then(|()| sink.flush())
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+    })
+}
+
+/// Opens the FIFO for writing without blocking and closes it: a reader still blocked in open()
+/// returns and then sees end of file. Without a waiting reader this fails, which is fine.
+fn release_reader(fifo: &Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(fifo);
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().map(|l| l.trim_end_matches('\r')).collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Ctrl-C while a carrier runs: stop QEMU (the run's cleanup then happens as usual).
+mod interrupt {
+    use super::*;
+
+    static QEMU_PID: AtomicI32 = AtomicI32::new(0);
+    static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+    static HANDLER: OnceLock<()> = OnceLock::new();
+
+    pub struct Registered;
+
+    impl Drop for Registered {
+        fn drop(&mut self) {
+            QEMU_PID.store(0, Ordering::SeqCst);
+        }
+    }
+
+    pub fn register(pid: i32) -> Registered {
+        HANDLER.get_or_init(|| {
+            let installed = ctrlc::set_handler(|| {
+                INTERRUPTED.store(true, Ordering::SeqCst);
+                let pid = QEMU_PID.load(Ordering::SeqCst);
+                if pid > 0 {
+                    // SAFETY: signalling our own child process.
+                    unsafe { libc::kill(pid, libc::SIGTERM) };
+                }
+            });
+            if let Err(err) = installed {
+                tracing::debug!("Ctrl-C handler not installed: {err}");
+            }
+        });
+        QEMU_PID.store(pid, Ordering::SeqCst);
+        Registered
+    }
+
+    pub fn interrupted() -> bool {
+        INTERRUPTED.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_are_canonical_unique_and_parents_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let child = dir.path().join("a/b");
+        std::fs::create_dir_all(&child).unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        let got = shares(&child, dir.path(), &[root.join("a/b/../b")]).unwrap();
+        let paths: Vec<&Path> = got.iter().map(|s| s.path.as_path()).collect();
+        assert_eq!(paths, [root.as_path(), root.join("a/b").as_path()]);
+        assert_eq!(got[0].tag, "rrr0");
+        assert_eq!(got[1].tag, "rrr1");
+    }
+
+    #[test]
+    fn a_missing_share_is_an_error_naming_it() {
+        let err = shares(Path::new("/"), Path::new("/nonexistent-x"), &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("/nonexistent-x"), "{err:#}");
+    }
+
+    #[test]
+    fn tail_keeps_the_last_lines_without_carriage_returns() {
+        assert_eq!(tail("a\r\nb\r\nc\r\n", 2), "b\nc");
+    }
+}

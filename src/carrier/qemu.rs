@@ -1,0 +1,163 @@
+//! The QEMU command line of a carrier: TCG with an emulated AMD-V CPU, the host root over 9p
+//! (read-only), writable 9p shares, the console to a log file and the command's output over
+//! virtio-serial ports to host FIFOs (virtio ports are not ttys: bytes arrive unchanged).
+
+use std::ffi::OsString;
+use std::path::Path;
+
+use super::script::{Share, NINEP_OPTS, STDERR_PORT, STDOUT_PORT};
+
+pub const QEMU: &str = "qemu-system-x86_64";
+/// Mount tag of the read-only host root.
+const ROOT_TAG: &str = "hostroot";
+
+pub struct Launch<'a> {
+    pub bz_image: &'a Path,
+    pub mem_mb: u32,
+    pub cpus: u32,
+    pub init: &'a Path,
+    pub console_log: &'a Path,
+    pub stdout_fifo: &'a Path,
+    pub stderr_fifo: &'a Path,
+    pub shares: &'a [Share],
+}
+
+impl Launch<'_> {
+    pub fn args(&self) -> Vec<OsString> {
+        let mut args: Vec<OsString> = Vec::new();
+        let mut push = |a: &str| args.push(OsString::from(a));
+        // One host thread per vCPU only helps with more than one vCPU.
+        push("-accel");
+        push(if self.cpus > 1 {
+            "tcg,thread=multi"
+        } else {
+            "tcg"
+        });
+        // EPYC is an AMD model, so Linux picks kvm_amd; +svm is what makes KVM work inside.
+        push("-cpu");
+        push("EPYC,+svm");
+        push("-smp");
+        push(&self.cpus.to_string());
+        push("-m");
+        push(&self.mem_mb.to_string());
+        for a in [
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ] {
+            push(a);
+        }
+        push("-monitor");
+        push("none");
+        push("-chardev");
+        push(&format!(
+            "file,id=console,path={}",
+            opt_path(self.console_log)
+        ));
+        push("-serial");
+        push("chardev:console");
+        push("-kernel");
+        push(&self.bz_image.to_string_lossy());
+        push("-append");
+        push(&self.cmdline());
+        push("-virtfs");
+        push(&format!(
+            "local,path=/,mount_tag={ROOT_TAG},security_model=none,readonly=on,multidevs=remap"
+        ));
+        for share in self.shares {
+            push("-virtfs");
+            push(&format!(
+                "local,path={},mount_tag={},security_model=none,multidevs=remap",
+                opt_path(&share.path),
+                share.tag
+            ));
+        }
+        push("-device");
+        push("virtio-serial-pci,id=ports");
+        for (nr, (id, name, fifo)) in [
+            ("out", STDOUT_PORT, self.stdout_fifo),
+            ("err", STDERR_PORT, self.stderr_fifo),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            push("-chardev");
+            push(&format!("file,id={id},path={}", opt_path(fifo)));
+            push("-device");
+            push(&format!(
+                "virtserialport,bus=ports.0,nr={},chardev={id},name={name}",
+                nr + 1
+            ));
+        }
+        args
+    }
+
+    /// The kernel command line. `panic=-1` plus QEMU's `-no-reboot` make any end of init (a
+    /// clean exit or a crash) end QEMU; the root is the host's, read-only, with its page cache
+    /// kept (`cache=loose`): it does not change under a run, and re-reading every executable
+    /// page over 9p is the slowest part of starting programs.
+    pub fn cmdline(&self) -> String {
+        format!(
+            "console=ttyS0 panic=-1 quiet root={ROOT_TAG} rootfstype=9p \
+             rootflags={NINEP_OPTS},cache=loose ro init={}",
+            self.init.display()
+        )
+    }
+}
+
+/// QEMU splits option values at commas; a literal comma is written twice.
+fn opt_path(path: &Path) -> String {
+    path.to_string_lossy().replace(',', ",,")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn launch<'a>(shares: &'a [Share], cpus: u32) -> Launch<'a> {
+        Launch {
+            bz_image: Path::new("/k/bzImage"),
+            mem_mb: 2048,
+            cpus,
+            init: Path::new("/c/run/init.sh"),
+            console_log: Path::new("/c/run/console.log"),
+            stdout_fifo: Path::new("/c/run/out,1"),
+            stderr_fifo: Path::new("/c/run/err"),
+            shares,
+        }
+    }
+
+    fn joined(l: &Launch) -> String {
+        l.args()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn command_line_has_svm_root_share_ports_and_escaped_commas() {
+        let shares = [Share {
+            path: "/work/a,b".into(),
+            tag: "rrr0".into(),
+        }];
+        let text = joined(&launch(&shares, 1));
+        assert!(text.contains("-cpu EPYC,+svm"));
+        assert!(text.contains("-accel tcg "));
+        assert!(text.contains("path=/,mount_tag=hostroot,security_model=none,readonly=on"));
+        assert!(text.contains("local,path=/work/a,,b,mount_tag=rrr0,security_model=none,"));
+        assert!(!text.contains("rrr0,security_model=none,readonly"));
+        assert!(text.contains("file,id=out,path=/c/run/out,,1"));
+        assert!(text.contains("nr=1,chardev=out,name=rrr.stdout"));
+        assert!(text.contains("nr=2,chardev=err,name=rrr.stderr"));
+        assert!(text.contains("-no-reboot"));
+        assert!(text.contains("panic=-1") && text.contains("init=/c/run/init.sh"));
+    }
+
+    #[test]
+    fn several_cpus_get_several_host_threads() {
+        assert!(joined(&launch(&[], 2)).contains("-accel tcg,thread=multi -cpu EPYC,+svm -smp 2"));
+    }
+}
