@@ -26,9 +26,9 @@ pub fn compile_stimulus(build: &StimulusBuild, work: &Path, out: &Path) -> Resul
     let source = build
         .source
         .canonicalize()
-        .map_err(|source| RootfsError::StimulusUnreadable {
+        .map_err(|error| RootfsError::StimulusUnreadable {
             path: build.source.to_path_buf(),
-            source,
+            error,
         })?;
     let (dir, name) = split(&source)?;
     if build.m32 {

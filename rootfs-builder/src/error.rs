@@ -4,10 +4,12 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RootfsError {
-    #[error("cannot read the stimulus {path}: {source}")]
+    // The I/O errors are part of the message, not a `source`: anyhow's `{:#}` would print the
+    // reason twice.
+    #[error("cannot read the stimulus {path}: {error}")]
     StimulusUnreadable {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 
     #[error("the stimulus {path} is not a C source file (expected a name ending in .c)")]
@@ -50,17 +52,14 @@ pub enum RootfsError {
     #[error("`qemu-img check` found problems in {path}:\n{report}")]
     ImageCheckFailed { path: PathBuf, report: String },
 
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
+    #[error("{what}: {error}")]
+    Io { what: String, error: std::io::Error },
 }
 
 impl RootfsError {
     /// An I/O error with a sentence saying what was being done.
     pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
         let what = what.into();
-        move |source| RootfsError::Io { what, source }
+        move |error| RootfsError::Io { what, error }
     }
 }

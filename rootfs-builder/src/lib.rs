@@ -57,9 +57,9 @@ pub struct RootfsImage {
 /// Builds (or finds in the cache) the image for `spec` under `cache_dir/rootfs/`.
 pub fn build(spec: &RootfsSpec, cache_dir: &Path) -> Result<RootfsImage, RootfsError> {
     let source =
-        std::fs::read(&spec.stimulus).map_err(|source| RootfsError::StimulusUnreadable {
+        std::fs::read(&spec.stimulus).map_err(|error| RootfsError::StimulusUnreadable {
             path: spec.stimulus.clone(),
-            source,
+            error,
         })?;
     let stimulus_name = spec
         .stimulus

@@ -45,7 +45,7 @@ impl Tool {
             },
             _ => RootfsError::Io {
                 what: format!("cannot run `{}`", describe(cmd)),
-                source: err,
+                error: err,
             },
         })
     }

@@ -159,7 +159,7 @@ fn set_fixed_times(path: &Path) -> Result<(), RootfsError> {
     if rc != 0 {
         return Err(RootfsError::Io {
             what: format!("cannot set the times of {}", path.display()),
-            source: std::io::Error::last_os_error(),
+            error: std::io::Error::last_os_error(),
         });
     }
     Ok(())

@@ -177,6 +177,9 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             Ok(match outcome.end {
                 RunEnd::PowerOff | RunEnd::Reboot => 0,
                 RunEnd::HostTimeout | RunEnd::VirtualTimeout => {
+                    if let Some(cpu) = &outcome.stopped_at {
+                        eprintln!("rrr: the vCPU was stopped at:\n{cpu}");
+                    }
                     eprintln!(
                         "rrr: error: the guest did not power off before the time limit; raise --timeout or look at the console above"
                     );

@@ -74,6 +74,8 @@ pub struct RunOutcome {
     pub host_elapsed: Duration,
     pub description: VmDescription,
     pub control_events: Vec<(VirtualTime, ControlEvent)>,
+    /// Where the vCPU was when a time limit ended the run (to show what it was stuck on).
+    pub stopped_at: Option<CpuSnapshot>,
 }
 
 /// Why the guest could not continue.
@@ -214,6 +216,9 @@ pub fn run(vmm: &mut Vmm, input: Option<InputReceiver>) -> Result<RunOutcome, Ru
     let vmm = runner.vmm;
     match end {
         Ok(end) => Ok(RunOutcome {
+            stopped_at: matches!(end, RunEnd::HostTimeout | RunEnd::VirtualTimeout)
+                .then(|| vmm.vcpu.snapshot(&vmm.mem).ok())
+                .flatten(),
             end,
             stats,
             host_elapsed: started.elapsed(),

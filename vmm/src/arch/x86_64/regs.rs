@@ -151,7 +151,9 @@ pub fn setup_sregs(mem: &GuestMemoryMmap, vcpu: &VcpuFd) -> Result<(), RegsError
 
     sregs.cr3 = write_page_tables(mem)?;
     sregs.cr4 |= X86_CR4_PAE;
-    sregs.cr0 |= X86_CR0_PE | X86_CR0_PG | X86_CR0_ET | X86_CR0_NE;
+    // Set CR0 whole rather than OR-ing into the reset value: that one has CD and NW set, and
+    // with caches disabled a nested-paging guest (the carrier) barely runs.
+    sregs.cr0 = X86_CR0_PE | X86_CR0_PG | X86_CR0_ET | X86_CR0_NE;
     sregs.efer |= EFER_LME | EFER_LMA;
     vcpu.set_sregs(&sregs).map_err(|source| RegsError::Ioctl {
         ioctl: "SET_SREGS",
