@@ -32,6 +32,8 @@
 #define ALL_ONES 0xffffffffu
 
 static int have_port;
+/* Whether an rrr VMM answered on the control port. */
+static int have_vmm;
 
 static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void say(const char *fmt, ...)
@@ -105,7 +107,8 @@ static void setup_console(void)
 {
 	int devtmpfs_errno = 0;
 	mkdir("/dev", 0755);
-	if (mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755") < 0)
+	/* EBUSY: the kernel mounted it already (CONFIG_DEVTMPFS_MOUNT). */
+	if (mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755") < 0 && errno != EBUSY)
 		devtmpfs_errno = errno;
 	int fd = open("/dev/console", O_RDWR | O_NOCTTY);
 	if (fd >= 0) {
@@ -133,8 +136,10 @@ static uint32_t wait_for_go(void)
 			    RRR_CONTROL_PORT);
 			return 0;
 		}
-		if ((word >> 24) == RRR_GO)
+		if ((word >> 24) == RRR_GO) {
+			have_vmm = 1;
 			return word & RRR_ARG_MASK;
+		}
 		if (tries == 1000)
 			say("still waiting for GO (port reads %#x)", word);
 	}
@@ -244,12 +249,20 @@ static void supervise(pid_t stimulus, uint32_t limit)
 	}
 }
 
+/* Under rrr the VMM ends the run at POWER_OFF. Without it, a machine with no ACPI (QEMU microvm)
+ * cannot power off and the kernel would halt forever; a restart instead ends QEMU when it runs
+ * with -no-reboot, and the kernel's last-resort restart (a triple fault) works on any machine. */
 static void power_off(void)
 {
 	send(RRR_CMD_POWER_OFF, 0);
-	say("powering off");
 	sync();
-	reboot(RB_POWER_OFF);
+	if (have_vmm) {
+		say("powering off");
+		reboot(RB_POWER_OFF);
+	} else {
+		say("restarting (without rrr, so QEMU -no-reboot exits)");
+		reboot(RB_AUTOBOOT);
+	}
 	/* PID 1 must never exit: that panics the kernel. */
 	say("power off failed: %s", strerror(errno));
 	for (;;)

@@ -142,34 +142,48 @@ pub fn kconfig_dependencies(source: &Path, names: &[&str]) -> BTreeMap<String, V
     found
 }
 
-/// Collects `depends on` lines of `config NAME` blocks in one Kconfig file.
+/// Collects the dependencies of `config NAME` blocks in one Kconfig file: the enclosing
+/// `if EXPR` blocks of that file, then the block's own `depends on` lines.
 fn scan_kconfig(text: &str, names: &[&str], found: &mut BTreeMap<String, Vec<String>>) {
     let mut current: Option<String> = None;
+    let mut ifs: Vec<String> = Vec::new();
     for line in text.lines() {
         let trimmed = line.trim();
-        let keyword = trimmed.split_whitespace().next().unwrap_or("");
+        let mut words = trimmed.splitn(2, char::is_whitespace);
+        let keyword = words.next().unwrap_or("");
+        let rest = words.next().unwrap_or("").trim();
         match keyword {
             "config" | "menuconfig" => {
-                let name = trimmed.split_whitespace().nth(1).unwrap_or("");
-                current = names.contains(&name).then(|| name.to_owned());
+                current = names.contains(&rest).then(|| rest.to_owned());
                 if let Some(name) = &current {
-                    found.entry(name.clone()).or_default();
+                    let list = found.entry(name.clone()).or_default();
+                    for cond in &ifs {
+                        push_unique(list, cond);
+                    }
                 }
             }
-            "choice" | "endchoice" | "menu" | "endmenu" | "if" | "endif" | "source" | "comment" => {
-                current = None
+            "if" => {
+                ifs.push(rest.to_owned());
+                current = None;
             }
+            "endif" => {
+                ifs.pop();
+                current = None;
+            }
+            "choice" | "endchoice" | "menu" | "endmenu" | "source" | "comment" => current = None,
             "depends" => {
-                if let (Some(name), Some(expr)) = (&current, trimmed.strip_prefix("depends on")) {
-                    let list = found.entry(name.clone()).or_default();
-                    let expr = expr.trim().to_owned();
-                    if !list.contains(&expr) {
-                        list.push(expr);
-                    }
+                if let (Some(name), Some(expr)) = (&current, rest.strip_prefix("on")) {
+                    push_unique(found.entry(name.clone()).or_default(), expr.trim());
                 }
             }
             _ => {}
         }
+    }
+}
+
+fn push_unique(list: &mut Vec<String>, expr: &str) {
+    if !list.iter().any(|e| e == expr) {
+        list.push(expr.to_owned());
     }
 }
 
@@ -233,12 +247,18 @@ CONFIG_CMDLINE=\"console=ttyS0\"
         std::fs::write(
             dir.path().join("arch/x86/Kconfig"),
             "config PVH\n\tbool \"PVH\"\n\tdepends on X86_64 || X86_32\n\tdepends on PARAVIRT\n\n\
+             if BLK_DEV\nconfig VIRTIO_BLK\n\ttristate\n\tdepends on VIRTIO\nendif\n\
              config OTHER\n\tbool\n\tdepends on FOO\n",
         )
         .unwrap();
         let dropped = [
             Dropped {
                 name: "PVH".into(),
+                wanted: Value::Set("y".into()),
+                got: Value::NotSet,
+            },
+            Dropped {
+                name: "VIRTIO_BLK".into(),
                 wanted: Value::Set("y".into()),
                 got: Value::NotSet,
             },

@@ -40,7 +40,7 @@ pub fn size_mib(content_bytes: u64) -> u64 {
 }
 
 /// Makes an ext4 image of `tree` at `raw`. `paths` (relative, from the tree walk) get owner
-/// root:root, whoever runs the build.
+/// root:root, whoever runs the build, and the fixed timestamps.
 pub fn make_ext4(
     tree: &Path,
     paths: &[PathBuf],
@@ -63,18 +63,31 @@ pub fn make_ext4(
         .arg(raw)
         .arg(format!("{size_mib}M"));
     MKE2FS.run(&mut mke2fs)?;
-    chown_root(paths, raw, work, &conf)
+    normalize_inodes(paths, raw, work, &conf)
 }
 
-/// mke2fs -d copies owners from the tree, which belong to the building user unless that is root.
-/// Setting them with debugfs gives the same bytes either way (a no-op write when already 0).
-fn chown_root(paths: &[PathBuf], raw: &Path, work: &Path, conf: &Path) -> Result<(), RootfsError> {
+/// mke2fs -d copies owners and ctimes from the tree: owners belong to the building user unless
+/// that is root, and a ctime cannot be set on the host, it is the moment the file was written.
+/// debugfs sets both, so equal inputs give equal bytes whoever builds them and whenever.
+fn normalize_inodes(
+    paths: &[PathBuf],
+    raw: &Path,
+    work: &Path,
+    conf: &Path,
+) -> Result<(), RootfsError> {
     let mut script = String::new();
-    for path in paths {
+    let root = PathBuf::new();
+    for path in std::iter::once(&root).chain(paths) {
         let path = path.display();
-        script.push_str(&format!("sif \"/{path}\" uid 0\nsif \"/{path}\" gid 0\n"));
+        for (field, value) in [
+            ("uid", "0".to_string()),
+            ("gid", "0".to_string()),
+            ("ctime", format!("@{FIXED_EPOCH}")),
+        ] {
+            script.push_str(&format!("sif \"/{path}\" {field} {value}\n"));
+        }
     }
-    let script_path = work.join("chown.debugfs");
+    let script_path = work.join("normalize.debugfs");
     std::fs::write(&script_path, script).map_err(RootfsError::io("cannot write debugfs script"))?;
     let mut debugfs = e2fs_command(DEBUGFS.command(), conf);
     debugfs.arg("-w").arg("-f").arg(&script_path).arg(raw);

@@ -63,7 +63,9 @@ fn hello_image_is_complete_cached_and_reproducible() {
     assert!(again.cached);
     assert_eq!(again.path, first.path);
 
-    // The same inputs in a fresh cache give the same bytes.
+    // The same inputs in a fresh cache give the same bytes, also a second later (timestamps
+    // from the clock would show up here).
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     let other_cache = tempfile::tempdir().unwrap();
     let rebuilt = build(&spec, other_cache.path()).unwrap();
     assert!(!rebuilt.cached);

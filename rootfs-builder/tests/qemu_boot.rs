@@ -72,7 +72,7 @@ fn agent_runs_the_stimulus_and_powers_off_under_plain_qemu() {
         for line in [
             "rrr-agent: no rrr VMM on port 0x790",
             expected,
-            "rrr-agent: powering off",
+            "rrr-agent: restarting (without rrr",
         ] {
             assert!(
                 console.contains(line),
