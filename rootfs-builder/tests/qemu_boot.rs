@@ -1,5 +1,6 @@
 //! The image boots under plain QEMU (TCG, no rrr VMM): the agent mounts, finds no VMM on the
-//! control port, runs /stimulus and powers off. Needs a guest kernel with virtio-mmio and ext4:
+//! control port, runs /stimulus and restarts the machine (microvm has no ACPI power-off).
+//! Needs a guest kernel with virtio-mmio and ext4:
 //! `RRR_TEST_VMLINUX=/path/to/vmlinux cargo test -p rrr-rootfs --test qemu_boot -- --ignored`.
 
 use std::path::{Path, PathBuf};
@@ -12,7 +13,7 @@ fn example(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// Boots `image` and returns the console output. `-no-reboot` and the agent's power-off end QEMU;
+/// Boots `image` and returns the console output. `-no-reboot` and the agent's restart end QEMU;
 /// the timeout is a safety net.
 fn boot(vmlinux: &Path, image: &Path) -> String {
     let output = Command::new("timeout")
@@ -48,8 +49,8 @@ fn boot(vmlinux: &Path, image: &Path) -> String {
 }
 
 #[test]
-#[ignore = "needs RRR_TEST_VMLINUX (a guest kernel) and about 10 s of QEMU TCG per image"]
-fn agent_runs_the_stimulus_and_powers_off_under_plain_qemu() {
+#[ignore = "needs RRR_TEST_VMLINUX (a guest kernel) and about 5 s of QEMU TCG per image"]
+fn agent_runs_the_stimulus_and_ends_the_machine_under_plain_qemu() {
     let vmlinux = PathBuf::from(
         std::env::var_os("RRR_TEST_VMLINUX").expect("set RRR_TEST_VMLINUX to a guest vmlinux"),
     );
