@@ -92,7 +92,7 @@ cd "
             .as_bytes(),
         );
         s.extend_from_slice(&quote(self.cwd.as_os_str()));
-        s.extend_from_slice(b" || fail cannot enter the working directory\nenv -i");
+        s.extend_from_slice(b" || fail cannot enter the working directory\nenv -i --");
         for (name, value) in self.env {
             let mut pair = name.clone();
             pair.push("=");
@@ -100,7 +100,6 @@ cd "
             s.push(b' ');
             s.extend_from_slice(&quote(&pair));
         }
-        s.extend_from_slice(b" --");
         for arg in self.cmd {
             s.push(b' ');
             s.extend_from_slice(&quote(arg));

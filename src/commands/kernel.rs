@@ -41,7 +41,14 @@ pub fn run(cmd: KernelCommand) -> Result<i32> {
                     Flavor::Guest
                 },
             };
-            let kernel = ensure(&spec)?;
+            let (kernel, cached) = ensure_reporting(&spec)?;
+            if cached {
+                eprintln!(
+                    "rrr: {} kernel: cached at {}",
+                    spec.flavor.name(),
+                    kernel.dir.display()
+                );
+            }
             println!("{}", kernel.dir.display());
             Ok(0)
         }
@@ -60,13 +67,18 @@ pub fn ensure_carrier_kernel() -> Result<KernelBuild> {
 
 /// Finds `spec` in the cache or builds it with a spinner on stderr.
 pub fn ensure(spec: &KernelSpec) -> Result<KernelBuild> {
+    ensure_reporting(spec).map(|(kernel, _)| kernel)
+}
+
+/// [`ensure`], also saying whether the kernel came from the cache.
+fn ensure_reporting(spec: &KernelSpec) -> Result<(KernelBuild, bool)> {
     let cache = crate::cache::cache_dir()?;
     let what = format!("{} kernel", spec.flavor.name());
     if let Some(hit) = rrr_kernels::cached(spec, &cache)
         .with_context(|| format!("cannot look up the {what} in the cache"))?
     {
-        eprintln!("rrr: {what}: cached at {}", hit.dir.display());
-        return Ok(hit);
+        tracing::info!("{what}: cached at {}", hit.dir.display());
+        return Ok((hit, true));
     }
     let bar = crate::progress::spinner(format!("{what}: starting"));
     let started = std::time::Instant::now();
@@ -80,5 +92,5 @@ pub fn ensure(spec: &KernelSpec) -> Result<KernelBuild> {
         started.elapsed(),
         kernel.dir.display()
     );
-    Ok(kernel)
+    Ok((kernel, false))
 }

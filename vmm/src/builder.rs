@@ -18,6 +18,7 @@ use crate::config::VmConfig;
 use crate::description::VmDescription;
 use crate::devices::control::ControlPort;
 use crate::devices::legacy::cmos::{self, Cmos};
+use crate::devices::legacy::debug_port::{self, DebugPort};
 use crate::devices::legacy::i8042::{self, I8042};
 use crate::devices::legacy::pic::{self, PicPair};
 use crate::devices::legacy::pit::{self, Pit};
@@ -186,13 +187,19 @@ pub fn attach_legacy_devices(
     insert(pio, pic::PIC_SLAVE_BASE, pic::PIC_PORT_LEN, pic.clone())?;
     insert(pio, pic::ELCR_BASE, pic::ELCR_PORT_LEN, pic)?;
     let pit: SharedDevice = devices.pit.clone();
-    insert(pio, pit::PIT_BASE, 4, pit.clone())?;
-    insert(pio, pit::PORT_B, 1, pit)?;
-    insert(pio, serial::COM1_BASE, 8, devices.serial.clone())?;
-    insert(pio, cmos::CMOS_BASE, 2, devices.cmos.clone())?;
+    insert(pio, pit::PIT_BASE, pit::PIT_PORT_LEN, pit.clone())?;
+    insert(pio, pit::PORT_B, pit::PORT_B_LEN, pit)?;
+    insert(pio, serial::COM1_BASE, serial::SERIAL_PORT_LEN, devices.serial.clone())?;
+    insert(pio, cmos::CMOS_BASE, cmos::CMOS_PORT_LEN, devices.cmos.clone())?;
+    insert(
+        pio,
+        debug_port::DEBUG_PORT,
+        debug_port::DEBUG_PORT_LEN,
+        Arc::new(Mutex::new(DebugPort::new())),
+    )?;
     let i8042: SharedDevice = devices.i8042.clone();
-    insert(pio, i8042::I8042_DATA, 1, i8042.clone())?;
-    insert(pio, i8042::I8042_COMMAND, 1, i8042)?;
+    insert(pio, i8042::I8042_DATA, i8042::I8042_PORT_LEN, i8042.clone())?;
+    insert(pio, i8042::I8042_COMMAND, i8042::I8042_PORT_LEN, i8042)?;
     insert(
         pio,
         u64::from(rrr_guest::protocol::CONTROL_PORT),

@@ -8,7 +8,7 @@
 //! Building a VM is [`builder::build_vm`]; running it is [`run_loop::run`].
 
 pub mod arch;
-//TMP pub mod builder;
+pub mod builder;
 pub mod bus;
 pub mod clock;
 pub mod config;
@@ -16,6 +16,6 @@ pub mod description;
 pub mod devices;
 pub mod host;
 pub mod irq;
-//TMP pub mod run_loop;
+pub mod run_loop;
 pub mod vstate;
 pub mod watchdog;
