@@ -232,6 +232,23 @@ impl Guest {
             .create_vcpu(0)
             .map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
 
+        // A host kernel that failed to calibrate its TSC (seen in the carrier under load: "tsc:
+        // Marking TSC unstable due to could not calculate TSC khz") gives vCPUs a 0 kHz TSC, and
+        // KVM_RUN then spins in kvm_guest_time_update() forever, deaf even to SIGKILL. Refuse
+        // rather than hang; the carrier avoids it with `tsc_early_khz=`.
+        match vcpu.get_tsc_khz() {
+            Ok(0) => {
+                return Err(
+                    "KVM_GET_TSC_KHZ is 0: the host kernel has no TSC frequency, so \
+                            KVM_RUN would hang (boot it with tsc_early_khz=<host kHz>)"
+                        .into(),
+                )
+            }
+            Ok(_) => {}
+            // A KVM without the ioctl tells us nothing either way.
+            Err(e) => eprintln!("note: KVM_GET_TSC_KHZ failed ({e}); TSC not checked"),
+        }
+
         // Hardware KVM refuses EFER.LME unless the guest CPUID advertises long mode.
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -632,7 +649,8 @@ fn report_software_semantics(kind: &KvmKind) {
 
 /// Re-runs this test binary's in-carrier test inside `rrr carrier run` and checks its verdict.
 fn assert_semantics_in_carrier() {
-    const TIMEOUT: Duration = Duration::from_secs(600);
+    // A run takes ~10 s; the limit only turns a hung carrier into a failure.
+    const TIMEOUT: Duration = Duration::from_secs(300);
     let exe = std::env::current_exe().expect("current_exe");
     let mut child = Command::new(env!("CARGO_BIN_EXE_rrr"))
         .args(["carrier", "run", "--"])

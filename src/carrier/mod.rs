@@ -372,7 +372,8 @@ mod tests {
 
     #[test]
     fn a_missing_share_is_an_error_naming_it() {
-        let err = shares(Path::new("/"), Path::new("/nonexistent-x"), &[]).unwrap_err();
+        let dir = tempfile::tempdir().unwrap();
+        let err = shares(dir.path(), Path::new("/nonexistent-x"), &[]).unwrap_err();
         assert!(format!("{err:#}").contains("/nonexistent-x"), "{err:#}");
     }
 

@@ -8,6 +8,8 @@ use std::path::Path;
 use super::script::{Share, NINEP_OPTS, STDERR_PORT, STDOUT_PORT};
 
 pub const QEMU: &str = "qemu-system-x86_64";
+/// Extra carrier kernel parameters, appended to the command line (debugging aid).
+pub const EXTRA_CMDLINE_ENV: &str = "RRR_CARRIER_CMDLINE";
 /// Mount tag of the read-only host root.
 const ROOT_TAG: &str = "hostroot";
 
@@ -99,12 +101,43 @@ impl Launch<'_> {
     /// kept (`cache=loose`): it does not change under a run, and re-reading every executable
     /// page over 9p is the slowest part of starting programs.
     pub fn cmdline(&self) -> String {
-        format!(
+        let mut cmdline = format!(
             "console=ttyS0 panic=-1 quiet root={ROOT_TAG} rootfstype=9p \
              rootflags={NINEP_OPTS},cache=loose ro init={}",
             self.init.display()
-        )
+        );
+        // Under TCG the carrier's TSC runs at the host's rate, but its boot-time calibration
+        // against the emulated PIT often fails on a loaded host; Linux then sets tsc_khz to 0
+        // and KVM loops forever on KVM_REQ_CLOCK_UPDATE, so no nested guest ever runs an
+        // instruction. Telling it the rate skips that calibration.
+        if let Some(khz) = host_tsc_khz() {
+            cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+        // For experiments and debugging: extra kernel parameters for the carrier.
+        if let Ok(extra) = std::env::var(EXTRA_CMDLINE_ENV) {
+            cmdline.push(' ');
+            cmdline.push_str(&extra);
+        }
+        cmdline
     }
+}
+
+/// The host's TSC rate in kHz, measured against the monotonic clock over 20 ms.
+fn host_tsc_khz() -> Option<u64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let start = std::time::Instant::now();
+        // SAFETY: RDTSC has no preconditions on x86-64.
+        let t0 = unsafe { core::arch::x86_64::_rdtsc() };
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        // SAFETY: as above.
+        let t1 = unsafe { core::arch::x86_64::_rdtsc() };
+        let nanos = start.elapsed().as_nanos() as u64;
+        let khz = t1.checked_sub(t0)?.checked_mul(1_000_000)? / nanos.max(1);
+        (khz > 0).then_some(khz)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
 }
 
 /// QEMU splits option values at commas; a literal comma is written twice.
