@@ -62,7 +62,7 @@ impl Write for Console {
 }
 
 /// The vmlinux to boot: the path itself, or `vmlinux` inside a directory.
-fn resolve_kernel(path: &Path) -> anyhow::Result<PathBuf> {
+pub(crate) fn resolve_kernel(path: &Path) -> anyhow::Result<PathBuf> {
     if path.is_dir() {
         let vmlinux = path.join("vmlinux");
         if !vmlinux.is_file() {
@@ -119,7 +119,10 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let kernel = resolve_kernel(&args.kernel)?;
     if let Some(initrd) = &args.initrd {
         if !initrd.is_file() {
-            bail!("initrd {} does not exist or is not a file", initrd.display());
+            bail!(
+                "initrd {} does not exist or is not a file",
+                initrd.display()
+            );
         }
     }
     let kind = KvmKind::detect();
@@ -139,13 +142,17 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     config.cmdline = args.cmdline.clone();
     config.append = args.append.iter().cloned().collect();
     if let Some(s) = args.timeout {
-        config.timeouts.push(Timeout::Host(seconds("--timeout", s)?));
+        config
+            .timeouts
+            .push(Timeout::Host(seconds("--timeout", s)?));
     }
     if let Some(s) = args.virtual_timeout {
         let d = seconds("--virtual-timeout", s)?;
-        config.timeouts.push(Timeout::Virtual(
-            rrr_vmm::clock::VirtualTime::from_nanos(d.as_nanos().min(u64::MAX as u128) as u64),
-        ));
+        config
+            .timeouts
+            .push(Timeout::Virtual(rrr_vmm::clock::VirtualTime::from_nanos(
+                d.as_nanos().min(u64::MAX as u128) as u64,
+            )));
     }
 
     let mut vmm = builder::build_vm(config, Box::new(Console(std::io::stdout())), Vec::new())

@@ -1,8 +1,383 @@
-//! `rrr run` (not yet written).
+//! `rrr run PROG.c`: the default (or given) kernel, a rootfs with the stimulus, a boot, GO, and a
+//! verdict: how the stimulus ended and whether the kernel crashed.
+//!
+//! Builds happen on the host (they are slow under emulation); where the host KVM is
+//! software-only, only the VM itself moves into the carrier, handed the built kernel and image.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rrr_guest::protocol::Command as AgentCommand;
+use rrr_vmm::builder::{self, MmioDeviceFactory};
+use rrr_vmm::bus::SharedDevice;
+use rrr_vmm::config::{Timeout, VmConfig};
+use rrr_vmm::crash::{CrashDetector, CrashReport};
+use rrr_vmm::devices::control::ControlEvent;
+use rrr_vmm::devices::virtio::block::Block;
+use rrr_vmm::devices::virtio::disk::open_qcow2_overlay;
+use rrr_vmm::devices::virtio::mmio::MmioTransport;
+use rrr_vmm::host::KvmKind;
+use rrr_vmm::run_loop::{self, RunEnd, RunError, RunOutcome};
+use serde::{Deserialize, Serialize};
+
+/// Host time allowed for the boot and the agent's setup, on top of the stimulus' time limit. A
+/// boot inside the carrier takes tens of seconds; on hardware KVM, about one.
+const BOOT_ALLOWANCE_SECS: u64 = 240;
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// The stimulus: a C program (a syzkaller reproducer, or any program).
+    pub stimulus: PathBuf,
+    /// A kernel build directory (as printed by `rrr kernel build`) or a vmlinux; default: rrr's
+    /// default kernel, built and cached on first use.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Seconds the stimulus may run before the agent kills it.
+    #[arg(long, default_value_t = 30)]
+    pub time_limit: u32,
+    /// Host seconds after which the whole VM is stopped (default: the time limit plus a boot
+    /// allowance). Catches a guest that stops making progress the agent can see.
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub mem: u64,
+    /// Build the stimulus as a 32-bit program.
+    #[arg(long)]
+    pub m32: bool,
+    /// Run on this host's /dev/kvm even if it is software-only (no carrier).
+    #[arg(long)]
+    pub direct: bool,
+    /// Do not stream the guest console (it is still saved in the run directory).
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Where to keep the console and the summary (default: a new directory under the cache).
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// A root filesystem image already built for this stimulus (used when rrr moves itself into
+    /// the carrier; `rrr rootfs build` makes one).
+    #[arg(long, hide = true)]
+    pub rootfs: Option<PathBuf>,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<i32> {
-    anyhow::bail!("`rrr run` is not implemented yet")
+/// How the stimulus ended, as the guest agent reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum StimulusEnd {
+    Exited { status: u32 },
+    Signaled { signal: u32 },
+    TimedOut { limit_secs: u32 },
+    SpawnFailed { errno: u32 },
+    /// Started, but the VM ended (a crash, a host timeout) before the agent could report.
+    Unfinished,
+    /// The agent never started it (the guest died during boot or setup).
+    NeverStarted,
+}
+
+impl std::fmt::Display for StimulusEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StimulusEnd::Exited { status } => write!(f, "exited with status {status}"),
+            StimulusEnd::Signaled { signal } => write!(f, "was killed by signal {signal}"),
+            StimulusEnd::TimedOut { limit_secs } => {
+                write!(f, "ran past its time limit of {limit_secs} s and was killed")
+            }
+            StimulusEnd::SpawnFailed { errno } => {
+                write!(f, "could not be started (errno {errno})")
+            }
+            StimulusEnd::Unfinished => write!(f, "did not finish: the VM stopped first"),
+            StimulusEnd::NeverStarted => write!(f, "never started: the guest stopped before"),
+        }
+    }
+}
+
+/// What `rrr run` found; also written as `summary.json` in the run directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub stimulus: PathBuf,
+    pub kernel: PathBuf,
+    pub rootfs: PathBuf,
+    pub stimulus_end: StimulusEnd,
+    /// The syzbot-style title of the first kernel report on the console, if any.
+    pub crash_title: Option<String>,
+    /// How the VM ended: powered off, rebooted, timed out, or a fault.
+    pub vm_end: String,
+    pub exits: u64,
+    pub virtual_time_ns: u64,
+    pub host_secs: f64,
+    pub console: PathBuf,
+}
+
+pub fn run(args: Args) -> Result<i32> {
+    let started = Instant::now();
+    if !args.stimulus.is_file() {
+        bail!(
+            "stimulus {} does not exist or is not a file; pass a C source file",
+            args.stimulus.display()
+        );
+    }
+    let kernel = match &args.kernel {
+        Some(path) => super::boot::resolve_kernel(path)?,
+        None => super::kernel::ensure_default_kernel()?.vmlinux(),
+    };
+    let rootfs = match &args.rootfs {
+        Some(image) => image.clone(),
+        None => super::rootfs::ensure_rootfs(&args.stimulus, args.m32)?,
+    };
+    let run_dir = match &args.run_dir {
+        Some(dir) => dir.clone(),
+        None => new_run_dir(&args.stimulus)?,
+    };
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("cannot create the run directory {}", run_dir.display()))?;
+
+    let kind = KvmKind::detect();
+    if !kind.is_hardware() && !args.direct && !crate::carrier::inside_carrier() {
+        eprintln!("rrr: this host's KVM is {kind}; running the VM inside the carrier");
+        let code = run_inside_carrier(&args, &kernel, &rootfs, &run_dir)?;
+        eprintln!(
+            "rrr: total wall time {:.1} s (builds, carrier and VM)",
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(code);
+    }
+    let summary = run_vm(&args, &kernel, &rootfs, &run_dir)?;
+    print_summary(&summary);
+    Ok(0)
+}
+
+/// Reruns this command in the carrier with everything already built, so nothing is compiled
+/// under emulation.
+fn run_inside_carrier(args: &Args, kernel: &Path, rootfs: &Path, run_dir: &Path) -> Result<i32> {
+    let exe = std::env::current_exe().context("cannot find the rrr executable")?;
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+    let mut cmd: Vec<std::ffi::OsString> = vec![
+        exe.into(),
+        "run".into(),
+        absolute(&args.stimulus).into(),
+        "--kernel".into(),
+        absolute(kernel).into(),
+        "--rootfs".into(),
+        absolute(rootfs).into(),
+        "--run-dir".into(),
+        absolute(run_dir).into(),
+        "--time-limit".into(),
+        args.time_limit.to_string().into(),
+        "--mem".into(),
+        args.mem.to_string().into(),
+    ];
+    if let Some(timeout) = args.timeout {
+        cmd.extend(["--timeout".into(), timeout.to_string().into()]);
+    }
+    if args.quiet {
+        cmd.push("--quiet".into());
+    }
+    let mut opts = crate::carrier::CarrierOptions::default();
+    for path in [kernel, rootfs, run_dir] {
+        if let Some(dir) = path.parent() {
+            opts.shares.push(absolute(dir));
+        }
+    }
+    opts.shares.sort();
+    opts.shares.dedup();
+    crate::carrier::run_in_carrier(&cmd, &opts)
+}
+
+fn new_run_dir(stimulus: &Path) -> Result<PathBuf> {
+    let stem = stimulus
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "stimulus".into());
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    Ok(crate::cache::cache_dir()?
+        .join("runs")
+        .join(format!("{stem}-{stamp}-{}", std::process::id())))
+}
+
+/// The console goes to the terminal (unless quiet), to `console.log`, and to the crash detector.
+struct ConsoleTee {
+    terminal: Option<std::io::Stdout>,
+    log: File,
+    detector: Arc<Mutex<CrashDetector>>,
+}
+
+impl Write for ConsoleTee {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some(out) = &self.terminal {
+            let mut out = out.lock();
+            out.write_all(buf)?;
+            out.flush()?;
+        }
+        self.log.write_all(buf)?;
+        rrr_vmm::bus::lock(&self.detector).feed(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.log.flush()
+    }
+}
+
+fn block_device(rootfs: &Path) -> Result<MmioDeviceFactory> {
+    let disk = open_qcow2_overlay(rootfs)
+        .with_context(|| format!("cannot open the root filesystem image {}", rootfs.display()))?;
+    Ok(Box::new(move |slot, mem| -> SharedDevice {
+        Arc::new(Mutex::new(MmioTransport::new(
+            Box::new(Block::new(disk)),
+            mem.clone(),
+            slot.irq,
+        )))
+    }))
+}
+
+fn run_vm(args: &Args, kernel: &Path, rootfs: &Path, run_dir: &Path) -> Result<RunSummary> {
+    let console_path = run_dir.join("console.log");
+    let detector = Arc::new(Mutex::new(CrashDetector::new()));
+    let console = ConsoleTee {
+        terminal: (!args.quiet).then(std::io::stdout),
+        log: File::create(&console_path)
+            .with_context(|| format!("cannot create {}", console_path.display()))?,
+        detector: detector.clone(),
+    };
+
+    let mut config = VmConfig::new(kernel);
+    config.mem_mib = args.mem;
+    config.stimulus_time_limit_secs = args.time_limit;
+    config.append = ["root=/dev/vda", "rw", "rootfstype=ext4", "init=/init"]
+        .map(String::from)
+        .to_vec();
+    let host_limit = args
+        .timeout
+        .unwrap_or(u64::from(args.time_limit) + BOOT_ALLOWANCE_SECS);
+    config
+        .timeouts
+        .push(Timeout::Host(Duration::from_secs(host_limit)));
+
+    let mut vmm = builder::build_vm(config, Box::new(console), vec![block_device(rootfs)?])
+        .context("cannot build the VM")?;
+    let result = run_loop::run(&mut vmm, None);
+    let _ = std::io::stdout().flush();
+    let crash = rrr_vmm::bus::lock(&detector).report();
+
+    let (vm_end, stats, host_secs, events) = match result {
+        Ok(RunOutcome {
+            end,
+            stats,
+            host_elapsed,
+            control_events,
+            ..
+        }) => {
+            let end = match end {
+                RunEnd::HostTimeout => format!(
+                    "stopped after {host_limit} s of host time: the guest made no progress the agent could report (a stimulus spinning without system calls, or a hung kernel)"
+                ),
+                other => other.to_string(),
+            };
+            (end, stats, host_elapsed.as_secs_f64(), control_events)
+        }
+        Err(RunError::Fault(fault)) => {
+            eprintln!("rrr: {fault}");
+            (format!("fault: {}", fault.kind), fault.stats, 0.0, Vec::new())
+        }
+        Err(other) => return Err(other).context("the VM stopped with an error"),
+    };
+
+    let summary = RunSummary {
+        stimulus: args.stimulus.clone(),
+        kernel: kernel.to_owned(),
+        rootfs: rootfs.to_owned(),
+        stimulus_end: stimulus_end(&events, args.time_limit),
+        crash_title: crash.as_ref().map(|c: &CrashReport| c.title.clone()),
+        vm_end,
+        exits: stats.exits,
+        virtual_time_ns: stats.virtual_time.as_nanos(),
+        host_secs,
+        console: console_path,
+    };
+    if let Some(report) = &crash {
+        std::fs::write(run_dir.join("crash.txt"), &report.text)
+            .context("cannot save the crash report")?;
+    }
+    let json = serde_json::to_string_pretty(&summary)?;
+    std::fs::write(run_dir.join("summary.json"), json + "\n")
+        .context("cannot save the run summary")?;
+    Ok(summary)
+}
+
+/// The agent's last word about the stimulus.
+fn stimulus_end(events: &[(rrr_vmm::clock::VirtualTime, ControlEvent)], limit: u32) -> StimulusEnd {
+    let mut end = StimulusEnd::NeverStarted;
+    for (_, ControlEvent::Message(message)) in events {
+        end = match message.command {
+            AgentCommand::Started => StimulusEnd::Unfinished,
+            AgentCommand::Exited => StimulusEnd::Exited {
+                status: message.argument,
+            },
+            AgentCommand::Signaled => StimulusEnd::Signaled {
+                signal: message.argument,
+            },
+            AgentCommand::TimedOut => StimulusEnd::TimedOut { limit_secs: limit },
+            AgentCommand::SpawnFailed => StimulusEnd::SpawnFailed {
+                errno: message.argument,
+            },
+            _ => continue,
+        };
+    }
+    end
+}
+
+fn print_summary(summary: &RunSummary) {
+    println!();
+    println!("rrr: stimulus {}", summary.stimulus_end);
+    match &summary.crash_title {
+        Some(title) => println!("rrr: kernel crashed: {title}"),
+        None => println!("rrr: kernel: no crash report on the console"),
+    }
+    println!(
+        "rrr: VM {} after {} exits, {:.3} s virtual, {:.1} s host",
+        summary.vm_end,
+        summary.exits,
+        summary.virtual_time_ns as f64 / 1e9,
+        summary.host_secs
+    );
+    println!("rrr: console saved to {}", summary.console.display());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rrr_guest::protocol::Message;
+    use rrr_vmm::clock::VirtualTime;
+
+    fn event(command: AgentCommand, argument: u32) -> (VirtualTime, ControlEvent) {
+        (
+            VirtualTime::ZERO,
+            ControlEvent::Message(Message { command, argument }),
+        )
+    }
+
+    #[test]
+    fn the_agents_last_word_decides() {
+        assert_eq!(stimulus_end(&[], 5), StimulusEnd::NeverStarted);
+        let started = event(AgentCommand::Started, 42);
+        assert_eq!(
+            stimulus_end(&[event(AgentCommand::Ready, 0), started.clone()], 5),
+            StimulusEnd::Unfinished
+        );
+        assert_eq!(
+            stimulus_end(&[started.clone(), event(AgentCommand::Exited, 3)], 5),
+            StimulusEnd::Exited { status: 3 }
+        );
+        assert_eq!(
+            stimulus_end(&[started, event(AgentCommand::TimedOut, 0)], 5),
+            StimulusEnd::TimedOut { limit_secs: 5 }
+        );
+    }
 }

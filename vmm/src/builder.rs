@@ -180,7 +180,9 @@ pub fn attach_legacy_devices(
         serial: Arc::new(Mutex::new(Serial::new(console))),
         cmos: Arc::new(Mutex::new(Cmos::new(config.epoch_unix_secs))),
         i8042: Arc::new(Mutex::new(I8042::new())),
-        control: Arc::new(Mutex::new(ControlPort::new(config.stimulus_time_limit_secs))),
+        control: Arc::new(Mutex::new(ControlPort::new(
+            config.stimulus_time_limit_secs,
+        ))),
     };
     let pic: SharedDevice = devices.pic.clone();
     insert(pio, pic::PIC_MASTER_BASE, pic::PIC_PORT_LEN, pic.clone())?;
@@ -189,8 +191,18 @@ pub fn attach_legacy_devices(
     let pit: SharedDevice = devices.pit.clone();
     insert(pio, pit::PIT_BASE, pit::PIT_PORT_LEN, pit.clone())?;
     insert(pio, pit::PORT_B, pit::PORT_B_LEN, pit)?;
-    insert(pio, serial::COM1_BASE, serial::SERIAL_PORT_LEN, devices.serial.clone())?;
-    insert(pio, cmos::CMOS_BASE, cmos::CMOS_PORT_LEN, devices.cmos.clone())?;
+    insert(
+        pio,
+        serial::COM1_BASE,
+        serial::SERIAL_PORT_LEN,
+        devices.serial.clone(),
+    )?;
+    insert(
+        pio,
+        cmos::CMOS_BASE,
+        cmos::CMOS_PORT_LEN,
+        devices.cmos.clone(),
+    )?;
     insert(
         pio,
         debug_port::DEBUG_PORT,

@@ -81,12 +81,20 @@ pub struct RunOutcome {
 /// Why the guest could not continue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FaultKind {
-    InternalError { suberror: u32, data: Vec<u64> },
-    FailEntry { reason: u64, cpu: u32 },
+    InternalError {
+        suberror: u32,
+        data: Vec<u64>,
+    },
+    FailEntry {
+        reason: u64,
+        cpu: u32,
+    },
     /// `KVM_EXIT_SHUTDOWN` with no reset requested: a triple fault.
     TripleFault,
     /// HLT with interrupts enabled and no timer, interrupt or input that could ever wake it.
-    HaltedForever { reason: &'static str },
+    HaltedForever {
+        reason: &'static str,
+    },
     UnexpectedExit(String),
 }
 
@@ -98,19 +106,29 @@ impl fmt::Display for FaultKind {
                     kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => {
                         "KVM could not emulate an instruction"
                     }
-                    kvm_bindings::KVM_INTERNAL_ERROR_SIMUL_EX => "exception while delivering an exception",
+                    kvm_bindings::KVM_INTERNAL_ERROR_SIMUL_EX => {
+                        "exception while delivering an exception"
+                    }
                     kvm_bindings::KVM_INTERNAL_ERROR_DELIVERY_EV => "event delivery failed",
-                    kvm_bindings::KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON => "unexpected hardware exit",
+                    kvm_bindings::KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON => {
+                        "unexpected hardware exit"
+                    }
                     _ => "unknown suberror",
                 };
-                write!(f, "KVM_EXIT_INTERNAL_ERROR, suberror {suberror} ({what}), data {data:x?}")
+                write!(
+                    f,
+                    "KVM_EXIT_INTERNAL_ERROR, suberror {suberror} ({what}), data {data:x?}"
+                )
             }
             FaultKind::FailEntry { reason, cpu } => write!(
                 f,
                 "KVM_EXIT_FAIL_ENTRY, hardware entry failure reason {reason:#x} on host cpu {cpu}"
             ),
             FaultKind::TripleFault => {
-                write!(f, "KVM_EXIT_SHUTDOWN without a reset request (triple fault)")
+                write!(
+                    f,
+                    "KVM_EXIT_SHUTDOWN without a reset request (triple fault)"
+                )
             }
             FaultKind::HaltedForever { reason } => {
                 write!(f, "the guest halted with interrupts enabled and {reason}")
@@ -154,7 +172,11 @@ pub enum RunError {
     #[error("KVM_RUN failed: {0}")]
     KvmRun(kvm_ioctls::Error),
     #[error("the KVM run page reports a port-I/O buffer ({offset:#x}+{len:#x}) outside its {size:#x} bytes")]
-    BadIoBuffer { offset: u64, len: usize, size: usize },
+    BadIoBuffer {
+        offset: u64,
+        len: usize,
+        size: usize,
+    },
     #[error("starting the host-time watchdog failed: {0}")]
     Watchdog(std::io::Error),
 }
@@ -324,7 +346,9 @@ impl Runner<'_> {
             Ok(VcpuExit::Hlt) => Step::Halt,
             Ok(VcpuExit::Shutdown) => Step::Shutdown,
             Ok(VcpuExit::InternalError) => Step::InternalError,
-            Ok(VcpuExit::FailEntry(reason, cpu)) => Step::Fault(FaultKind::FailEntry { reason, cpu }),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                Step::Fault(FaultKind::FailEntry { reason, cpu })
+            }
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 kvm_bindings::KVM_SYSTEM_EVENT_RESET => Step::Reset,
                 kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Step::PowerOff,
@@ -349,7 +373,7 @@ impl Runner<'_> {
         let offset = io.data_offset;
         if offset
             .checked_add(len as u64)
-            .is_none_or(|end| end > run_size as u64)
+            .map_or(true, |end| end > run_size as u64)
         {
             return Err(RunError::BadIoBuffer {
                 offset,
@@ -435,7 +459,10 @@ impl Runner<'_> {
         if lock(&self.vmm.devices.i8042).take_reset_request() {
             return Ok(Some(RunEnd::Reboot));
         }
-        if self.virtual_limit.is_some_and(|limit| self.clock.now() >= limit) {
+        if self
+            .virtual_limit
+            .is_some_and(|limit| self.clock.now() >= limit)
+        {
             return Ok(Some(RunEnd::VirtualTimeout));
         }
         self.advance_timers();
@@ -488,7 +515,8 @@ impl Runner<'_> {
             match deadline {
                 Some(deadline) if jumps < MAX_IDLE_JUMPS => {
                     if self.virtual_limit.is_some_and(|limit| deadline >= limit) {
-                        self.clock.advance_to(self.virtual_limit.unwrap_or(deadline));
+                        self.clock
+                            .advance_to(self.virtual_limit.unwrap_or(deadline));
                         return Ok(Some(RunEnd::VirtualTimeout));
                     }
                     self.clock.advance_to(deadline);

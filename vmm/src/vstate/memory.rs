@@ -38,7 +38,10 @@ mod tests {
 
     #[test]
     fn sizes_are_checked() {
-        assert!(matches!(create_guest_memory(1 << 20), Err(MemoryError::TooSmall { asked: 1 })));
+        assert!(matches!(
+            create_guest_memory(1 << 20),
+            Err(MemoryError::TooSmall { asked: 1 })
+        ));
         let err = create_guest_memory(4 << 30).unwrap_err();
         assert!(err.to_string().contains("at most 3072 MiB"), "{err}");
         let mem = create_guest_memory(64 << 20).unwrap();

@@ -7,8 +7,8 @@ use kvm_bindings::{kvm_interrupt, CpuId};
 use kvm_ioctls::VcpuFd;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::ioctl::ioctl_with_ref;
-use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use vmm_sys_util::ioctl_iow_nr;
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use super::vm::Vm;
 use crate::arch::x86_64::fault::CpuSnapshot;
@@ -26,10 +26,7 @@ pub enum VcpuError {
     #[error("setting up the boot registers failed: {0}")]
     Regs(#[from] RegsError),
     #[error("KVM_INTERRUPT with vector {vector:#x} failed: {source}")]
-    Interrupt {
-        vector: u8,
-        source: std::io::Error,
-    },
+    Interrupt { vector: u8, source: std::io::Error },
     #[error("reading the vCPU registers failed: {0}")]
     GetRegs(kvm_ioctls::Error),
     #[error("installing the vCPU kick signal handler failed: {0}")]
@@ -62,7 +59,9 @@ impl Vcpu {
     /// Queues an external interrupt for the next entry (`KVM_INTERRUPT`; valid only because
     /// there is no in-kernel irqchip, and only when the run page said injection is possible).
     pub fn inject(&self, vector: u8) -> Result<(), VcpuError> {
-        let irq = kvm_interrupt { irq: u32::from(vector) };
+        let irq = kvm_interrupt {
+            irq: u32::from(vector),
+        };
         // SAFETY: KVM_INTERRUPT reads one `kvm_interrupt` from the pointer, which is valid for
         // the duration of the call; the fd is a vCPU fd.
         let ret = unsafe { ioctl_with_ref(&self.fd, KVM_INTERRUPT(), &irq) };

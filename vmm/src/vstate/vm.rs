@@ -19,7 +19,9 @@ pub enum VmError {
     Create(kvm_ioctls::Error),
     #[error("KVM_SET_TSS_ADDR failed: {0}")]
     TssAddress(kvm_ioctls::Error),
-    #[error("registering guest memory slot {slot} ({size:#x} bytes at {guest:#x}) failed: {source}")]
+    #[error(
+        "registering guest memory slot {slot} ({size:#x} bytes at {guest:#x}) failed: {source}"
+    )]
     SetMemory {
         slot: u32,
         guest: u64,

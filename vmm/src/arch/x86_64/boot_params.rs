@@ -6,8 +6,8 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::{
-    CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIGH_MEMORY_START, MMIO_HOLE_END,
-    MMIO_HOLE_START, PAGE_SIZE, ZERO_PAGE_START,
+    CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIGH_MEMORY_START, MMIO_HOLE_END, MMIO_HOLE_START,
+    PAGE_SIZE, ZERO_PAGE_START,
 };
 
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
@@ -118,7 +118,9 @@ pub fn load_initrd(
     let placement = place_initrd(path, size, kernel_end, ram_end)?;
     let bytes = std::fs::read(path).map_err(read_err)?;
     if bytes.len() as u64 != size {
-        return Err(read_err(std::io::Error::other("the file changed size while being read")));
+        return Err(read_err(std::io::Error::other(
+            "the file changed size while being read",
+        )));
     }
     mem.write_slice(&bytes, GuestAddress(placement.addr))
         .map_err(|source| BootParamsError::Write {
@@ -191,7 +193,14 @@ mod tests {
     #[test]
     fn e820_has_low_ram_high_ram_and_the_hole() {
         let map = e820_map(256 << 20);
-        assert_eq!(map[0], E820Entry { addr: 0, size: 0x9fc00, kind: E820_RAM });
+        assert_eq!(
+            map[0],
+            E820Entry {
+                addr: 0,
+                size: 0x9fc00,
+                kind: E820_RAM
+            }
+        );
         assert_eq!(map[1].addr, 1 << 20);
         assert_eq!(map[1].addr + map[1].size, 256 << 20);
         assert_eq!(map[2].kind, E820_RESERVED);
@@ -213,7 +222,10 @@ mod tests {
     fn zero_page_points_at_cmdline_and_initrd() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         write_cmdline(&mem, "console=ttyS0").unwrap();
-        let initrd = InitrdPlacement { addr: 0x3000_0000, size: 0x1234 };
+        let initrd = InitrdPlacement {
+            addr: 0x3000_0000,
+            size: 0x1234,
+        };
         write_boot_params(&mem, 13, Some(initrd), 1 << 30).unwrap();
         let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         assert_eq!({ params.hdr.cmd_line_ptr }, CMDLINE_START as u32);
@@ -222,7 +234,8 @@ mod tests {
         assert_eq!(params.e820_entries, 3);
         assert_eq!({ params.hdr.header }, KERNEL_HDR_MAGIC);
         let mut cmdline = [0u8; 14];
-        mem.read_slice(&mut cmdline, GuestAddress(CMDLINE_START)).unwrap();
+        mem.read_slice(&mut cmdline, GuestAddress(CMDLINE_START))
+            .unwrap();
         assert_eq!(&cmdline, b"console=ttyS0\0");
         assert!(write_cmdline(&mem, &"x".repeat(CMDLINE_MAX_SIZE)).is_err());
     }

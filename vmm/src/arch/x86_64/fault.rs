@@ -119,14 +119,17 @@ mod tests {
     #[test]
     fn reads_code_at_rip_and_formats_every_register() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        mem.write_slice(&[0xcc, 0x90, 0xf4], GuestAddress(0x8000)).unwrap();
+        mem.write_slice(&[0xcc, 0x90, 0xf4], GuestAddress(0x8000))
+            .unwrap();
         let regs = kvm_regs {
             rip: 0x8000,
             r15: 0x1515,
             ..Default::default()
         };
-        let mut sregs = kvm_sregs::default();
-        sregs.cr0 = 0x11;
+        let sregs = kvm_sregs {
+            cr0: 0x11,
+            ..Default::default()
+        };
         let snap = CpuSnapshot::capture(regs, &sregs, &mem);
         assert_eq!(&snap.code[..3], &[0xcc, 0x90, 0xf4]);
         assert_eq!(snap.code.len(), CODE_BYTES);

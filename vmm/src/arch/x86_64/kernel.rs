@@ -42,7 +42,11 @@ pub enum KernelError {
     #[error("{} has its entry point {entry:#x} outside every loadable segment, so it has no 64-bit entry rrr can jump to", path.display())]
     NoEntry { path: PathBuf, entry: u64 },
     #[error("{} does not fit in guest memory: it ends at {end:#x} but RAM ends at {ram_end:#x}; give the VM more memory", path.display())]
-    TooBig { path: PathBuf, end: u64, ram_end: u64 },
+    TooBig {
+        path: PathBuf,
+        end: u64,
+        ram_end: u64,
+    },
     #[error("loading {} into guest memory failed: {source}", path.display())]
     Load {
         path: PathBuf,
@@ -134,7 +138,11 @@ fn inspect(path: &Path, file: &mut File) -> Result<ElfInfo, KernelError> {
 }
 
 /// Loads the kernel ELF at the physical addresses it was linked for.
-pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path, ram_end: u64) -> Result<LoadedKernel, KernelError> {
+pub fn load_kernel(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    ram_end: u64,
+) -> Result<LoadedKernel, KernelError> {
     let mut file = File::open(path).map_err(|source| KernelError::Open {
         path: path.to_owned(),
         source,
@@ -163,11 +171,12 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path, ram_end: u64) -> Result<L
             ram_end,
         });
     }
-    let result = Elf::load(mem, None, &mut file, Some(GuestAddress(HIGH_MEMORY_START)))
-        .map_err(|source| KernelError::Load {
+    let result = Elf::load(mem, None, &mut file, Some(GuestAddress(HIGH_MEMORY_START))).map_err(
+        |source| KernelError::Load {
             path: path.to_owned(),
             source,
-        })?;
+        },
+    )?;
     Ok(LoadedKernel {
         entry: result.kernel_load.0,
         end: result.kernel_end.max(end),
@@ -216,7 +225,13 @@ mod tests {
 
     #[test]
     fn loads_segments_and_reports_entry() {
-        let f = file(&elf(ELFCLASS64, EM_X86_64, 0x20_0000, 0x20_0004, b"\x90\x90\x90\x90\xf4"));
+        let f = file(&elf(
+            ELFCLASS64,
+            EM_X86_64,
+            0x20_0000,
+            0x20_0004,
+            b"\x90\x90\x90\x90\xf4",
+        ));
         let m = mem();
         let k = load_kernel(&m, f.path(), 4 << 20).unwrap();
         assert_eq!(k.entry, 0x20_0004);
@@ -230,21 +245,39 @@ mod tests {
     fn refuses_wrong_files() {
         let m = mem();
         let not_elf = file(b"#!/bin/sh\necho hello\n");
-        assert!(matches!(load_kernel(&m, not_elf.path(), 4 << 20), Err(KernelError::NotElf { .. })));
+        assert!(matches!(
+            load_kernel(&m, not_elf.path(), 4 << 20),
+            Err(KernelError::NotElf { .. })
+        ));
         let mut bz = vec![0u8; 0x300];
         bz[0x202..0x206].copy_from_slice(b"HdrS");
         let bz = file(&bz);
-        assert!(matches!(load_kernel(&m, bz.path(), 4 << 20), Err(KernelError::BzImage { .. })));
+        assert!(matches!(
+            load_kernel(&m, bz.path(), 4 << 20),
+            Err(KernelError::BzImage { .. })
+        ));
         let arm = file(&elf(ELFCLASS64, 183, 0x20_0000, 0x20_0000, b"x"));
         let err = load_kernel(&m, arm.path(), 4 << 20).unwrap_err();
         assert!(err.to_string().contains("machine 183"), "{err}");
         let elf32 = file(&elf(1, EM_X86_64, 0x20_0000, 0x20_0000, b"x"));
-        assert!(matches!(load_kernel(&m, elf32.path(), 4 << 20), Err(KernelError::WrongArch { .. })));
+        assert!(matches!(
+            load_kernel(&m, elf32.path(), 4 << 20),
+            Err(KernelError::WrongArch { .. })
+        ));
         let no_entry = file(&elf(ELFCLASS64, EM_X86_64, 0x20_0000, 0x90_0000, b"x"));
-        assert!(matches!(load_kernel(&m, no_entry.path(), 4 << 20), Err(KernelError::NoEntry { .. })));
+        assert!(matches!(
+            load_kernel(&m, no_entry.path(), 4 << 20),
+            Err(KernelError::NoEntry { .. })
+        ));
         let big = file(&elf(ELFCLASS64, EM_X86_64, 0x3f_f000, 0x3f_f000, b"x"));
-        assert!(matches!(load_kernel(&m, big.path(), 4 << 20), Err(KernelError::TooBig { .. })));
+        assert!(matches!(
+            load_kernel(&m, big.path(), 4 << 20),
+            Err(KernelError::TooBig { .. })
+        ));
         let missing = Path::new("/nonexistent/vmlinux");
-        assert!(matches!(load_kernel(&m, missing, 4 << 20), Err(KernelError::Open { .. })));
+        assert!(matches!(
+            load_kernel(&m, missing, 4 << 20),
+            Err(KernelError::Open { .. })
+        ));
     }
 }

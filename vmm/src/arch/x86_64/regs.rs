@@ -25,7 +25,11 @@ pub enum RegsError {
         source: kvm_ioctls::Error,
     },
     #[error("KVM_SET_MSRS set {set} of {wanted} boot MSRs; the first refused is {first:#x}")]
-    Msrs { set: usize, wanted: usize, first: u32 },
+    Msrs {
+        set: usize,
+        wanted: usize,
+        first: u32,
+    },
     #[error("building the MSR list failed: {0:?}")]
     MsrList(vmm_sys_util::fam::Error),
 }
@@ -100,11 +104,7 @@ fn write<T: vm_memory::ByteValued>(
     value: T,
 ) -> Result<(), RegsError> {
     mem.write_obj(value, GuestAddress(addr))
-        .map_err(|source| RegsError::WriteMemory {
-            what,
-            addr,
-            source,
-        })
+        .map_err(|source| RegsError::WriteMemory { what, addr, source })
 }
 
 /// Writes identity-mapping page tables for the first [`IDENTITY_MAPPED_GIB`] GiB with 2 MiB
@@ -118,7 +118,12 @@ pub fn write_page_tables(mem: &GuestMemoryMmap) -> Result<u64, RegsError> {
         write(mem, "PDPT", PDPTE_START + gib * 8, pd | PRESENT_RW)?;
         for i in 0..512u64 {
             let phys = (gib << 30) | (i << 21);
-            write(mem, "page directory", pd + i * 8, phys | PRESENT_RW | PAGE_SIZE_2M)?;
+            write(
+                mem,
+                "page directory",
+                pd + i * 8,
+                phys | PRESENT_RW | PAGE_SIZE_2M,
+            )?;
         }
     }
     Ok(PML4_START)

@@ -24,7 +24,9 @@ pub enum WalkError {
     TableOutsideRam { gva: u64, level: u8, table: u64 },
     #[error("{gva:#x} maps to {gpa:#x}, outside guest RAM")]
     OutsideRam { gva: u64, gpa: u64 },
-    #[error("paging mode not supported by the reader (CR0 {cr0:#x}, CR4 {cr4:#x}, EFER {efer:#x})")]
+    #[error(
+        "paging mode not supported by the reader (CR0 {cr0:#x}, CR4 {cr4:#x}, EFER {efer:#x})"
+    )]
     UnsupportedMode { cr0: u64, cr4: u64, efer: u64 },
 }
 
@@ -150,12 +152,18 @@ mod tests {
     fn reports_why_a_walk_failed() {
         let m = mem();
         let mode = tables(&m);
-        assert!(matches!(mode.translate(&m, 0x1000), Err(WalkError::NotPresent { level: 4, .. })));
+        assert!(matches!(
+            mode.translate(&m, 0x1000),
+            Err(WalkError::NotPresent { level: 4, .. })
+        ));
         assert!(matches!(
             mode.translate(&m, 0x8000_0000_0000),
             Err(WalkError::NotCanonical { .. })
         ));
-        let wild = PagingMode { cr3: 0x7f_0000_0000, ..mode };
+        let wild = PagingMode {
+            cr3: 0x7f_0000_0000,
+            ..mode
+        };
         assert!(matches!(
             wild.translate(&m, 0xffff_ffff_8000_0000),
             Err(WalkError::TableOutsideRam { level: 4, .. })

@@ -1,0 +1,253 @@
+//! `rrr boot` end to end. The guest-running tests go through `rrr boot`, which moves itself into
+//! the carrier on a host whose KVM is software-only; they fail loudly if anything is missing.
+//! The bad-input tests need no guest.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const RRR: &str = env!("CARGO_BIN_EXE_rrr");
+
+fn rrr(args: &[&str]) -> Output {
+    Command::new(RRR)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("cannot run the rrr binary")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A minimal x86-64 ELF with one loadable segment, enough to get past the kernel checks.
+fn tiny_elf() -> Vec<u8> {
+    let paddr: u64 = 0x100_0000;
+    let mut b = vec![0u8; 64 + 56];
+    b[..4].copy_from_slice(b"\x7fELF");
+    b[4] = 2;
+    b[5] = 1;
+    b[6] = 1;
+    b[16..18].copy_from_slice(&2u16.to_le_bytes());
+    b[18..20].copy_from_slice(&62u16.to_le_bytes());
+    b[24..32].copy_from_slice(&paddr.to_le_bytes());
+    b[32..40].copy_from_slice(&64u64.to_le_bytes());
+    b[52..54].copy_from_slice(&64u16.to_le_bytes());
+    b[54..56].copy_from_slice(&56u16.to_le_bytes());
+    b[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let ph = &mut b[64..];
+    ph[0..4].copy_from_slice(&1u32.to_le_bytes());
+    ph[8..16].copy_from_slice(&120u64.to_le_bytes());
+    ph[16..24].copy_from_slice(&paddr.to_le_bytes());
+    ph[24..32].copy_from_slice(&paddr.to_le_bytes());
+    ph[32..40].copy_from_slice(&1u64.to_le_bytes());
+    ph[40..48].copy_from_slice(&0x1000u64.to_le_bytes());
+    b.push(0xf4);
+    b
+}
+
+#[test]
+fn refuses_a_missing_kernel() {
+    let out = rrr(&["boot", "--direct", "--kernel", "/nonexistent/vmlinux"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("/nonexistent/vmlinux") && err.contains("does not exist"),
+        "{err}"
+    );
+}
+
+#[test]
+fn refuses_a_kernel_that_is_not_elf() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("vmlinux");
+    std::fs::write(&kernel, b"#!/bin/sh\necho not a kernel\n").unwrap();
+    let out = rrr(&["boot", "--direct", "--kernel", kernel.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("not an ELF file") && err.contains("vmlinux"),
+        "{err}"
+    );
+}
+
+#[test]
+fn refuses_an_initrd_that_does_not_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("vmlinux");
+    std::fs::write(&kernel, tiny_elf()).unwrap();
+    let initrd = dir.path().join("initrd");
+    // Sparse: 100 MiB of initrd for a 64 MiB guest.
+    std::fs::File::create(&initrd)
+        .unwrap()
+        .set_len(100 << 20)
+        .unwrap();
+    let out = rrr(&[
+        "boot",
+        "--direct",
+        "--mem",
+        "64",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("initrd") && err.contains("--mem"),
+        "expected the initrd-too-big error, got: {err}"
+    );
+}
+
+/// The default guest kernel directory, from `rrr kernel build` (cached after the first build).
+fn default_kernel() -> PathBuf {
+    let out = rrr(&["kernel", "build"]);
+    assert!(
+        out.status.success(),
+        "`rrr kernel build` failed:\n{}",
+        text(&out.stderr)
+    );
+    let dir = text(&out.stdout)
+        .trim()
+        .lines()
+        .last()
+        .unwrap_or("")
+        .to_owned();
+    let dir = PathBuf::from(dir);
+    assert!(
+        dir.join("vmlinux").is_file(),
+        "no vmlinux in {}",
+        dir.display()
+    );
+    dir
+}
+
+/// An initramfs holding only the static test init.
+fn test_initramfs(dir: &Path) -> PathBuf {
+    let root = dir.join("root");
+    std::fs::create_dir_all(root.join("dev")).unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/test-init/init.c");
+    let cc = Command::new("gcc")
+        .args(["-O2", "-static", "-o"])
+        .arg(root.join("init"))
+        .arg(&src)
+        .output()
+        .expect("gcc is needed to build the test init");
+    assert!(cc.status.success(), "gcc failed:\n{}", text(&cc.stderr));
+    let cpio = dir.join("initramfs.cpio");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd '{}' && find . | cpio -o -H newc --quiet > '{}'",
+            root.display(),
+            cpio.display()
+        ))
+        .status()
+        .expect("cpio is needed to build the test initramfs");
+    assert!(status.success(), "cpio failed");
+    cpio
+}
+
+struct Boot {
+    console: String,
+    summary: String,
+}
+
+fn boot(kernel: &Path, initrd: &Path) -> Boot {
+    let out = rrr(&[
+        "boot",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--timeout",
+        "300",
+    ]);
+    let console = text(&out.stdout);
+    let err = text(&out.stderr);
+    assert!(
+        out.status.success(),
+        "rrr boot failed ({}):\n--- stderr\n{err}\n--- console tail\n{}",
+        out.status,
+        console
+            .lines()
+            .rev()
+            .take(30)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let summary = err
+        .lines()
+        .find(|l| l.contains("rrr: guest "))
+        .unwrap_or_else(|| panic!("no run summary on stderr:\n{err}"))
+        .to_owned();
+    Boot { console, summary }
+}
+
+/// "after N exits" from the summary line.
+fn exits(summary: &str) -> u64 {
+    summary
+        .split("after ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exit count in {summary:?}"))
+}
+
+/// The console without the printk timestamps (they come from the guest's jiffies clock but
+/// the kernel's TSC calibration, which reads the host TSC, shifts them).
+fn strip_timestamps(console: &str) -> Vec<String> {
+    console
+        .lines()
+        .map(
+            |l| match l.strip_prefix('[').and_then(|r| r.split_once("] ")) {
+                Some((_, rest)) => rest.to_owned(),
+                None => l.to_owned(),
+            },
+        )
+        .collect()
+}
+
+#[test]
+fn boots_to_init_in_pic_mode_with_jiffies_twice() {
+    let kernel = default_kernel();
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = test_initramfs(dir.path());
+
+    let first = boot(&kernel, &initrd);
+    for expected in [
+        "rrr-test: marker=RRR_INIT_STARTED",
+        "rrr-test: clocksource=jiffies",
+        "rrr-test: xt-pic=yes",
+        "rrr-test: marker=RRR_INIT_DONE",
+    ] {
+        assert!(
+            first.console.contains(expected),
+            "console lacks {expected:?}:\n{}",
+            first.console
+        );
+    }
+    assert!(
+        first.console.contains("APIC: Keep in PIC mode(8259)"),
+        "the kernel did not keep PIC mode"
+    );
+    assert!(first.summary.contains("powered off"), "{}", first.summary);
+
+    let second = boot(&kernel, &initrd);
+    assert!(second.console.contains("rrr-test: marker=RRR_INIT_DONE"));
+    let (a, b) = (exits(&first.summary), exits(&second.summary));
+    eprintln!("boot 1: {}\nboot 2: {}", first.summary, second.summary);
+    let lines_a = strip_timestamps(&first.console);
+    let lines_b = strip_timestamps(&second.console);
+    let differing: Vec<_> = lines_a
+        .iter()
+        .zip(&lines_b)
+        .filter(|(x, y)| x != y)
+        .take(10)
+        .collect();
+    eprintln!(
+        "exits {a} vs {b}; console lines {} vs {}; first differing lines (rdtsc-derived values expected): {differing:#?}",
+        lines_a.len(),
+        lines_b.len()
+    );
+}
