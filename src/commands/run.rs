@@ -74,7 +74,7 @@ pub enum StimulusEnd {
     SpawnFailed { errno: u32 },
     /// Started, but the VM ended (a crash, a host timeout) before the agent could report.
     Unfinished,
-    /// The agent never started it (the guest died during boot or setup).
+    /// The agent never got to start it (the guest died during boot or setup).
     NeverStarted,
 }
 
@@ -316,7 +316,9 @@ fn stimulus_end(events: &[(rrr_vmm::clock::VirtualTime, ControlEvent)], limit: u
     let mut end = StimulusEnd::NeverStarted;
     for (_, ControlEvent::Message(message)) in events {
         end = match message.command {
-            AgentCommand::Started => StimulusEnd::Unfinished,
+            // After READY the agent got GO and started the stimulus; a stimulus that crashes the
+            // kernel at once can do so before the agent's STARTED message.
+            AgentCommand::Ready | AgentCommand::Started => StimulusEnd::Unfinished,
             AgentCommand::Exited => StimulusEnd::Exited {
                 status: message.argument,
             },
@@ -367,6 +369,10 @@ mod tests {
     fn the_agents_last_word_decides() {
         assert_eq!(stimulus_end(&[], 5), StimulusEnd::NeverStarted);
         let started = event(AgentCommand::Started, 42);
+        assert_eq!(
+            stimulus_end(&[event(AgentCommand::Ready, 0)], 5),
+            StimulusEnd::Unfinished
+        );
         assert_eq!(
             stimulus_end(&[event(AgentCommand::Ready, 0), started.clone()], 5),
             StimulusEnd::Unfinished

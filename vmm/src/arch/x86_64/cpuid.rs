@@ -18,9 +18,11 @@ pub const MAX_CPUID_ENTRIES: usize = kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 /// Kernel parameters that match the CPU model and the board: serial console, PIC-only interrupt
 /// delivery, jiffies as the clocksource (virtual time is the only time the guest may trust), no
 /// KVM paravirt clock, no KASLR (so kernel addresses are the same on every run), and a panic or
-/// reboot that ends the VM instead of waiting.
+/// reboot that ends the VM instead of waiting. `noxsave` keeps the FPU state in the legacy
+/// FXSAVE layout on every host: the XSAVE area's size and features depend on the host CPU (and
+/// nested AMD-V under QEMU reports inconsistent XSAVE sizes, which makes Linux WARN at boot).
 pub const BASE_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0 nolapic noapic nokaslr \
-     no-kvmclock tsc=unstable clocksource=jiffies i8042.noaux panic=-1 reboot=k";
+     no-kvmclock tsc=unstable clocksource=jiffies i8042.noaux panic=-1 reboot=k noxsave";
 
 /// Feature flags (Linux 6.12 `/proc/cpuinfo` names) the guest kernel must not use; the CPUID
 /// table hides the same ones. Linux reads at most 127 characters of `clearcpuid=`.
@@ -41,8 +43,6 @@ pub const CLEARED_FEATURES: &[&str] = &[
 /// Extra features to clear where CPUID cannot be filtered and guest kernel mode is emulated:
 /// `kvm_pvm`'s instruction emulator fails on POPCNT, XRSTOR and VEX-encoded instructions.
 pub const SOFTWARE_KVM_CLEARED_FEATURES: &[&str] = &["popcnt"];
-pub const SOFTWARE_KVM_EXTRA_PARAMS: &str = "noxsave";
-
 /// The default command line for a host with hardware virtualization.
 pub fn default_cmdline() -> String {
     format!("{BASE_CMDLINE} clearcpuid={}", CLEARED_FEATURES.join(","))
@@ -52,10 +52,7 @@ pub fn default_cmdline() -> String {
 pub fn software_kvm_cmdline() -> String {
     let mut cleared: Vec<&str> = CLEARED_FEATURES.to_vec();
     cleared.extend_from_slice(SOFTWARE_KVM_CLEARED_FEATURES);
-    format!(
-        "{BASE_CMDLINE} {SOFTWARE_KVM_EXTRA_PARAMS} clearcpuid={}",
-        cleared.join(",")
-    )
+    format!("{BASE_CMDLINE} clearcpuid={}", cleared.join(","))
 }
 
 // Bit positions, by leaf and register.
