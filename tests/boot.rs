@@ -211,7 +211,9 @@ fn strip_timestamps(console: &str) -> Vec<String> {
 #[test]
 fn boots_to_init_in_pic_mode_with_jiffies_twice() {
     let kernel = default_kernel();
-    let dir = tempfile::tempdir().unwrap();
+    // Under the target directory, not /tmp: the carrier shares the working tree, not the
+    // host's /tmp.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let initrd = test_initramfs(dir.path());
 
     let first = boot(&kernel, &initrd);

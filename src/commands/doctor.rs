@@ -7,7 +7,7 @@ use std::process::Command;
 use anyhow::Result;
 use rrr_vmm::host::KvmKind;
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Default)]
 pub struct Args {
     /// Print the checks as JSON instead of a table.
     #[arg(long)]

@@ -28,6 +28,8 @@ use serde::{Deserialize, Serialize};
 /// boot inside the carrier takes tens of seconds; on hardware KVM, about one.
 const BOOT_ALLOWANCE_SECS: u64 = 240;
 
+pub const DEFAULT_MEM_MIB: u64 = 512;
+
 #[derive(clap::Args)]
 pub struct Args {
     /// The stimulus: a C program (a syzkaller reproducer, or any program).
@@ -44,7 +46,7 @@ pub struct Args {
     #[arg(long)]
     pub timeout: Option<u64>,
     /// Guest memory in MiB.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = DEFAULT_MEM_MIB)]
     pub mem: u64,
     /// Build the stimulus as a 32-bit program.
     #[arg(long)]
@@ -374,11 +376,11 @@ mod tests {
             StimulusEnd::Unfinished
         );
         assert_eq!(
-            stimulus_end(&[event(AgentCommand::Ready, 0), started.clone()], 5),
+            stimulus_end(&[event(AgentCommand::Ready, 0), started], 5),
             StimulusEnd::Unfinished
         );
         assert_eq!(
-            stimulus_end(&[started.clone(), event(AgentCommand::Exited, 3)], 5),
+            stimulus_end(&[started, event(AgentCommand::Exited, 3)], 5),
             StimulusEnd::Exited { status: 3 }
         );
         assert_eq!(
