@@ -52,15 +52,14 @@ fn rrr_run(name: &str, extra: &[&str]) -> Run {
         output.status
     );
     let summary_path = dir.join("summary.json");
-    let summary: Value = serde_json::from_str(
-        &std::fs::read_to_string(&summary_path).unwrap_or_else(|e| {
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(&summary_path).unwrap_or_else(|e| {
             panic!(
                 "no {} ({e}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
                 summary_path.display()
             )
-        }),
-    )
-    .expect("summary.json is JSON");
+        }))
+        .expect("summary.json is JSON");
     let console = std::fs::read_to_string(dir.join("console.log")).expect("console.log saved");
     Run {
         summary,
@@ -128,12 +127,17 @@ fn a_file_written_to_the_disk_reads_back() {
 fn a_kernel_crash_is_reported_with_its_title() {
     let run = rrr_run("crash_sysrq.c", &["--time-limit", "20"]);
     assert_eq!(
-        run.summary["crash_title"], "kernel panic: sysrq triggered crash",
+        run.summary["crash_title"],
+        "kernel panic: sysrq triggered crash",
         "{}",
         run.context()
     );
     assert_eq!(run.stimulus_end().0, "unfinished", "{}", run.context());
-    assert!(run.console.contains("sysrq: Trigger a crash"), "{}", run.context());
+    assert!(
+        run.console.contains("sysrq: Trigger a crash"),
+        "{}",
+        run.context()
+    );
     assert!(
         run.stdout
             .contains("kernel crashed: kernel panic: sysrq triggered crash"),
@@ -153,5 +157,26 @@ fn a_missing_stimulus_is_a_clear_error() {
     assert!(
         stderr.contains("/nonexistent/repro.c") && stderr.contains("does not exist"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn a_stimulus_that_never_exits_ends_at_its_time_limit() {
+    // The stimulus spins in user mode with no exits to the VMM; the stall watchdog's landmarks
+    // keep the guest's timer ticking, so the agent's limit passes and it kills the stimulus.
+    let run = rrr_run("spin_forever.c", &["--time-limit", "3", "--timeout", "200"]);
+    let (kind, end) = run.stimulus_end();
+    assert_eq!(kind, "timed_out", "{}", run.context());
+    assert_eq!(end["limit_secs"], 3, "{}", run.context());
+    assert!(
+        run.stdout
+            .contains("stimulus ran past its time limit of 3 s and was killed"),
+        "{}",
+        run.context()
+    );
+    assert!(
+        run.console.contains("timed out after 3 s"),
+        "{}",
+        run.context()
     );
 }

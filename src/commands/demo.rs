@@ -36,7 +36,10 @@ pub fn run(args: Args) -> Result<i32> {
             .with_context(|| format!("cannot write {}", stimulus.display()))?;
     }
 
-    eprintln!("==> rrr run {} (rootfs, boot, GO, verdict)", stimulus.display());
+    eprintln!(
+        "==> rrr run {} (rootfs, boot, GO, verdict)",
+        stimulus.display()
+    );
     super::run::run(super::run::Args {
         stimulus,
         kernel: Some(kernel.dir.clone()),

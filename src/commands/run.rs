@@ -70,10 +70,18 @@ pub struct Args {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum StimulusEnd {
-    Exited { status: u32 },
-    Signaled { signal: u32 },
-    TimedOut { limit_secs: u32 },
-    SpawnFailed { errno: u32 },
+    Exited {
+        status: u32,
+    },
+    Signaled {
+        signal: u32,
+    },
+    TimedOut {
+        limit_secs: u32,
+    },
+    SpawnFailed {
+        errno: u32,
+    },
     /// Started, but the VM ended (a crash, a host timeout) before the agent could report.
     Unfinished,
     /// The agent never got to start it (the guest died during boot or setup).
@@ -86,7 +94,10 @@ impl std::fmt::Display for StimulusEnd {
             StimulusEnd::Exited { status } => write!(f, "exited with status {status}"),
             StimulusEnd::Signaled { signal } => write!(f, "was killed by signal {signal}"),
             StimulusEnd::TimedOut { limit_secs } => {
-                write!(f, "ran past its time limit of {limit_secs} s and was killed")
+                write!(
+                    f,
+                    "ran past its time limit of {limit_secs} s and was killed"
+                )
             }
             StimulusEnd::SpawnFailed { errno } => {
                 write!(f, "could not be started (errno {errno})")
@@ -286,7 +297,12 @@ fn run_vm(args: &Args, kernel: &Path, rootfs: &Path, run_dir: &Path) -> Result<R
         }
         Err(RunError::Fault(fault)) => {
             eprintln!("rrr: {fault}");
-            (format!("fault: {}", fault.kind), fault.stats, 0.0, Vec::new())
+            (
+                format!("fault: {}", fault.kind),
+                fault.stats,
+                0.0,
+                Vec::new(),
+            )
         }
         Err(other) => return Err(other).context("the VM stopped with an error"),
     };

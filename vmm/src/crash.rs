@@ -453,7 +453,10 @@ Call Trace:
  down_write+0x20/0x30
  lock_rename+0x40/0x80
 ";
-        assert_eq!(detect(hung).unwrap().title, "INFO: task hung in lock_rename");
+        assert_eq!(
+            detect(hung).unwrap().title,
+            "INFO: task hung in lock_rename"
+        );
         let ubsan = "\
 UBSAN: shift-out-of-bounds in fs/ext4/super.c:4321:9
 shift exponent 64 is too large

@@ -64,6 +64,9 @@ pub struct RunStats {
     pub injections: u64,
     /// Watchdog kicks (asynchronous; not part of the guest's timeline).
     pub kicks: u64,
+    /// Kicks after a stall at which a timer interrupt was delivered (host-timed: a recording
+    /// must log them).
+    pub landmarks: u64,
     pub virtual_time: VirtualTime,
 }
 
@@ -215,10 +218,7 @@ struct Runner<'a> {
 pub fn run(vmm: &mut Vmm, input: Option<InputReceiver>) -> Result<RunOutcome, RunError> {
     let started = Instant::now();
     let kicker = VcpuKicker::for_current_thread()?;
-    let watchdog = vmm
-        .config
-        .host_timeout()
-        .map(|t| Watchdog::start(t, kicker))
+    let watchdog = Some(Watchdog::start(vmm.config.host_timeout(), kicker))
         .transpose()
         .map_err(RunError::Watchdog)?;
     let mut runner = Runner {
@@ -280,6 +280,9 @@ impl Runner<'_> {
             let end = match step {
                 Step::Kick => {
                     self.stats.kicks += 1;
+                    if self.watchdog.as_ref().is_some_and(Watchdog::take_stall) {
+                        self.landmark()?;
+                    }
                     continue;
                 }
                 Step::Pio => {
@@ -451,10 +454,25 @@ impl Runner<'_> {
         self.drain_irqs();
     }
 
+    /// The guest ran a stall period without a synchronous exit (see `watchdog`): let the next
+    /// timer fire, as it would have on hardware, and inject where the vCPU stands.
+    fn landmark(&mut self) -> Result<(), RunError> {
+        self.stats.landmarks += 1;
+        if let Some(deadline) = lock(&self.vmm.devices.pit).next_deadline() {
+            self.clock.advance_to(deadline);
+        }
+        self.advance_timers();
+        self.deliver_input();
+        self.inject_or_request_window()
+    }
+
     /// Bookkeeping shared by every synchronous exit: the clock, timers, input, resets, limits,
     /// and interrupt injection. Returns an end of the run if one was reached.
     fn after_sync_exit(&mut self) -> Result<Option<RunEnd>, RunError> {
         self.stats.exits += 1;
+        if let Some(watchdog) = &self.watchdog {
+            watchdog.note_progress(self.stats.exits);
+        }
         self.clock.tick();
         if lock(&self.vmm.devices.i8042).take_reset_request() {
             return Ok(Some(RunEnd::Reboot));
@@ -500,6 +518,9 @@ impl Runner<'_> {
         self.stats.halts += 1;
         let interrupts_on = self.vmm.vcpu.fd.get_kvm_run().if_flag != 0;
         self.stats.exits += 1;
+        if let Some(watchdog) = &self.watchdog {
+            watchdog.note_progress(self.stats.exits);
+        }
         self.clock.tick();
         if !interrupts_on {
             return Ok(Some(RunEnd::PowerOff));

@@ -1,11 +1,15 @@
-//! The host-time watchdog: a thread that, once a wall-clock deadline passes, kicks the vCPU out
-//! of `KVM_RUN` so a guest spinning without exits still ends.
+//! The host-time watchdog: a thread that kicks the vCPU out of `KVM_RUN` for two reasons.
 //!
-//! A kick is not a synchronous exit: the run loop neither ticks virtual time nor injects there.
-//! A signal sent just before the vCPU enters `KVM_RUN` would be lost, so the watchdog keeps
-//! kicking every few milliseconds until the run loop stops it.
+//! - A wall-clock deadline passed: the run ends, even if the guest spins without exits. A signal
+//!   sent just before the vCPU enters `KVM_RUN` would be lost, so the watchdog keeps kicking
+//!   every few milliseconds until the run loop stops it.
+//! - The guest made no synchronous exit for a stall period (DESIGN.md, "Fallback"): code that
+//!   spins on `jiffies`, or a user-mode compute loop, would otherwise never see a timer
+//!   interrupt, since interrupts are injected only at exits. The run loop then treats the kick as
+//!   a landmark: it moves virtual time to the next timer deadline and injects there. Landmarks are
+//!   the one place where host timing decides guest behaviour; a recording logs them.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -14,10 +18,19 @@ use crate::vstate::vcpu::VcpuKicker;
 
 const REKICK_PERIOD: Duration = Duration::from_millis(20);
 
+/// Host time without a synchronous exit after which the guest counts as stalled. Long enough
+/// that bounded work (a large copy, a checksum) usually finishes first; short enough that a
+/// stalled guest still gets a timer tick every ~10-20 ms, so its time limits pass at a few times
+/// slower than real time (with `clocksource=jiffies` the guest's time is its tick count).
+pub const STALL_PERIOD: Duration = Duration::from_millis(10);
+
 struct Shared {
     stop: Mutex<bool>,
     wake: Condvar,
     expired: AtomicBool,
+    /// Synchronous exits so far, published by the run loop.
+    progress: AtomicU64,
+    stalled: AtomicBool,
 }
 
 pub struct Watchdog {
@@ -26,13 +39,16 @@ pub struct Watchdog {
 }
 
 impl Watchdog {
-    pub fn start(timeout: Duration, kicker: VcpuKicker) -> std::io::Result<Self> {
+    /// `timeout`: when the run must end (none: never). Stalls are watched for in any case.
+    pub fn start(timeout: Option<Duration>, kicker: VcpuKicker) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             stop: Mutex::new(false),
             wake: Condvar::new(),
             expired: AtomicBool::new(false),
+            progress: AtomicU64::new(0),
+            stalled: AtomicBool::new(false),
         });
-        let deadline = Instant::now() + timeout;
+        let deadline = timeout.map(|t| Instant::now() + t);
         let theirs = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("rrr-watchdog".into())
@@ -47,16 +63,27 @@ impl Watchdog {
     pub fn expired(&self) -> bool {
         self.shared.expired.load(Ordering::Acquire)
     }
+
+    /// The run loop reached its `exits`-th synchronous exit.
+    pub fn note_progress(&self, exits: u64) {
+        self.shared.progress.store(exits, Ordering::Relaxed);
+    }
+
+    /// Whether the last kick was for a stall (clears the flag).
+    pub fn take_stall(&self) -> bool {
+        self.shared.stalled.swap(false, Ordering::AcqRel)
+    }
 }
 
-fn watch(shared: &Shared, deadline: Instant, kicker: VcpuKicker) {
+fn watch(shared: &Shared, deadline: Option<Instant>, kicker: VcpuKicker) {
     let mut stop = crate::bus::lock(&shared.stop);
+    let mut seen = u64::MAX;
     loop {
         if *stop {
             return;
         }
         let now = Instant::now();
-        if now >= deadline {
+        if deadline.is_some_and(|d| now >= d) {
             shared.expired.store(true, Ordering::Release);
             kicker.kick();
             stop = shared
@@ -65,9 +92,16 @@ fn watch(shared: &Shared, deadline: Instant, kicker: VcpuKicker) {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         } else {
+            let progress = shared.progress.load(Ordering::Relaxed);
+            if progress == seen {
+                shared.stalled.store(true, Ordering::Release);
+                kicker.kick();
+            }
+            seen = progress;
+            let wait = deadline.map_or(STALL_PERIOD, |d| (d - now).min(STALL_PERIOD));
             stop = shared
                 .wake
-                .wait_timeout(stop, deadline - now)
+                .wait_timeout(stop, wait)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
@@ -91,7 +125,7 @@ mod tests {
     #[test]
     fn expires_and_kicks_then_stops_on_drop() {
         let kicker = VcpuKicker::for_current_thread().unwrap();
-        let dog = Watchdog::start(Duration::from_millis(10), kicker).unwrap();
+        let dog = Watchdog::start(Some(Duration::from_millis(10)), kicker).unwrap();
         assert!(!dog.expired());
         // The kick interrupts this sleep (EINTR) but std retries it; only the flag matters.
         let start = Instant::now();
