@@ -132,7 +132,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         }
     }
     if !kind.is_hardware() && !args.direct && !crate::carrier::inside_carrier() {
-        eprintln!("rrr: this host's KVM is {kind} (use --direct to boot on it anyway)");
+        tracing::info!("host KVM: {kind}; --direct would boot on it anyway");
         return crate::carrier::reexec_in_carrier(&crate::carrier::CarrierOptions::default());
     }
 

@@ -344,9 +344,9 @@ mod tests {
         let line = compose_cmdline(&config, &hw, &MmioDevices::new());
         assert!(line.starts_with("console=ttyS0"), "{line}");
         assert!(line.ends_with("init=/init quiet"), "{line}");
-        assert!(!line.contains("noxsave"), "{line}");
+        assert!(!line.contains("popcnt"), "{line}");
         let sw = KvmKind::Software { module: None };
-        assert!(compose_cmdline(&config, &sw, &MmioDevices::new()).contains("noxsave"));
+        assert!(compose_cmdline(&config, &sw, &MmioDevices::new()).contains("popcnt"));
     }
 
     struct Dummy;
