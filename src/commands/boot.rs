@@ -167,7 +167,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         Ok(outcome) => {
             let s = outcome.stats;
             eprintln!(
-                "rrr: guest {} after {} exits, virtual time {:.6} s ({} PIO, {} MMIO, {} HLT, {} interrupts injected, {} kicks), host time {:.3} s",
+                "rrr: guest {} after {} exits, virtual time {:.6} s ({} PIO, {} MMIO, {} HLT, {} interrupts injected, {} kicks, {} stall landmarks), host time {:.3} s",
                 outcome.end,
                 s.exits,
                 s.virtual_time.as_nanos() as f64 / 1e9,
@@ -176,6 +176,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                 s.halts,
                 s.injections,
                 s.kicks,
+                s.landmarks,
                 outcome.host_elapsed.as_secs_f64()
             );
             for (at, event) in &outcome.control_events {
