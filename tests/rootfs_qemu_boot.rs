@@ -1,7 +1,6 @@
 //! The image boots under plain QEMU (TCG, no rrr VMM): the agent mounts, finds no VMM on the
 //! control port, runs /stimulus and restarts the machine (microvm has no ACPI power-off).
-//! Needs a guest kernel with virtio-mmio and ext4:
-//! `RRR_TEST_VMLINUX=/path/to/vmlinux cargo test -p rrr-rootfs --test qemu_boot -- --ignored`.
+//! The kernel is rrr's default guest kernel (`rrr kernel build`, cached), or `RRR_TEST_VMLINUX`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,8 +8,25 @@ use std::time::Duration;
 
 fn example(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples/stimuli")
+        .join("examples/stimuli")
         .join(name)
+}
+
+/// The guest kernel: `RRR_TEST_VMLINUX`, else the default one `rrr kernel build` prints.
+fn guest_vmlinux() -> PathBuf {
+    if let Some(path) = std::env::var_os("RRR_TEST_VMLINUX") {
+        return PathBuf::from(path);
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_rrr"))
+        .args(["kernel", "build"])
+        .output()
+        .expect("cannot start rrr");
+    assert!(
+        out.status.success(),
+        "rrr kernel build failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("vmlinux")
 }
 
 /// Boots `image` and returns the console output. `-no-reboot` and the agent's restart end QEMU;
@@ -49,11 +65,8 @@ fn boot(vmlinux: &Path, image: &Path) -> String {
 }
 
 #[test]
-#[ignore = "needs RRR_TEST_VMLINUX (a guest kernel) and about 5 s of QEMU TCG per image"]
 fn agent_runs_the_stimulus_and_ends_the_machine_under_plain_qemu() {
-    let vmlinux = PathBuf::from(
-        std::env::var_os("RRR_TEST_VMLINUX").expect("set RRR_TEST_VMLINUX to a guest vmlinux"),
-    );
+    let vmlinux = guest_vmlinux();
     let cache = tempfile::tempdir().unwrap();
     let started = std::time::Instant::now();
     for (stimulus, expected) in [
