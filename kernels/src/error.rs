@@ -4,14 +4,14 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
-    #[error("I/O error on {path}: {source}")]
+    #[error("I/O error on {path}")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
 
-    #[error("cannot run `{command}`: {source} (is it installed? try `sudo scripts/setup`)")]
+    #[error("cannot run `{command}` (is it installed? try `sudo scripts/setup`)")]
     Spawn {
         command: String,
         #[source]
@@ -34,14 +34,14 @@ pub enum KernelError {
     #[error("{path} is not a kernel source tree (no Makefile and Kconfig there)")]
     NotASourceTree { path: PathBuf },
 
-    #[error("base config {path} cannot be read: {source}")]
+    #[error("base config {path} cannot be read")]
     BaseConfig {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
 
-    #[error("config fragment {path} cannot be read: {source}")]
+    #[error("config fragment {path} cannot be read")]
     Fragment {
         path: PathBuf,
         #[source]
