@@ -194,8 +194,8 @@ fn exits(summary: &str) -> u64 {
         .unwrap_or_else(|| panic!("no exit count in {summary:?}"))
 }
 
-/// The console without the printk timestamps (they come from the guest's jiffies clock but
-/// the kernel's TSC calibration, which reads the host TSC, shifts them).
+/// The console without the printk timestamps: they count jiffies, and stall landmarks (host-timed)
+/// can shift a tick.
 fn strip_timestamps(console: &str) -> Vec<String> {
     console
         .lines()
@@ -248,8 +248,15 @@ fn boots_to_init_in_pic_mode_with_jiffies_twice() {
         .take(10)
         .collect();
     eprintln!(
-        "exits {a} vs {b}; console lines {} vs {}; first differing lines (rdtsc-derived values expected): {differing:#?}",
+        "exits {a} vs {b}; console lines {} vs {}; first differing lines: {differing:#?}",
         lines_a.len(),
         lines_b.len()
+    );
+    // With the kernel kept off the TSC, nothing the guest prints depends on host timing any
+    // more. The exit counts still differ slightly: stall landmarks are host-timed by design and
+    // each adds a timer interrupt (and its PIC EOI exits) somewhere; a recording logs them.
+    assert_eq!(
+        lines_a, lines_b,
+        "two boots printed different consoles (timestamps stripped)"
     );
 }
