@@ -125,18 +125,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             );
         }
     }
-    // Checked here as well as by the loader so a bad file fails before the carrier starts.
-    let mut magic = [0u8; 4];
-    let is_elf = std::fs::File::open(&kernel)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
-        && magic == *b"\x7fELF";
-    if !is_elf {
-        bail!(
-            "{} is not an ELF file; pass the uncompressed `vmlinux` from the kernel build directory (`rrr kernel build` prints it)",
-            kernel.display()
-        );
-    }
+    // The loader's own check, before the carrier starts.
+    rrr_vmm::arch::x86_64::kernel::check_kernel(&kernel)?;
     let kind = KvmKind::detect();
     if let KvmKind::Unusable(why) = &kind {
         if !crate::carrier::inside_carrier() {

@@ -137,6 +137,7 @@ pub fn run(args: Args) -> Result<i32> {
         Some(path) => super::boot::resolve_kernel(path)?,
         None => super::kernel::ensure_default_kernel()?.vmlinux(),
     };
+    rrr_vmm::arch::x86_64::kernel::check_kernel(&kernel)?;
     let rootfs = match &args.rootfs {
         Some(image) => image.clone(),
         None => super::rootfs::ensure_rootfs(&args.stimulus, args.m32)?,

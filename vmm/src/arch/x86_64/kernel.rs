@@ -137,6 +137,16 @@ fn inspect(path: &Path, file: &mut File) -> Result<ElfInfo, KernelError> {
     Ok(ElfInfo { entry, loads })
 }
 
+/// Checks that `path` is a kernel this loader can boot, without loading it: callers use it to
+/// fail before starting anything expensive (the carrier, a rootfs build).
+pub fn check_kernel(path: &Path) -> Result<(), KernelError> {
+    let mut file = File::open(path).map_err(|source| KernelError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    inspect(path, &mut file).map(drop)
+}
+
 /// Loads the kernel ELF at the physical addresses it was linked for.
 pub fn load_kernel(
     mem: &GuestMemoryMmap,
