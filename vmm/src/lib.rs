@@ -18,5 +18,6 @@ pub mod devices;
 pub mod host;
 pub mod irq;
 pub mod run_loop;
+pub mod stall;
 pub mod vstate;
 pub mod watchdog;

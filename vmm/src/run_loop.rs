@@ -20,6 +20,7 @@ use crate::clock::{VirtualClock, VirtualTime};
 use crate::description::VmDescription;
 use crate::devices::control::ControlEvent;
 use crate::irq::IrqLines;
+use crate::stall::{StallTracker, Verdict};
 use crate::vstate::vcpu::{VcpuError, VcpuKicker};
 use crate::watchdog::Watchdog;
 
@@ -211,6 +212,7 @@ struct Runner<'a> {
     input: Option<InputReceiver>,
     pending_input: VecDeque<u8>,
     watchdog: Option<Watchdog>,
+    stalls: StallTracker,
     virtual_limit: Option<VirtualTime>,
 }
 
@@ -230,6 +232,7 @@ pub fn run(vmm: &mut Vmm, input: Option<InputReceiver>) -> Result<RunOutcome, Ru
         input,
         pending_input: VecDeque::new(),
         watchdog,
+        stalls: StallTracker::new(),
     };
     let end = runner.run_until_end();
     runner.stats.virtual_time = runner.clock.now();
@@ -281,7 +284,7 @@ impl Runner<'_> {
                 Step::Kick => {
                     self.stats.kicks += 1;
                     if self.watchdog.as_ref().is_some_and(Watchdog::take_stall) {
-                        self.landmark()?;
+                        self.stalled()?;
                     }
                     continue;
                 }
@@ -454,8 +457,32 @@ impl Runner<'_> {
         self.drain_irqs();
     }
 
-    /// The guest ran a stall period without a synchronous exit (see `watchdog`): let the next
-    /// timer fire, as it would have on hardware, and inject where the vCPU stands.
+    /// The guest ran a stall period without a synchronous exit (see `watchdog`); `stall`
+    /// decides whether it waits for time to pass.
+    fn stalled(&mut self) -> Result<(), RunError> {
+        let sample = self.vmm.vcpu.stall_sample().map_err(RunError::Vcpu)?;
+        match self
+            .stalls
+            .observe(self.stats.exits, sample, Instant::now())
+        {
+            Verdict::Wait => {
+                tracing::trace!(exits = self.stats.exits, "stall sample");
+                Ok(())
+            }
+            Verdict::Landmark(cause) => {
+                tracing::debug!(
+                    ?cause,
+                    rip = format_args!("{:#x}", sample.rip),
+                    exits = self.stats.exits,
+                    "stall landmark"
+                );
+                self.landmark()
+            }
+        }
+    }
+
+    /// Lets the next timer fire, as it would have on hardware, and injects where the vCPU
+    /// stands.
     fn landmark(&mut self) -> Result<(), RunError> {
         self.stats.landmarks += 1;
         if let Some(deadline) = lock(&self.vmm.devices.pit).next_deadline() {

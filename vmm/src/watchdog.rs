@@ -18,10 +18,9 @@ use crate::vstate::vcpu::VcpuKicker;
 
 const REKICK_PERIOD: Duration = Duration::from_millis(20);
 
-/// Host time without a synchronous exit after which the guest counts as stalled. Long enough
-/// that bounded work (a large copy, a checksum) usually finishes first; short enough that a
-/// stalled guest still gets a timer tick every ~10-20 ms, so its time limits pass at a few times
-/// slower than real time (with `clocksource=jiffies` the guest's time is its tick count).
+/// How often the guest is sampled while it makes no synchronous exit. Short, because a guest that
+/// does wait for time gets its tick only at a sample (with `clocksource=jiffies` the guest's time
+/// is its tick count); the samples themselves change nothing the guest can see.
 pub const STALL_PERIOD: Duration = Duration::from_millis(10);
 
 struct Shared {

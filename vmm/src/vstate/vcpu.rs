@@ -13,6 +13,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use super::vm::Vm;
 use crate::arch::x86_64::fault::CpuSnapshot;
 use crate::arch::x86_64::regs::{self, RegsError};
+use crate::stall::StallSample;
 
 const KVMIO: u32 = 0xae;
 ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
@@ -72,6 +73,20 @@ impl Vcpu {
             });
         }
         Ok(())
+    }
+
+    /// Where the vCPU stands and a digest of its registers, for the stall policy.
+    pub fn stall_sample(&self) -> Result<StallSample, VcpuError> {
+        let r = self.fd.get_regs().map_err(VcpuError::GetRegs)?;
+        let words = [
+            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11,
+            r.r12, r.r13, r.r14, r.r15, r.rip, r.rflags,
+        ];
+        // FNV-1a over the words: stable across runs, unlike std's randomly seeded hasher.
+        let state = words.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, w| {
+            (h ^ w).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        Ok(StallSample { rip: r.rip, state })
     }
 
     /// Registers, control registers and the code at RIP, for a fault report.
