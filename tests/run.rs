@@ -4,10 +4,12 @@
 //! Each test reads the run's `summary.json` rather than scraping the console, and checks the
 //! saved console for what the guest itself printed.
 
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 fn stimulus(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -27,6 +29,7 @@ fn run_dir(name: &str) -> PathBuf {
 }
 
 struct Run {
+    dir: PathBuf,
     summary: Value,
     console: String,
     stdout: String,
@@ -34,10 +37,15 @@ struct Run {
 }
 
 fn rrr_run(name: &str, extra: &[&str]) -> Run {
+    rrr_run_with(name, &stimulus(name), extra)
+}
+
+/// `rrr run` of `stimulus`, with its run directory named after `name`.
+fn rrr_run_with(name: &str, stimulus: &Path, extra: &[&str]) -> Run {
     let dir = run_dir(name);
     let output = Command::new(env!("CARGO_BIN_EXE_rrr"))
         .arg("run")
-        .arg(stimulus(name))
+        .arg(stimulus)
         .arg("--quiet")
         .arg("--run-dir")
         .arg(&dir)
@@ -51,25 +59,130 @@ fn rrr_run(name: &str, extra: &[&str]) -> Run {
         "rrr run {name} failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
         output.status
     );
-    let summary_path = dir.join("summary.json");
-    let summary: Value =
-        serde_json::from_str(&std::fs::read_to_string(&summary_path).unwrap_or_else(|e| {
-            panic!(
-                "no {} ({e}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
-                summary_path.display()
-            )
-        }))
-        .expect("summary.json is JSON");
-    let console = std::fs::read_to_string(dir.join("console.log")).expect("console.log saved");
-    Run {
-        summary,
-        console,
-        stdout,
-        stderr,
+    Run::load(&dir, stdout, stderr)
+}
+
+/// The last line a host-side `rrr` command printed on stdout (a built kernel's or image's path).
+fn rrr_prints_path(args: &[&str]) -> PathBuf {
+    let output = Command::new(env!("CARGO_BIN_EXE_rrr"))
+        .args(args)
+        .output()
+        .expect("cannot start rrr");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "rrr {args:?} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let path = PathBuf::from(stdout.trim().lines().last().unwrap_or_default());
+    assert!(
+        path.exists(),
+        "rrr {args:?} printed no existing path:\n{stdout}"
+    );
+    path
+}
+
+/// Shell-quotes one word for `sh`.
+fn quote(word: &OsStr) -> String {
+    let word = String::from_utf8(word.as_bytes().to_vec()).expect("test paths are UTF-8");
+    format!("'{}'", word.replace('\'', r"'\''"))
+}
+
+/// Runs the stimulus `name` once per entry of `dirs`, one run after the other, in one VM host:
+/// one carrier for all of them where this host's KVM is software-only (a carrier takes seconds
+/// to start), this host itself where it has VT-x/AMD-V. The kernel and rootfs are built first,
+/// on the host, so nothing is compiled under emulation.
+fn rrr_runs_in_one_carrier(name: &str, dirs: &[&str], extra: &[&str]) -> Vec<Run> {
+    let kernel = rrr_prints_path(&["kernel", "build"]);
+    let image = rrr_prints_path(&[
+        "rootfs",
+        "build",
+        "--stimulus",
+        stimulus(name).to_str().unwrap(),
+    ]);
+    let stimulus = stimulus(name);
+    let group = run_dir(&format!("{name}-group"));
+    let dirs: Vec<PathBuf> = dirs.iter().map(|d| group.join(d)).collect();
+    let mut script = String::from("set -e\n");
+    for dir in &dirs {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut words: Vec<&OsStr> = vec![
+            env!("CARGO_BIN_EXE_rrr").as_ref(),
+            "run".as_ref(),
+            stimulus.as_os_str(),
+            "--kernel".as_ref(),
+            kernel.as_os_str(),
+            "--rootfs".as_ref(),
+            image.as_os_str(),
+            "--run-dir".as_ref(),
+            dir.as_os_str(),
+            "--quiet".as_ref(),
+        ];
+        words.extend(extra.iter().map(OsStr::new));
+        let words: Vec<String> = words.into_iter().map(quote).collect();
+        script += &format!(
+            "{} >{} 2>{}\n",
+            words.join(" "),
+            quote(dir.join("stdout").as_os_str()),
+            quote(dir.join("stderr").as_os_str())
+        );
     }
+    let script_path = group.join("runs.sh");
+    std::fs::write(&script_path, &script).unwrap();
+
+    let mut cmd = if rrr_vmm::host::KvmKind::detect().is_hardware() {
+        Command::new("sh")
+    } else {
+        let mut carrier = Command::new(env!("CARGO_BIN_EXE_rrr"));
+        carrier
+            .args(["carrier", "run", "--share"])
+            .arg(&group)
+            .args(["--", "sh"]);
+        carrier
+    };
+    let output = cmd.arg(&script_path).output().expect("cannot start rrr");
+    let read = |path: PathBuf| std::fs::read_to_string(path).unwrap_or_default();
+    assert!(
+        output.status.success(),
+        "the runs of {name} failed ({}):\nscript:\n{script}\nstderr:\n{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr),
+        dirs.iter()
+            .map(|d| format!(
+                "{}:\n{}{}",
+                d.display(),
+                read(d.join("stdout")),
+                read(d.join("stderr"))
+            ))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    dirs.iter()
+        .map(|d| Run::load(d, read(d.join("stdout")), read(d.join("stderr"))))
+        .collect()
 }
 
 impl Run {
+    fn load(dir: &Path, stdout: String, stderr: String) -> Run {
+        let summary_path = dir.join("summary.json");
+        let summary: Value =
+            serde_json::from_str(&std::fs::read_to_string(&summary_path).unwrap_or_else(|e| {
+                panic!(
+                    "no {} ({e}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
+                    summary_path.display()
+                )
+            }))
+            .expect("summary.json is JSON");
+        let console = std::fs::read_to_string(dir.join("console.log")).expect("console.log saved");
+        Run {
+            dir: dir.to_owned(),
+            summary,
+            console,
+            stdout,
+            stderr,
+        }
+    }
+
     fn stimulus_end(&self) -> (&str, &Value) {
         let end = &self.summary["stimulus_end"];
         (end["kind"].as_str().unwrap_or("?"), end)
@@ -101,6 +214,7 @@ fn exit_status_three_is_reported() {
     assert_eq!(kind, "exited", "{}", run.context());
     assert_eq!(end["status"], 3, "{}", run.context());
     assert!(run.summary["crash_title"].is_null(), "{}", run.context());
+    assert_eq!(run.summary["boot_reports"], json!([]), "{}", run.context());
     assert_eq!(run.summary["vm_end"], "powered off", "{}", run.context());
     assert!(
         run.stdout.contains("stimulus exited with status 3"),
@@ -133,6 +247,14 @@ fn a_kernel_crash_is_reported_with_its_title() {
         run.context()
     );
     assert_eq!(run.stimulus_end().0, "unfinished", "{}", run.context());
+    // The panic came after READY: the stimulus's, not the boot's.
+    assert_eq!(run.summary["boot_reports"], json!([]), "{}", run.context());
+    assert!(
+        std::fs::read_to_string(run.dir.join("crash.txt"))
+            .is_ok_and(|text| text.contains("sysrq_handle_crash")),
+        "{}",
+        run.context()
+    );
     assert!(
         run.console.contains("sysrq: Trigger a crash"),
         "{}",
@@ -143,6 +265,114 @@ fn a_kernel_crash_is_reported_with_its_title() {
             .contains("kernel crashed: kernel panic: sysrq triggered crash"),
         "{}",
         run.context()
+    );
+}
+
+#[test]
+fn a_kernel_report_during_boot_is_not_the_stimulus_crash() {
+    // A blank disk: the kernel boots, finds no filesystem on it and panics before the agent (and
+    // so the stimulus) could ever run. A real boot-time report, through the normal `rrr run`.
+    let disk_dir = run_dir("blank-disk");
+    let blank = disk_dir.join("blank.qcow2");
+    let status = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&blank)
+        .arg("16M")
+        .status()
+        .expect("qemu-img is needed (rrr builds its images with it)");
+    assert!(status.success(), "qemu-img create failed");
+    let run = rrr_run_with(
+        "blank-disk-run",
+        &stimulus("exit3.c"),
+        &["--rootfs", blank.to_str().unwrap(), "--time-limit", "20"],
+    );
+    assert!(run.summary["crash_title"].is_null(), "{}", run.context());
+    assert_eq!(run.stimulus_end().0, "never_started", "{}", run.context());
+    let boot_reports = run.summary["boot_reports"].as_array().unwrap();
+    assert_eq!(boot_reports.len(), 1, "{}", run.context());
+    assert!(
+        boot_reports[0]
+            .as_str()
+            .unwrap()
+            .starts_with("kernel panic: VFS: Unable to mount root fs"),
+        "{}",
+        run.context()
+    );
+    let saved = std::fs::read_to_string(run.dir.join("boot-reports.txt")).unwrap_or_default();
+    assert!(saved.contains("Unable to mount root fs"), "{saved}");
+    assert!(!run.dir.join("crash.txt").exists(), "{}", run.context());
+    assert!(
+        run.stdout
+            .contains("the kernel already reported during boot, before the stimulus started: kernel panic: VFS"),
+        "{}",
+        run.context()
+    );
+}
+
+#[test]
+fn the_same_stimulus_twice_is_the_same_run() {
+    // Interrupts are injected only at synchronous exits and virtual time counts exits, so two
+    // runs make the same exits and print the same console, timestamps included. The stimulus
+    // sleeps in a thread, bounces a byte between two processes and fsyncs a file: timers, the
+    // scheduler and the disk.
+    let runs = rrr_runs_in_one_carrier(
+        "sched_timers.c",
+        &["first", "second"],
+        &["--time-limit", "30"],
+    );
+    let [first, second] = &runs[..] else {
+        unreachable!()
+    };
+    for run in &runs {
+        let (kind, end) = run.stimulus_end();
+        assert_eq!(kind, "exited", "{}", run.context());
+        assert_eq!(end["status"], 0, "{}", run.context());
+        assert!(run.summary["crash_title"].is_null(), "{}", run.context());
+    }
+    // The workload must interleave: a timer wakes the sleeper while the ping-pong still runs,
+    // else this test covers less than it says.
+    let lines: Vec<&str> = first.console.lines().collect();
+    let first_wake = lines.iter().position(|l| l.contains("sleeper woke"));
+    let last_pong = lines.iter().rposition(|l| l.contains("sched_timers: pong"));
+    assert!(
+        matches!((first_wake, last_pong), (Some(w), Some(p)) if w < p),
+        "the sleeper never woke during the ping-pong:\n{}",
+        first.context()
+    );
+
+    let exits = |run: &Run| run.summary["exits"].as_u64().unwrap_or_default();
+    let landmarks = |run: &Run| run.summary["landmarks"].clone();
+    eprintln!(
+        "exits: {} and {}; stall landmarks: {} and {}; host seconds: {} and {}",
+        exits(first),
+        exits(second),
+        landmarks(first),
+        landmarks(second),
+        first.summary["host_secs"],
+        second.summary["host_secs"]
+    );
+    assert_eq!(
+        (exits(first), &first.summary["virtual_time_ns"]),
+        (exits(second), &second.summary["virtual_time_ns"]),
+        "two runs made different numbers of synchronous exits (stall landmarks, the one \
+         host-timed input: {} and {})",
+        landmarks(first),
+        landmarks(second)
+    );
+    let differing: Vec<_> = first
+        .console
+        .lines()
+        .zip(second.console.lines())
+        .enumerate()
+        .filter(|(_, (x, y))| x != y)
+        .take(10)
+        .collect();
+    assert!(
+        differing.is_empty() && first.console == second.console,
+        "two runs printed different consoles ({} and {} bytes); first differing lines: \
+         {differing:#?}",
+        first.console.len(),
+        second.console.len()
     );
 }
 

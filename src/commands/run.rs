@@ -3,6 +3,11 @@
 //!
 //! Builds happen on the host (they are slow under emulation); where the host KVM is
 //! software-only, only the VM itself moves into the carrier, handed the built kernel and image.
+//!
+//! The verdict names the first kernel report printed after the stimulus started; reports the
+//! kernel printed while it booted are listed apart (`console` says where the split falls).
+
+mod console;
 
 use std::fs::File;
 use std::io::Write;
@@ -115,11 +120,19 @@ pub struct RunSummary {
     pub kernel: PathBuf,
     pub rootfs: PathBuf,
     pub stimulus_end: StimulusEnd,
-    /// The syzbot-style title of the first kernel report on the console, if any.
+    /// The syzbot-style title of the first kernel report printed after the stimulus started.
     pub crash_title: Option<String>,
+    /// Titles of the kernel reports printed before the stimulus started (while the kernel
+    /// booted); they are not the stimulus's doing. Full texts in `boot-reports.txt`.
+    #[serde(default)]
+    pub boot_reports: Vec<String>,
     /// How the VM ended: powered off, rebooted, timed out, or a fault.
     pub vm_end: String,
     pub exits: u64,
+    /// Timer ticks given at host-timed points to a guest running without exits (`vmm::stall`):
+    /// the one input that can make two runs of the same stimulus differ.
+    #[serde(default)]
+    pub landmarks: u64,
     pub virtual_time_ns: u64,
     pub host_secs: f64,
     pub console: PathBuf,
@@ -215,30 +228,6 @@ fn new_run_dir(stimulus: &Path) -> Result<PathBuf> {
         .join(format!("{stem}-{stamp}-{}", std::process::id())))
 }
 
-/// The console goes to the terminal (unless quiet), to `console.log`, and to the crash detector.
-struct ConsoleTee {
-    terminal: Option<std::io::Stdout>,
-    log: File,
-    detector: Arc<Mutex<CrashDetector>>,
-}
-
-impl Write for ConsoleTee {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if let Some(out) = &self.terminal {
-            let mut out = out.lock();
-            out.write_all(buf)?;
-            out.flush()?;
-        }
-        self.log.write_all(buf)?;
-        rrr_vmm::bus::lock(&self.detector).feed(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.log.flush()
-    }
-}
-
 fn block_device(rootfs: &Path) -> Result<MmioDeviceFactory> {
     let disk = open_qcow2_overlay(rootfs)
         .with_context(|| format!("cannot open the root filesystem image {}", rootfs.display()))?;
@@ -254,11 +243,13 @@ fn block_device(rootfs: &Path) -> Result<MmioDeviceFactory> {
 fn run_vm(args: &Args, kernel: &Path, rootfs: &Path, run_dir: &Path) -> Result<RunSummary> {
     let console_path = run_dir.join("console.log");
     let detector = Arc::new(Mutex::new(CrashDetector::new()));
-    let console = ConsoleTee {
+    let control = console::ControlSlot::default();
+    let console = console::ConsoleTee {
         terminal: (!args.quiet).then(std::io::stdout),
         log: File::create(&console_path)
             .with_context(|| format!("cannot create {}", console_path.display()))?,
         detector: detector.clone(),
+        control: control.clone(),
     };
 
     let mut config = VmConfig::new(kernel);
@@ -276,9 +267,14 @@ fn run_vm(args: &Args, kernel: &Path, rootfs: &Path, run_dir: &Path) -> Result<R
 
     let mut vmm = builder::build_vm(config, Box::new(console), vec![block_device(rootfs)?])
         .context("cannot build the VM")?;
+    // Nothing reaches the console before the VM runs, so the split cannot be missed.
+    let _ = control.set(vmm.devices.control.clone());
     let result = run_loop::run(&mut vmm, None);
     let _ = std::io::stdout().flush();
-    let crash = rrr_vmm::bus::lock(&detector).report();
+    let (crash, boot_reports) = {
+        let detector = rrr_vmm::bus::lock(&detector);
+        (detector.report(), detector.boot_reports())
+    };
 
     let (vm_end, stats, host_secs, events) = match result {
         Ok(RunOutcome {
@@ -314,8 +310,10 @@ fn run_vm(args: &Args, kernel: &Path, rootfs: &Path, run_dir: &Path) -> Result<R
         rootfs: rootfs.to_owned(),
         stimulus_end: stimulus_end(&events, args.time_limit),
         crash_title: crash.as_ref().map(|c: &CrashReport| c.title.clone()),
+        boot_reports: boot_reports.iter().map(|r| r.title.clone()).collect(),
         vm_end,
         exits: stats.exits,
+        landmarks: stats.landmarks,
         virtual_time_ns: stats.virtual_time.as_nanos(),
         host_secs,
         console: console_path,
@@ -323,6 +321,13 @@ fn run_vm(args: &Args, kernel: &Path, rootfs: &Path, run_dir: &Path) -> Result<R
     if let Some(report) = &crash {
         std::fs::write(run_dir.join("crash.txt"), &report.text)
             .context("cannot save the crash report")?;
+    }
+    if !boot_reports.is_empty() {
+        std::fs::write(
+            run_dir.join(BOOT_REPORTS_FILE),
+            boot_reports_text(&boot_reports),
+        )
+        .context("cannot save the boot-time kernel reports")?;
     }
     let json = serde_json::to_string_pretty(&summary)?;
     std::fs::write(run_dir.join("summary.json"), json + "\n")
@@ -354,12 +359,32 @@ fn stimulus_end(events: &[(rrr_vmm::clock::VirtualTime, ControlEvent)], limit: u
     end
 }
 
+/// The boot-time reports' full texts, in the run directory.
+const BOOT_REPORTS_FILE: &str = "boot-reports.txt";
+
+fn boot_reports_text(reports: &[CrashReport]) -> String {
+    let texts: Vec<&str> = reports.iter().map(|r| r.text.as_str()).collect();
+    texts.join("\n\n") + "\n"
+}
+
 fn print_summary(summary: &RunSummary) {
     println!();
     println!("rrr: stimulus {}", summary.stimulus_end);
     match &summary.crash_title {
         Some(title) => println!("rrr: kernel crashed: {title}"),
-        None => println!("rrr: kernel: no crash report on the console"),
+        None if summary.stimulus_end == StimulusEnd::NeverStarted => {
+            println!("rrr: kernel: the stimulus never ran, so it caused no crash report")
+        }
+        None => println!("rrr: kernel: no crash report after the stimulus started"),
+    }
+    if !summary.boot_reports.is_empty() {
+        let saved = summary.console.with_file_name(BOOT_REPORTS_FILE);
+        println!(
+            "rrr: the kernel already reported during boot, before the stimulus started: {}; \
+             the verdict above is about the stimulus (boot reports saved to {})",
+            summary.boot_reports.join(", "),
+            saved.display()
+        );
     }
     println!(
         "rrr: VM {} after {} exits, {:.3} s virtual, {:.1} s host",

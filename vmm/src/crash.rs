@@ -1,11 +1,17 @@
 //! Kernel crash reports on the guest console, titled the way syzbot titles them.
 //!
-//! The console is fed to a [`CrashDetector`] as it streams. The first line that starts a kernel
-//! report (an oops, a warning, a sanitizer report, a hung task, a panic) opens the report; the
-//! following lines are kept until the report ends or grows past a bound. The title follows
-//! syzkaller's conventions (`WARNING in signal_wake_up_state`, `KASAN: use-after-free Read in
-//! foo`): the kind of report, then the function the report blames, taken from the report line, the
-//! `RIP:` line or the first frame of the call trace that is not reporting machinery.
+//! The console is fed to a [`CrashDetector`] as it streams. A line that starts a kernel report (an
+//! oops, a warning, a sanitizer report, a hung task, a panic) opens a report; the following lines
+//! are kept until the report ends, another report starts, or it grows past a bound. The title
+//! follows syzkaller's conventions (`WARNING in signal_wake_up_state`, `KASAN: use-after-free Read
+//! in foo`): the kind of report, then the function the report blames, taken from the report line,
+//! the `RIP:` line or the first frame of the call trace that is not reporting machinery.
+//!
+//! The run's verdict is about the stimulus, so the detector is told where in the stream the
+//! stimulus started ([`CrashDetector::stimulus_started`]). Reports printed before that point are
+//! boot-time reports: the kernel was already unwell before the stimulus ran, and a developer
+//! wants to know, but they are not what the stimulus caused. Like syzbot, the verdict is the
+//! first report after that point.
 
 use std::sync::OnceLock;
 
@@ -15,6 +21,8 @@ use regex::Regex;
 const MAX_REPORT_LINES: usize = 400;
 /// How long a console line may grow before it is cut (the guest controls the console).
 const MAX_LINE_BYTES: usize = 4096;
+/// How many boot-time reports are kept; a warning storm during boot must not grow without bound.
+const MAX_BOOT_REPORTS: usize = 16;
 
 /// A kernel report found on the console.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,27 +33,88 @@ pub struct CrashReport {
     pub text: String,
 }
 
-/// Watches a console byte stream for the first kernel report.
-#[derive(Debug, Default)]
+/// Which side of the stimulus's start a console line was printed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Boot,
+    Stimulus,
+}
+
+/// The lines of one report, and when it started.
+#[derive(Debug, Clone)]
+struct Collected {
+    phase: Phase,
+    lines: Vec<String>,
+}
+
+impl Collected {
+    fn to_report(&self) -> CrashReport {
+        let lines: Vec<&str> = self.lines.iter().map(String::as_str).collect();
+        // Every line that opens a report has a title rule; should one ever be missed, the first
+        // line is still a better title than claiming there was no report.
+        let title = title_of(&lines).unwrap_or_else(|| lines[0].trim().to_owned());
+        CrashReport {
+            title,
+            text: lines.join("\n"),
+        }
+    }
+}
+
+/// Watches a console byte stream for kernel reports: the boot-time ones, and the first one after
+/// the stimulus started.
+#[derive(Debug, Clone)]
 pub struct CrashDetector {
     partial: Vec<u8>,
-    report_lines: Vec<String>,
-    finished: bool,
+    /// The phase of the line in `partial`: the phase its first byte arrived in.
+    partial_phase: Option<Phase>,
+    phase: Phase,
+    /// The report still collecting lines.
+    open: Option<Collected>,
+    boot_reports: Vec<Collected>,
+    /// The stimulus's report, once it has ended; nothing after it is looked at.
+    stimulus_report: Option<Collected>,
+}
+
+impl Default for CrashDetector {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl CrashDetector {
     pub fn new() -> Self {
-        Self::default()
+        CrashDetector {
+            partial: Vec::new(),
+            partial_phase: None,
+            phase: Phase::Boot,
+            open: None,
+            boot_reports: Vec::new(),
+            stimulus_report: None,
+        }
+    }
+
+    /// Marks the point in the stream where the stimulus started: every line that begins after
+    /// this call is the stimulus's. A line already half printed keeps the phase it began in, so
+    /// a boot report is never cut in two by the mark.
+    pub fn stimulus_started(&mut self) {
+        self.phase = Phase::Stimulus;
+    }
+
+    /// Whether [`Self::stimulus_started`] has been called.
+    pub fn in_stimulus(&self) -> bool {
+        self.phase == Phase::Stimulus
     }
 
     /// Feeds console output; any chunking of the stream gives the same result.
     pub fn feed(&mut self, bytes: &[u8]) {
         for &byte in bytes {
+            let phase = *self.partial_phase.get_or_insert(self.phase);
             match byte {
                 b'\n' => {
                     let line = String::from_utf8_lossy(&self.partial).into_owned();
                     self.partial.clear();
-                    self.take_line(&line);
+                    self.partial_phase = None;
+                    self.take_line(&line, phase);
                 }
                 b'\r' => {}
                 _ if self.partial.len() < MAX_LINE_BYTES => self.partial.push(byte),
@@ -54,40 +123,75 @@ impl CrashDetector {
         }
     }
 
-    fn take_line(&mut self, raw: &str) {
-        if self.finished {
+    fn take_line(&mut self, raw: &str, phase: Phase) {
+        if self.stimulus_report.is_some() {
             return;
         }
         let line = strip_console_prefix(raw);
-        if self.report_lines.is_empty() {
-            if starts_report(line) {
-                self.report_lines.push(line.to_owned());
+        let starts = starts_report(line);
+        if let Some(open) = &mut self.open {
+            // A report ends where the next one starts, except for the lines the kernel prints
+            // inside one report (the oops banner after `BUG:`, the panic after an oops). The
+            // stimulus's start ends a boot report too: what follows is the stimulus's.
+            let same_report = open.phase == phase && (!starts || continues_report(line));
+            if same_report {
+                open.lines.push(line.to_owned());
+                if ends_report(line) || open.lines.len() >= MAX_REPORT_LINES {
+                    self.close();
+                }
+                return;
             }
-            return;
+            self.close();
+            if self.stimulus_report.is_some() {
+                return;
+            }
         }
-        self.report_lines.push(line.to_owned());
-        if ends_report(line) || self.report_lines.len() >= MAX_REPORT_LINES {
-            self.finished = true;
+        let room = phase == Phase::Stimulus || self.boot_reports.len() < MAX_BOOT_REPORTS;
+        if starts && room {
+            self.open = Some(Collected {
+                phase,
+                lines: vec![line.to_owned()],
+            });
         }
     }
 
-    /// The report seen so far, if any. A report still streaming gets the best title its lines
-    /// allow, so a guest that dies mid-report still has a title.
-    pub fn report(&self) -> Option<CrashReport> {
-        let mut lines: Vec<&str> = self.report_lines.iter().map(String::as_str).collect();
-        let pending = String::from_utf8_lossy(&self.partial);
-        let pending = strip_console_prefix(&pending);
-        if lines.is_empty() {
-            if !starts_report(pending) {
-                return None;
+    fn close(&mut self) {
+        if let Some(report) = self.open.take() {
+            match report.phase {
+                Phase::Boot => self.boot_reports.push(report),
+                Phase::Stimulus => self.stimulus_report = Some(report),
             }
-            lines.push(pending);
         }
-        let title = title_of(&lines)?;
-        Some(CrashReport {
-            title,
-            text: lines.join("\n"),
-        })
+    }
+
+    /// The detector as it would stand if the line still streaming ended now, so a guest that
+    /// dies mid-line or mid-report still has its report titled.
+    fn settled(&self) -> CrashDetector {
+        let mut settled = self.clone();
+        if settled.partial_phase.is_some() {
+            settled.feed(b"\n");
+        }
+        settled.close();
+        settled
+    }
+
+    /// The first report printed after the stimulus started: the run's verdict. A report still
+    /// streaming gets the best title its lines allow.
+    pub fn report(&self) -> Option<CrashReport> {
+        self.settled()
+            .stimulus_report
+            .as_ref()
+            .map(Collected::to_report)
+    }
+
+    /// The reports printed before the stimulus started (all of them if it never did), oldest
+    /// first, at most [`MAX_BOOT_REPORTS`].
+    pub fn boot_reports(&self) -> Vec<CrashReport> {
+        self.settled()
+            .boot_reports
+            .iter()
+            .map(Collected::to_report)
+            .collect()
     }
 }
 
@@ -110,6 +214,15 @@ fn starts_report(line: &str) -> bool {
         r"^(BUG: |WARNING: |KASAN: |KCSAN: |KMSAN: |UBSAN: |general protection fault|kernel BUG at |divide error: |Kernel panic - not syncing|INFO: task .* blocked for more than|INFO: rcu .*(detected|self-detected) stall|invalid opcode: |Oops: )",
     )
     .is_match(line)
+}
+
+/// Report-starting lines the kernel prints in the middle of a report it is already printing: the
+/// die banner after `BUG: kernel NULL pointer dereference` or `kernel BUG at`, and the panic that
+/// follows an oops or a warning under `panic_on_warn`.
+fn continues_report(line: &str) -> bool {
+    line.starts_with("Oops: ")
+        || line.starts_with("invalid opcode: ")
+        || line.starts_with("Kernel panic - not syncing")
 }
 
 fn ends_report(line: &str) -> bool {
@@ -360,13 +473,199 @@ pub fn title_of(lines: &[&str]) -> Option<String> {
 mod tests {
     use super::*;
 
-    fn detect(console: &str) -> Option<CrashReport> {
-        let mut detector = CrashDetector::new();
-        // Feed in awkward chunks: the result must not depend on how the console is split.
+    /// Feeds in awkward chunks: the result must not depend on how the console is split.
+    fn feed(detector: &mut CrashDetector, console: &str) {
         for chunk in console.as_bytes().chunks(7) {
             detector.feed(chunk);
         }
+    }
+
+    /// The verdict on a console printed entirely while the stimulus ran.
+    fn detect(console: &str) -> Option<CrashReport> {
+        let mut detector = CrashDetector::new();
+        detector.stimulus_started();
+        feed(&mut detector, console);
         detector.report()
+    }
+
+    /// Boot console, then the stimulus's start, then the stimulus's console.
+    fn split(boot: &str, stimulus: &str) -> (Vec<String>, Option<String>) {
+        let mut detector = CrashDetector::new();
+        feed(&mut detector, boot);
+        detector.stimulus_started();
+        feed(&mut detector, stimulus);
+        let boot_titles = detector.boot_reports().into_iter().map(|r| r.title);
+        (boot_titles.collect(), detector.report().map(|r| r.title))
+    }
+
+    const BOOT_WARNING: &str = "\
+[    0.912345] ------------[ cut here ]------------
+[    0.912346] WARNING: CPU: 0 PID: 1 at drivers/base/core.c:100 device_add+0x10/0x80
+[    0.912347] Modules linked in:
+[    0.912348] RIP: 0010:device_add+0x10/0x80
+[    0.912349] ---[ end trace 0000000000000000 ]---
+";
+
+    const SYSRQ_PANIC: &str = "\
+[    5.1] sysrq: Trigger a crash
+[    5.1] Kernel panic - not syncing: sysrq triggered crash
+[    5.1] Call Trace:
+[    5.1]  sysrq_handle_crash+0x15/0x20
+[    5.1] Kernel Offset: disabled
+";
+
+    #[test]
+    fn a_boot_warning_is_listed_apart_from_the_stimulus_crash() {
+        let boot = format!("Linux version 6.12\n{BOOT_WARNING}Run /init as init process\n");
+        let stimulus = format!("rrr-agent: running /stimulus\n{SYSRQ_PANIC}");
+        let (boot_titles, verdict) = split(&boot, &stimulus);
+        assert_eq!(boot_titles, ["WARNING in device_add"]);
+        assert_eq!(
+            verdict.as_deref(),
+            Some("kernel panic: sysrq triggered crash")
+        );
+    }
+
+    #[test]
+    fn a_boot_warning_alone_is_no_verdict() {
+        let (boot_titles, verdict) = split(BOOT_WARNING, "rrr-agent: stimulus exited\n");
+        assert_eq!(boot_titles, ["WARNING in device_add"]);
+        assert_eq!(verdict, None);
+    }
+
+    #[test]
+    fn with_no_start_every_report_is_a_boot_report() {
+        // The guest died during boot: the panic is the kernel's, not the stimulus's.
+        let console =
+            format!("{BOOT_WARNING}Kernel panic - not syncing: VFS: Unable to mount root fs\n");
+        let mut detector = CrashDetector::new();
+        feed(&mut detector, &console);
+        let titles: Vec<_> = detector
+            .boot_reports()
+            .into_iter()
+            .map(|r| r.title)
+            .collect();
+        assert_eq!(
+            titles,
+            [
+                "WARNING in device_add",
+                "kernel panic: VFS: Unable to mount root fs"
+            ]
+        );
+        assert_eq!(detector.report(), None);
+    }
+
+    #[test]
+    fn a_boot_report_with_no_end_line_stops_at_the_start() {
+        // `BUG: sleeping function called...` has no end line: without the split it would run on
+        // into the stimulus's output.
+        let boot = "\
+BUG: sleeping function called from invalid context at mm/slab.c:1
+Call Trace:
+ __might_resched+0x100/0x120
+ kmalloc_trace+0x20/0x40
+ early_thing_init+0x10/0x20
+";
+        let mut detector = CrashDetector::new();
+        feed(&mut detector, boot);
+        detector.stimulus_started();
+        feed(&mut detector, "stimulus says hello\n");
+        let reports = detector.boot_reports();
+        assert_eq!(reports.len(), 1);
+        assert_eq!(
+            reports[0].title,
+            "BUG: sleeping function called from invalid context in kmalloc_trace"
+        );
+        assert!(!reports[0].text.contains("hello"), "{}", reports[0].text);
+        assert_eq!(detector.report(), None);
+    }
+
+    #[test]
+    fn a_line_half_printed_at_the_start_stays_a_boot_line() {
+        let mut detector = CrashDetector::new();
+        detector.feed(b"[    0.9] WARNING: CPU: 0 PID: 1 at a.c:1 early_fn+0x1/0x2");
+        detector.stimulus_started();
+        detector.feed(b"\n---[ end trace 0 ]---\nKernel panic - not syncing: late\n");
+        let boot: Vec<_> = detector
+            .boot_reports()
+            .into_iter()
+            .map(|r| r.title)
+            .collect();
+        assert_eq!(boot, ["WARNING in early_fn"]);
+        assert_eq!(detector.report().unwrap().title, "kernel panic: late");
+    }
+
+    #[test]
+    fn the_stimulus_report_is_the_first_after_the_start_even_mid_boot_report() {
+        // A boot report still open when the stimulus starts ends there; the stimulus's own panic
+        // is not taken for the boot report's tail.
+        let boot = "INFO: task kworker:12 blocked for more than 143 seconds.\nCall Trace:\n";
+        let (boot_titles, verdict) = split(boot, SYSRQ_PANIC);
+        assert_eq!(boot_titles, ["INFO: task hung"]);
+        assert_eq!(
+            verdict.as_deref(),
+            Some("kernel panic: sysrq triggered crash")
+        );
+    }
+
+    #[test]
+    fn an_oops_banner_and_its_panic_stay_in_one_report() {
+        let console = "\
+BUG: kernel NULL pointer dereference, address: 0000000000000000
+Oops: Oops: 0000 [#1] PREEMPT SMP
+RIP: 0010:do_thing+0x5/0x20
+Kernel panic - not syncing: Fatal exception
+Kernel Offset: disabled
+WARNING: CPU: 0 PID: 1 at a.c:1 later_fn+0x1/0x2
+";
+        let mut detector = CrashDetector::new();
+        feed(&mut detector, console);
+        let titles: Vec<_> = detector
+            .boot_reports()
+            .into_iter()
+            .map(|r| r.title)
+            .collect();
+        assert_eq!(
+            titles,
+            [
+                "BUG: unable to handle kernel NULL pointer dereference in do_thing",
+                "WARNING in later_fn"
+            ]
+        );
+    }
+
+    #[test]
+    fn boot_reports_are_bounded() {
+        let mut detector = CrashDetector::new();
+        for i in 0..3 * MAX_BOOT_REPORTS {
+            feed(
+                &mut detector,
+                &format!("WARNING: CPU: 0 PID: 1 at a.c:1 fn_{i}+0x1/0x2\n---[ end trace 0 ]---\n"),
+            );
+        }
+        detector.stimulus_started();
+        feed(&mut detector, SYSRQ_PANIC);
+        let boot = detector.boot_reports();
+        assert_eq!(boot.len(), MAX_BOOT_REPORTS);
+        assert_eq!(boot[0].title, "WARNING in fn_0");
+        assert_eq!(
+            detector.report().unwrap().title,
+            "kernel panic: sysrq triggered crash"
+        );
+    }
+
+    #[test]
+    fn a_report_cut_off_mid_line_still_has_a_title() {
+        let mut detector = CrashDetector::new();
+        detector.stimulus_started();
+        detector.feed(b"Kernel panic - not syncing: cut off");
+        assert_eq!(detector.report().unwrap().title, "kernel panic: cut off");
+        // Looking does not change what is seen next.
+        detector.feed(b" here\n");
+        assert_eq!(
+            detector.report().unwrap().title,
+            "kernel panic: cut off here"
+        );
     }
 
     #[test]
@@ -491,6 +790,7 @@ Call Trace:
         assert_eq!(detect(&console).unwrap().title, "WARNING in first_fn");
 
         let mut detector = CrashDetector::new();
+        detector.stimulus_started();
         detector.feed(b"BUG: soft lockup - CPU#0 stuck for 22s!\n");
         detector.feed(&vec![b'x'; 1 << 20]);
         detector.feed(b"\n");
