@@ -355,6 +355,12 @@ pub fn title_of(lines: &[&str]) -> Option<String> {
     static ACCESS: OnceLock<Regex> = OnceLock::new();
     static PANIC: OnceLock<Regex> = OnceLock::new();
     let first = *lines.first()?;
+    // Since 6.x, die() prefixes its banner with "Oops: " ("Oops: general protection fault, ...",
+    // "Oops: invalid opcode: ..."); syzbot titles by what follows.
+    let first = match first.strip_prefix("Oops: ") {
+        Some(rest) if starts_report(rest) && !rest.starts_with("Oops: ") => rest,
+        _ => first,
+    };
 
     if let Some(c) = regex(&KASAN, r"^(?:BUG: )?KASAN: ([a-z0-9-]+) in ([^\s]+)").captures(first) {
         let access = lines.iter().skip(1).find_map(|l| {
@@ -778,6 +784,13 @@ Call Trace:
             detect(gpf).unwrap().title,
             "general protection fault in __list_del_entry"
         );
+        let gpf_6x = "Oops: general protection fault, probably for non-canonical address 0xdffffc0000000000: 0000 [#1] PREEMPT SMP KASAN NOPTI\nRIP: 0010:__list_del_entry+0x10/0x30\n";
+        assert_eq!(
+            detect(gpf_6x).unwrap().title,
+            "general protection fault in __list_del_entry"
+        );
+        let ud_6x = "Oops: invalid opcode: 0000 [#1] PREEMPT SMP\nRIP: 0010:do_thing+0x4/0x10\n";
+        assert_eq!(detect(ud_6x).unwrap().title, "invalid opcode in do_thing");
         let bug = "kernel BUG at fs/buffer.c:1234!\ninvalid opcode: 0000 [#1]\nRIP: 0010:submit_bh_wbc+0x300/0x320\n";
         assert_eq!(detect(bug).unwrap().title, "kernel BUG in submit_bh_wbc");
     }
