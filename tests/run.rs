@@ -209,7 +209,24 @@ impl Run {
 
 #[test]
 fn exit_status_three_is_reported() {
-    let run = rrr_run("exit3.c", &["--time-limit", "20"]);
+    let run = rrr_run(
+        "exit3.c",
+        &[
+            "--time-limit",
+            "20",
+            "--append",
+            "panic_on_warn=1 rrr.marker=7",
+        ],
+    );
+    let command_line = run
+        .console
+        .lines()
+        .find(|l| l.contains("Command line:"))
+        .unwrap_or_default();
+    assert!(
+        command_line.ends_with(" panic_on_warn=1 rrr.marker=7"),
+        "--append did not reach the kernel's command line: {command_line:?}"
+    );
     let (kind, end) = run.stimulus_end();
     assert_eq!(kind, "exited", "{}", run.context());
     assert_eq!(end["status"], 3, "{}", run.context());

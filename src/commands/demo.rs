@@ -46,6 +46,7 @@ pub fn run(args: Args) -> Result<i32> {
         time_limit: args.time_limit,
         timeout: None,
         mem: super::run::DEFAULT_MEM_MIB,
+        append: None,
         m32: false,
         direct: false,
         quiet: args.quiet,

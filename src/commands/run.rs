@@ -53,6 +53,10 @@ pub struct Args {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = DEFAULT_MEM_MIB)]
     pub mem: u64,
+    /// Extra kernel parameters, after rrr's own (e.g. `--append "panic_on_warn=1"`, as syzbot
+    /// boots its kernels).
+    #[arg(long, value_name = "ARGS")]
+    pub append: Option<String>,
     /// Build the stimulus as a 32-bit program.
     #[arg(long)]
     pub m32: bool,
@@ -200,6 +204,9 @@ fn run_inside_carrier(args: &Args, kernel: &Path, rootfs: &Path, run_dir: &Path)
     if let Some(timeout) = args.timeout {
         cmd.extend(["--timeout".into(), timeout.to_string().into()]);
     }
+    if let Some(append) = &args.append {
+        cmd.extend(["--append".into(), append.into()]);
+    }
     if args.quiet {
         cmd.push("--quiet".into());
     }
@@ -258,6 +265,7 @@ fn run_vm(args: &Args, kernel: &Path, rootfs: &Path, run_dir: &Path) -> Result<R
     config.append = ["root=/dev/vda", "rw", "rootfstype=ext4", "init=/init"]
         .map(String::from)
         .to_vec();
+    config.append.extend(args.append.iter().cloned());
     let host_limit = args
         .timeout
         .unwrap_or(u64::from(args.time_limit) + BOOT_ALLOWANCE_SECS);
