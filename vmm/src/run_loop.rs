@@ -461,10 +461,13 @@ impl Runner<'_> {
     /// decides whether it waits for time to pass.
     fn stalled(&mut self) -> Result<(), RunError> {
         let sample = self.vmm.vcpu.stall_sample().map_err(RunError::Vcpu)?;
-        match self
+        let verdict = self
             .stalls
-            .observe(self.stats.exits, sample, Instant::now())
-        {
+            .observe(self.stats.exits, sample, Instant::now());
+        if let Some(watchdog) = &self.watchdog {
+            watchdog.set_hurry(matches!(verdict, Verdict::Landmark(_)));
+        }
+        match verdict {
             Verdict::Wait => {
                 tracing::trace!(exits = self.stats.exits, "stall sample");
                 Ok(())

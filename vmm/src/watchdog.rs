@@ -23,6 +23,9 @@ const REKICK_PERIOD: Duration = Duration::from_millis(20);
 /// is its tick count); the samples themselves change nothing the guest can see.
 pub const STALL_PERIOD: Duration = Duration::from_millis(10);
 
+/// The sampling period once the guest is known to be waiting for time (see [`Watchdog::set_hurry`]).
+pub const HURRIED_STALL_PERIOD: Duration = Duration::from_millis(2);
+
 struct Shared {
     stop: Mutex<bool>,
     wake: Condvar,
@@ -30,6 +33,9 @@ struct Shared {
     /// Synchronous exits so far, published by the run loop.
     progress: AtomicU64,
     stalled: AtomicBool,
+    /// The guest is in a loop that waits for time: sample it more often, so its ticks come
+    /// faster and its time limit passes sooner.
+    hurry: AtomicBool,
 }
 
 pub struct Watchdog {
@@ -46,6 +52,7 @@ impl Watchdog {
             expired: AtomicBool::new(false),
             progress: AtomicU64::new(0),
             stalled: AtomicBool::new(false),
+            hurry: AtomicBool::new(false),
         });
         let deadline = timeout.map(|t| Instant::now() + t);
         let theirs = Arc::clone(&shared);
@@ -66,6 +73,11 @@ impl Watchdog {
     /// The run loop reached its `exits`-th synchronous exit.
     pub fn note_progress(&self, exits: u64) {
         self.shared.progress.store(exits, Ordering::Relaxed);
+    }
+
+    /// Samples every [`HURRIED_STALL_PERIOD`] instead of every [`STALL_PERIOD`] while set.
+    pub fn set_hurry(&self, hurry: bool) {
+        self.shared.hurry.store(hurry, Ordering::Relaxed);
     }
 
     /// Whether the last kick was for a stall (clears the flag).
@@ -97,7 +109,12 @@ fn watch(shared: &Shared, deadline: Option<Instant>, kicker: VcpuKicker) {
                 kicker.kick();
             }
             seen = progress;
-            let wait = deadline.map_or(STALL_PERIOD, |d| (d - now).min(STALL_PERIOD));
+            let period = if shared.hurry.load(Ordering::Relaxed) {
+                HURRIED_STALL_PERIOD
+            } else {
+                STALL_PERIOD
+            };
+            let wait = deadline.map_or(period, |d| (d - now).min(period));
             stop = shared
                 .wake
                 .wait_timeout(stop, wait)
