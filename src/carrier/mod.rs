@@ -3,11 +3,12 @@
 //! On a host whose `/dev/kvm` is software-only, rrr reruns itself in here. The carrier boots a
 //! small kernel whose root filesystem is the host's own root (9p, read-only), so the very same
 //! binaries run inside; the current directory, the cache and any extra shares are mounted
-//! writable at their host paths. A generated init script runs the command and reports its exit
-//! status on the console; QEMU ends when init does.
+//! writable at their host paths. A generated init script runs the command with our stdin and
+//! reports its exit status on the console; QEMU ends when init does.
 
 mod qemu;
 mod script;
+mod stdin;
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -63,8 +64,8 @@ pub fn reexec_in_carrier(opts: &CarrierOptions) -> Result<i32> {
     run_in_carrier(&cmd, opts)
 }
 
-/// Runs `cmd` inside the carrier with this process's environment and working directory, its
-/// stdout and stderr copied to ours; returns its exit status (128+signal if it was killed).
+/// Runs `cmd` inside the carrier with this process's environment, working directory and stdin,
+/// its stdout and stderr copied to ours; returns its exit status (128+signal if it was killed).
 pub fn run_in_carrier(cmd: &[OsString], opts: &CarrierOptions) -> Result<i32> {
     if cmd.is_empty() {
         bail!("no command given to run in the carrier");
@@ -76,7 +77,7 @@ pub fn run_in_carrier(cmd: &[OsString], opts: &CarrierOptions) -> Result<i32> {
     let kernel = crate::commands::kernel::ensure_carrier_kernel()?;
     let cache = crate::cache::cache_dir()?;
     let run = RunDir::create(&cache)?;
-    let result = run_with(cmd, opts, &kernel.bz_image(), &cache, &run);
+    let result = run_with(cmd, opts, &kernel.vmlinux(), &cache, &run);
     match &result {
         Ok(_) => run.remove(),
         Err(_) => tracing::info!(dir = %run.path.display(), "kept the failed carrier run"),
@@ -84,15 +85,28 @@ pub fn run_in_carrier(cmd: &[OsString], opts: &CarrierOptions) -> Result<i32> {
     result
 }
 
+/// Looks QEMU up in PATH before a carrier kernel build can start. (A search, not a trial run of
+/// `qemu --version`, which cost 80 ms of every carrier start.)
 fn which_qemu() -> Result<()> {
-    match Command::new(qemu::QEMU).arg("--version").output() {
-        Ok(out) if out.status.success() => Ok(()),
-        _ => bail!(
-            "{} is not installed; the carrier needs it: run `sudo scripts/setup` \
-             (or `sudo apt-get install --no-install-recommends qemu-system-x86`)",
-            qemu::QEMU
-        ),
+    use std::os::unix::fs::PermissionsExt;
+    let found = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            std::fs::metadata(dir.join(qemu::QEMU))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    });
+    if !found {
+        bail!("{}", qemu_missing());
     }
+    Ok(())
+}
+
+fn qemu_missing() -> String {
+    format!(
+        "{} is not installed; the carrier needs it: run `sudo scripts/setup` \
+         (or `sudo apt-get install --no-install-recommends qemu-system-x86`)",
+        qemu::QEMU
+    )
 }
 
 /// The per-run directory under the cache: init script, console log, FIFOs. Unique per run, so
@@ -134,7 +148,7 @@ impl RunDir {
 fn run_with(
     cmd: &[OsString],
     opts: &CarrierOptions,
-    bz_image: &Path,
+    vmlinux: &Path,
     cache: &Path,
     run: &RunDir,
 ) -> Result<i32> {
@@ -146,9 +160,12 @@ fn run_with(
     env.push((IN_CARRIER_ENV.into(), "1".into()));
 
     let init = run.path.join("init.sh");
+    let fstab = run.path.join("fstab");
+    std::fs::write(&fstab, script::fstab(&shares))
+        .with_context(|| format!("cannot write {}", fstab.display()))?;
     let script = script::Script {
         nonce: &run.nonce,
-        shares: &shares,
+        fstab: &fstab,
         cwd: &cwd,
         env: &env,
         cmd,
@@ -161,7 +178,7 @@ fn run_with(
     mkfifo(&stderr_fifo)?;
 
     let launch = qemu::Launch {
-        bz_image,
+        vmlinux,
         mem_mb: opts.mem_mb,
         cpus: opts.cpus.max(1),
         init: &init,
@@ -170,23 +187,30 @@ fn run_with(
         stderr_fifo: &stderr_fifo,
         shares: &shares,
     };
+    let (qemu_stdin, input) = stdin::forward()?;
     let started = Instant::now();
     let out_pump = pump(stdout_fifo.clone(), std::io::stdout());
     let err_pump = pump(stderr_fifo.clone(), std::io::stderr());
     tracing::debug!(args = ?launch.args(), "starting the carrier");
     let mut child = Command::new(qemu::QEMU)
         .args(launch.args())
-        .stdin(Stdio::null())
+        .stdin(qemu_stdin)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .with_context(|| format!("cannot start {}", qemu::QEMU))?;
+        .map_err(|err| match err.kind() {
+            std::io::ErrorKind::NotFound => anyhow::anyhow!(qemu_missing()),
+            _ => anyhow::Error::new(err).context(format!("cannot start {}", qemu::QEMU)),
+        })?;
     let _guard = interrupt::register(child.id() as i32);
     let mut qemu_stderr = String::new();
     if let Some(mut pipe) = child.stderr.take() {
         let _ = pipe.read_to_string(&mut qemu_stderr);
     }
     let status = child.wait().context("cannot wait for QEMU")?;
+    // Only now may our end of the stdin socket close (see `stdin`). The copying thread is not
+    // joined: it may sit in a read of a terminal that never ends.
+    drop(input);
     tracing::info!(seconds = started.elapsed().as_secs_f64(), %status, "carrier ended");
     // If QEMU died before opening a FIFO, its reader still waits in open(): release it.
     for fifo in [&stdout_fifo, &stderr_fifo] {

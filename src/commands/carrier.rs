@@ -9,7 +9,8 @@ use crate::carrier::{self, CarrierOptions};
 
 #[derive(clap::Subcommand)]
 pub enum CarrierCommand {
-    /// Run CMD inside the carrier; its stdout, stderr and exit status become rrr's.
+    /// Run CMD inside the carrier: rrr's stdin becomes its stdin (to end of input), and its
+    /// stdout, stderr and exit status become rrr's.
     Run(RunArgs),
 }
 
