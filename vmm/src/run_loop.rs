@@ -447,7 +447,7 @@ impl Runner<'_> {
             return;
         }
         let mut serial = lock(&self.vmm.devices.serial);
-        let room = serial.input_space().min(self.pending_input.len());
+        let room = serial.receive_room().min(self.pending_input.len());
         if room == 0 {
             return;
         }
@@ -595,10 +595,13 @@ impl Runner<'_> {
     /// Blocks until host console input arrives. Returns false if the host timeout passed first;
     /// fails if no input can ever come.
     fn wait_for_input(&mut self, reason: &'static str) -> Result<bool, RunError> {
-        if !self.pending_input.is_empty() {
+        // Input reaches the guest only while its UART receives; otherwise none can wake it.
+        let receiving = lock(&self.vmm.devices.serial).receive_room() > 0;
+        if receiving && !self.pending_input.is_empty() {
             return Ok(true);
         }
-        let Some(rx) = &self.input else {
+        let rx = self.input.as_ref().filter(|_| receiving);
+        let Some(rx) = rx else {
             return Err(self.fault(FaultKind::HaltedForever {
                 reason: if reason == "no timer armed" {
                     "no timer armed and no console input to wait for"

@@ -3,7 +3,8 @@
 //! Output is immediate: a byte written to THR goes straight to the host writer, so the
 //! transmitter is always empty (LSR THRE and TEMT set) and a THR write re-arms the THRE
 //! interrupt at once. Input comes from [`Serial::queue_input`] into a bounded queue that plays
-//! the part of the receive FIFO and of the line behind it. The IRQ4 line is a level recomputed
+//! the part of the receive FIFO; the run loop sends only what [`Serial::receive_room`] allows
+//! (RTS/CTS flow control), so typed-ahead input waits for the guest instead of being lost. The IRQ4 line is a level recomputed
 //! after every access, gated by MCR OUT2 as on a PC.
 //!
 //! Simplified against the datasheet:
@@ -138,6 +139,20 @@ impl Serial {
             self.line_errors |= LSR_OE;
         }
         self.update_irq(irqs);
+    }
+
+    /// How many bytes the host should send now, playing RTS/CTS flow control: none until the
+    /// guest raises RTS ("ready to receive") with the UART's interrupt routed to the PIC (OUT2)
+    /// and the receive interrupt enabled, then as many as the FIFO has room for. The rest waits
+    /// "on the wire" with the host. Linux raises RTS last when it opens the tty; before that its
+    /// probe and start-up clear the FIFO several times (and toggling FIFO mode clears it too),
+    /// so input sent earlier would be lost.
+    pub fn receive_room(&self) -> usize {
+        let ready = MCR_OUT2 | MCR_RTS;
+        if self.ier & IER_RDI == 0 || self.mcr & ready != ready || self.looping() {
+            return 0;
+        }
+        FIFO_DEPTH.saturating_sub(self.input.len())
     }
 
     /// How many more bytes [`Serial::queue_input`] accepts.
@@ -550,6 +565,30 @@ mod tests {
             left += 1;
         }
         assert_eq!(left, 4);
+    }
+
+    #[test]
+    fn input_waits_until_the_guest_is_ready_to_receive() {
+        let mut rig = Rig::new();
+        assert_eq!(rig.serial.receive_room(), 0);
+        // The probe's IER test, before the port is started.
+        rig.out(IER, 0x0f);
+        assert_eq!(rig.serial.receive_room(), 0);
+        rig.out(IER, 0);
+        rig.out(IIR_FCR, 0x07);
+        rig.out(MCR, MCR_OUT2 | MCR_DTR);
+        rig.out(IER, IER_RLSI | IER_RDI);
+        assert_eq!(rig.serial.receive_room(), 0, "RTS not raised yet");
+        rig.out(MCR, MCR_OUT2 | MCR_DTR | MCR_RTS);
+        assert_eq!(rig.serial.receive_room(), FIFO_DEPTH);
+        rig.input(b"abc");
+        assert_eq!(rig.serial.receive_room(), FIFO_DEPTH - 3);
+        // A console write masks the interrupts for a moment: the line holds.
+        rig.out(IER, 0);
+        assert_eq!(rig.serial.receive_room(), 0);
+        rig.out(MCR, MCR_LOOP | MCR_OUT2 | MCR_RTS);
+        rig.out(IER, IER_RDI);
+        assert_eq!(rig.serial.receive_room(), 0, "no host input in loopback");
     }
 
     #[test]
