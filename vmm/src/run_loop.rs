@@ -5,6 +5,9 @@
 //! per synchronous exit and jumps to the next timer deadline on HLT; interrupts are injected only
 //! at synchronous exits; a watchdog kick (`EINTR`) is not a synchronous exit and changes nothing
 //! the guest can see.
+//!
+//! `RUST_LOG=rrr_vmm::timeline=trace` logs every exit, injection and kick with its exit count:
+//! diffing two runs' timelines shows the first exit where they part.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -282,6 +285,7 @@ impl Runner<'_> {
             let step = self.enter()?;
             let end = match step {
                 Step::Kick => {
+                    tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, "kick");
                     self.stats.kicks += 1;
                     if self.watchdog.as_ref().is_some_and(Watchdog::take_stall) {
                         self.stalled()?;
@@ -331,6 +335,7 @@ impl Runner<'_> {
         let step = match vmm.vcpu.fd.run() {
             Ok(VcpuExit::IoIn(..)) | Ok(VcpuExit::IoOut(..)) => Step::Pio,
             Ok(VcpuExit::MmioRead(addr, data)) => {
+                tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, addr, "mmio read");
                 self.stats.mmio_exits += 1;
                 let mut cx = DeviceContext {
                     now,
@@ -340,6 +345,7 @@ impl Runner<'_> {
                 Step::Sync
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, addr, "mmio write");
                 self.stats.mmio_exits += 1;
                 let mut cx = DeviceContext {
                     now,
@@ -348,8 +354,14 @@ impl Runner<'_> {
                 vmm.mmio.bus.write(&mut cx, addr, data);
                 Step::Sync
             }
-            Ok(VcpuExit::IrqWindowOpen) => Step::Sync,
-            Ok(VcpuExit::Hlt) => Step::Halt,
+            Ok(VcpuExit::IrqWindowOpen) => {
+                tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, "window");
+                Step::Sync
+            }
+            Ok(VcpuExit::Hlt) => {
+                tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, "hlt");
+                Step::Halt
+            }
             Ok(VcpuExit::Shutdown) => Step::Shutdown,
             Ok(VcpuExit::InternalError) => Step::InternalError,
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
@@ -397,6 +409,7 @@ impl Runner<'_> {
         };
         let port = u64::from(io.port);
         let write = u32::from(io.direction) == kvm_bindings::KVM_EXIT_IO_OUT;
+        tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, port, write, len, "pio");
         for element in data.chunks_mut(size) {
             let mut cx = DeviceContext {
                 now,
@@ -534,6 +547,7 @@ impl Runner<'_> {
         }
         let vector = lock(&self.vmm.devices.pic).acknowledge();
         if let Some(vector) = vector {
+            tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, vector, "inject");
             self.vmm.vcpu.inject(vector)?;
             self.stats.injections += 1;
         }
