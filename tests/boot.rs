@@ -2,10 +2,12 @@
 //! the carrier on a host whose KVM is software-only; they fail loudly if anything is missing.
 //! The bad-input tests need no guest.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Output};
 
-const RRR: &str = env!("CARGO_BIN_EXE_rrr");
+use common::{default_kernel, initramfs_with_init, text, RRR};
 
 fn rrr(args: &[&str]) -> Output {
     Command::new(RRR)
@@ -13,10 +15,6 @@ fn rrr(args: &[&str]) -> Output {
         .stdin(std::process::Stdio::null())
         .output()
         .expect("cannot run the rrr binary")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// A minimal x86-64 ELF with one loadable segment, enough to get past the kernel checks.
@@ -99,55 +97,6 @@ fn refuses_an_initrd_that_does_not_fit() {
     );
 }
 
-/// The default guest kernel directory, from `rrr kernel build` (cached after the first build).
-fn default_kernel() -> PathBuf {
-    let out = rrr(&["kernel", "build"]);
-    assert!(
-        out.status.success(),
-        "`rrr kernel build` failed:\n{}",
-        text(&out.stderr)
-    );
-    let dir = text(&out.stdout)
-        .trim()
-        .lines()
-        .last()
-        .unwrap_or("")
-        .to_owned();
-    let dir = PathBuf::from(dir);
-    assert!(
-        dir.join("vmlinux").is_file(),
-        "no vmlinux in {}",
-        dir.display()
-    );
-    dir
-}
-
-/// An initramfs holding only the static test init.
-fn test_initramfs(dir: &Path) -> PathBuf {
-    let root = dir.join("root");
-    std::fs::create_dir_all(root.join("dev")).unwrap();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/test-init/init.c");
-    let cc = Command::new("gcc")
-        .args(["-O2", "-static", "-o"])
-        .arg(root.join("init"))
-        .arg(&src)
-        .output()
-        .expect("gcc is needed to build the test init");
-    assert!(cc.status.success(), "gcc failed:\n{}", text(&cc.stderr));
-    let cpio = dir.join("initramfs.cpio");
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "cd '{}' && find . | cpio -o -H newc --quiet > '{}'",
-            root.display(),
-            cpio.display()
-        ))
-        .status()
-        .expect("cpio is needed to build the test initramfs");
-    assert!(status.success(), "cpio failed");
-    cpio
-}
-
 struct Boot {
     console: String,
     summary: String,
@@ -200,7 +149,7 @@ fn boots_to_init_in_pic_mode_with_jiffies_twice() {
     // Under the target directory, not /tmp: the carrier shares the working tree, not the
     // host's /tmp.
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let initrd = test_initramfs(dir.path());
+    let initrd = initramfs_with_init(dir.path(), "guest/test-init/init.c");
 
     let first = boot(&kernel, &initrd);
     for expected in [

@@ -480,6 +480,14 @@ mod tests {
     use super::*;
 
     /// Feeds in awkward chunks: the result must not depend on how the console is split.
+    fn boot_titles(detector: &CrashDetector) -> Vec<String> {
+        detector
+            .boot_reports()
+            .into_iter()
+            .map(|r| r.title)
+            .collect()
+    }
+
     fn feed(detector: &mut CrashDetector, console: &str) {
         for chunk in console.as_bytes().chunks(7) {
             detector.feed(chunk);
@@ -546,11 +554,7 @@ mod tests {
             format!("{BOOT_WARNING}Kernel panic - not syncing: VFS: Unable to mount root fs\n");
         let mut detector = CrashDetector::new();
         feed(&mut detector, &console);
-        let titles: Vec<_> = detector
-            .boot_reports()
-            .into_iter()
-            .map(|r| r.title)
-            .collect();
+        let titles = boot_titles(&detector);
         assert_eq!(
             titles,
             [
@@ -592,11 +596,7 @@ Call Trace:
         detector.feed(b"[    0.9] WARNING: CPU: 0 PID: 1 at a.c:1 early_fn+0x1/0x2");
         detector.stimulus_started();
         detector.feed(b"\n---[ end trace 0 ]---\nKernel panic - not syncing: late\n");
-        let boot: Vec<_> = detector
-            .boot_reports()
-            .into_iter()
-            .map(|r| r.title)
-            .collect();
+        let boot = boot_titles(&detector);
         assert_eq!(boot, ["WARNING in early_fn"]);
         assert_eq!(detector.report().unwrap().title, "kernel panic: late");
     }
@@ -626,11 +626,7 @@ WARNING: CPU: 0 PID: 1 at a.c:1 later_fn+0x1/0x2
 ";
         let mut detector = CrashDetector::new();
         feed(&mut detector, console);
-        let titles: Vec<_> = detector
-            .boot_reports()
-            .into_iter()
-            .map(|r| r.title)
-            .collect();
+        let titles = boot_titles(&detector);
         assert_eq!(
             titles,
             [

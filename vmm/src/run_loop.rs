@@ -482,7 +482,7 @@ impl Runner<'_> {
         }
         match verdict {
             Verdict::Wait => {
-                tracing::trace!(exits = self.stats.exits, "stall sample");
+                tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, "stall sample");
                 Ok(())
             }
             Verdict::Landmark(cause) => {
@@ -616,11 +616,18 @@ impl Runner<'_> {
         }
         let rx = self.input.as_ref().filter(|_| receiving);
         let Some(rx) = rx else {
+            let timer_armed = reason != "no timer armed";
             return Err(self.fault(FaultKind::HaltedForever {
-                reason: if reason == "no timer armed" {
-                    "no timer armed and no console input to wait for"
-                } else {
-                    "its timer interrupt masked and no console input to wait for"
+                reason: match (
+                    timer_armed,
+                    self.input.is_some() || !self.pending_input.is_empty(),
+                ) {
+                    (false, false) => "no timer armed and no console input to wait for",
+                    (true, false) => "its timer interrupt masked and no console input to wait for",
+                    (false, true) => "no timer armed and its UART not receiving console input",
+                    (true, true) => {
+                        "its timer interrupt masked and its UART not receiving console input"
+                    }
                 },
             }));
         };
