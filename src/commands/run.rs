@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use rrr_guest::protocol::Command as AgentCommand;
 use rrr_vmm::builder::{self, MmioDeviceFactory};
-use rrr_vmm::bus::SharedDevice;
 use rrr_vmm::config::{Timeout, VmConfig};
 use rrr_vmm::crash::{CrashDetector, CrashReport};
 use rrr_vmm::devices::control::ControlEvent;
@@ -238,12 +237,8 @@ fn new_run_dir(stimulus: &Path) -> Result<PathBuf> {
 fn block_device(rootfs: &Path) -> Result<MmioDeviceFactory> {
     let disk = open_qcow2_overlay(rootfs)
         .with_context(|| format!("cannot open the root filesystem image {}", rootfs.display()))?;
-    Ok(Box::new(move |slot, mem| -> SharedDevice {
-        Arc::new(Mutex::new(MmioTransport::new(
-            Box::new(Block::new(disk)),
-            mem.clone(),
-            slot.irq,
-        )))
+    Ok(Box::new(move |slot, mem| {
+        MmioTransport::new(Box::new(Block::new(disk)), mem.clone(), slot.irq)
     }))
 }
 

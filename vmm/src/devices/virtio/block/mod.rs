@@ -15,7 +15,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::disk::DiskBackend;
-use super::{VirtioDevice, VirtioError};
+use super::{VirtioDevice, VirtioDeviceState, VirtioError, VirtioStateError};
 pub use request::RequestError;
 
 pub const QUEUE_SIZE: u16 = 256;
@@ -158,6 +158,18 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) {}
+
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Block {
+            disk: self.disk.save_state(),
+        }
+    }
+
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), VirtioStateError> {
+        let VirtioDeviceState::Block { disk } = state;
+        self.disk.restore_state(disk)?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
