@@ -5,6 +5,7 @@
 //! snapshot code saves. That keeps a recording's disk state inside the recording and lets any
 //! number of runs share one base image.
 
+mod medium;
 mod overlay;
 mod qcow2;
 mod sniff;
@@ -13,6 +14,7 @@ pub(crate) mod test_images;
 
 use std::path::{Path, PathBuf};
 
+pub use medium::{Medium, MediumSlot};
 pub use overlay::{Overlay, OVERLAY_BLOCK_SIZE};
 pub use qcow2::Qcow2Image;
 
