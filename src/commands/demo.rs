@@ -37,7 +37,7 @@ pub fn run(args: Args) -> Result<i32> {
     }
 
     eprintln!(
-        "==> rrr run {} (rootfs, boot, GO, verdict)",
+        "==> rrr run {} (rootfs, boot or snapshot restore, GO, verdict)",
         stimulus.display()
     );
     super::run::run(super::run::Args {
@@ -51,6 +51,8 @@ pub fn run(args: Args) -> Result<i32> {
         direct: false,
         quiet: args.quiet,
         run_dir: None,
+        boot: false,
         rootfs: None,
+        stimulus_binary: None,
     })
 }

@@ -51,13 +51,31 @@ fn build(args: BuildArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// The cached rootfs image for a stimulus, built if needed. Used by `rrr run`.
-pub fn ensure_rootfs(stimulus: &Path, m32: bool) -> Result<PathBuf> {
-    build_spec(&rrr_rootfs::RootfsSpec {
-        stimulus: stimulus.to_path_buf(),
-        m32,
-        extra_cflags: Vec::new(),
-    })
+/// The base rootfs (agent and busybox, no stimulus) every machine boots, built if needed.
+pub fn ensure_base_rootfs() -> Result<PathBuf> {
+    let cache = crate::cache::cache_dir()?;
+    let spinner = crate::progress::spinner("building the base rootfs");
+    let result = rrr_rootfs::build_base(&cache);
+    spinner.finish_and_clear();
+    Ok(result.context("cannot build the base rootfs")?.path)
+}
+
+/// The stimulus compiled for the stimulus disk, built if needed. Used by `rrr run`.
+pub fn ensure_stimulus(stimulus: &Path, m32: bool) -> Result<PathBuf> {
+    let cache = crate::cache::cache_dir()?;
+    let spinner = crate::progress::spinner(format!("compiling {}", stimulus.display()));
+    let result = rrr_rootfs::build_stimulus(
+        &rrr_rootfs::RootfsSpec {
+            stimulus: stimulus.to_path_buf(),
+            m32,
+            extra_cflags: Vec::new(),
+        },
+        &cache,
+    );
+    spinner.finish_and_clear();
+    Ok(result
+        .with_context(|| format!("cannot compile the stimulus {}", stimulus.display()))?
+        .path)
 }
 
 fn build_spec(spec: &rrr_rootfs::RootfsSpec) -> Result<PathBuf> {

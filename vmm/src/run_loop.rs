@@ -245,7 +245,7 @@ pub enum Until {
 pub enum Stopped {
     /// At READY; resume with [`run_until`] and this state.
     Ready(RunState),
-    Ended(RunOutcome),
+    Ended(Box<RunOutcome>),
 }
 
 struct Runner<'a> {
@@ -265,7 +265,7 @@ struct Runner<'a> {
 pub fn run(vmm: &mut Vmm, input: Option<InputReceiver>) -> Result<RunOutcome, RunError> {
     let state = RunState::new(vmm.config.quantum_ns);
     match run_until(vmm, state, input, Until::End)? {
-        Stopped::Ended(outcome) => Ok(outcome),
+        Stopped::Ended(outcome) => Ok(*outcome),
         Stopped::Ready(_) => unreachable!("a run until the end does not stop at READY"),
     }
 }
@@ -312,7 +312,7 @@ pub fn run_until(
                 pending_input: runner.pending_input.into(),
             }))
         }
-        Ok(Some(end)) => Ok(Stopped::Ended(RunOutcome {
+        Ok(Some(end)) => Ok(Stopped::Ended(Box::new(RunOutcome {
             stopped_at: matches!(end, RunEnd::HostTimeout | RunEnd::VirtualTimeout)
                 .then(|| vmm.vcpu.snapshot(&vmm.mem).ok())
                 .flatten(),
@@ -321,7 +321,7 @@ pub fn run_until(
             host_elapsed: started.elapsed(),
             description: vmm.description.clone(),
             control_events: lock(&vmm.devices.control).take_events(),
-        })),
+        }))),
         Err(RunError::Fault(mut fault)) => {
             fault.stats = stats;
             fault.cpu = vmm.vcpu.snapshot(&vmm.mem).ok();

@@ -32,6 +32,8 @@ pub enum SectionKind {
     Machine = 2,
     /// Guest RAM from physical 0, page aligned, zero pages as holes.
     Memory = 3,
+    /// What the guest printed on its console up to the snapshot (the boot log).
+    Console = 4,
 }
 
 impl SectionKind {
@@ -40,6 +42,7 @@ impl SectionKind {
             1 => SectionKind::Identity,
             2 => SectionKind::Machine,
             3 => SectionKind::Memory,
+            4 => SectionKind::Console,
             _ => return None,
         })
     }

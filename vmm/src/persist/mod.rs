@@ -157,6 +157,7 @@ pub fn save(
     vmm: &mut Vmm,
     run: &RunState,
     identity: &SnapshotIdentity,
+    boot_console: &[u8],
     path: &Path,
 ) -> Result<SavedSnapshot, SnapshotError> {
     let started = Instant::now();
@@ -176,6 +177,7 @@ pub fn save(
         &encode(SectionKind::Machine, &machine)?,
     )?;
     let mem = &vmm.mem;
+    writer.add(SectionKind::Console, boot_console)?;
     writer.add_with(SectionKind::Memory, |file, offset| {
         memory::write_sparse(mem, file, offset)
     })?;
@@ -199,6 +201,8 @@ pub struct LoadedSnapshot {
     pub identity: SnapshotIdentity,
     pub machine: MachineState,
     pub mem: GuestMemoryMmap,
+    /// The console output up to the snapshot.
+    pub boot_console: Vec<u8>,
 }
 
 /// How much of the memory section [`load`] checks.
@@ -245,6 +249,7 @@ pub fn load(
         SectionKind::Machine,
         &file.read_section(SectionKind::Machine)?,
     )?;
+    let boot_console = file.read_section(SectionKind::Console)?;
     let mem_section = file.section(SectionKind::Memory)?;
     if mem_section.len != identity.description.mem_bytes {
         return Err(SnapshotError::MemorySize {
@@ -277,6 +282,7 @@ pub fn load(
         identity,
         machine,
         mem,
+        boot_console,
     })
 }
 
