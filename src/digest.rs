@@ -16,10 +16,9 @@ pub fn file_sha256(path: &Path) -> Result<String> {
         std::fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?;
     let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
     let stamp = format!(
-        "{}\0{}\0{}\0{}\0{}",
+        "{}\0{}\0{}\0{}",
         absolute.display(),
         meta.len(),
-        meta.ino(),
         meta.mtime(),
         meta.mtime_nsec()
     );

@@ -11,14 +11,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use rrr_vmm::builder::{self, MmioDeviceFactory, Vmm};
 use rrr_vmm::config::VmConfig;
 use rrr_vmm::devices::virtio::block::Block;
 use rrr_vmm::devices::virtio::disk::{open_qcow2_overlay, Medium, MediumSlot};
 use rrr_vmm::devices::virtio::mmio::MmioTransport;
 use rrr_vmm::persist::{self, ExpectedIdentity, MemoryCheck, SnapshotError, SnapshotIdentity};
-use rrr_vmm::run_loop::{self, RunState, Stopped, Until};
+use rrr_vmm::run_loop::{self, RunError, RunOutcome, RunState, Stopped, Until};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -165,6 +165,17 @@ pub enum StartMode {
     Snapshot,
 }
 
+/// Where [`start`] got the machine.
+pub enum Started {
+    AtReady(AtReady),
+    /// The guest ended or faulted while booting, before READY (a kernel that cannot mount its
+    /// root, a boot-time panic): the run is over, and says why.
+    EndedBeforeReady {
+        vmm: Box<Vmm>,
+        result: Result<Box<RunOutcome>, RunError>,
+    },
+}
+
 /// A VM stopped at READY, ready for the stimulus.
 pub struct AtReady {
     pub vmm: Vmm,
@@ -184,7 +195,7 @@ pub fn start(
     disks: Vec<MmioDeviceFactory>,
     mode: StartMode,
     console_log: &Path,
-) -> Result<AtReady> {
+) -> Result<Started> {
     let snapshot = match mode {
         StartMode::Boot => None,
         StartMode::Snapshot => {
@@ -206,7 +217,7 @@ pub fn start(
                         &loaded.machine,
                     )
                     .with_context(|| format!("cannot restore the snapshot {}", path.display()))?;
-                    return Ok(AtReady {
+                    return Ok(Started::AtReady(AtReady {
                         vmm,
                         state: loaded.machine.run,
                         report: StartReport {
@@ -218,7 +229,7 @@ pub fn start(
                             snapshot_disk_bytes: None,
                         },
                         boot_console: loaded.boot_console,
-                    });
+                    }));
                 }
                 Err(err) => {
                     // A cached snapshot that no longer fits (a newer rrr, a damaged file) is
@@ -235,15 +246,21 @@ pub fn start(
     let state = RunState::new(vmm.config.quantum_ns);
     let state = match run_loop::run_until(&mut vmm, state, None, Until::Ready) {
         Ok(Stopped::Ready(state)) => state,
-        Ok(Stopped::Ended(outcome)) => bail!(
-            "the guest never reported READY: the VM {} after {} exits during boot; see the console ({})",
-            outcome.end,
-            outcome.stats.exits,
-            console_log.display()
-        ),
+        Ok(Stopped::Ended(outcome)) => {
+            return Ok(Started::EndedBeforeReady {
+                vmm: Box::new(vmm),
+                result: Ok(outcome),
+            })
+        }
+        Err(err @ RunError::Fault(_)) => {
+            return Ok(Started::EndedBeforeReady {
+                vmm: Box::new(vmm),
+                result: Err(err),
+            })
+        }
         Err(err) => {
             return Err(err).context(format!(
-                "the guest stopped during boot, before READY; see the console ({})",
+                "the VM stopped with an error during boot, before READY; see the console ({})",
                 console_log.display()
             ))
         }
@@ -252,7 +269,7 @@ pub fn start(
     let boot_console = std::fs::read(console_log)
         .with_context(|| format!("cannot read back {}", console_log.display()))?;
     let Some((path, expected)) = snapshot else {
-        return Ok(AtReady {
+        return Ok(Started::AtReady(AtReady {
             vmm,
             state,
             report: StartReport {
@@ -264,7 +281,7 @@ pub fn start(
                 snapshot_disk_bytes: None,
             },
             boot_console,
-        });
+        }));
     };
     let identity = SnapshotIdentity {
         rrr_version: expected.rrr_version.clone(),
@@ -277,7 +294,7 @@ pub fn start(
     }
     let saved = persist::save(&mut vmm, &state, &identity, &boot_console, &path)
         .map_err(|e| snapshot_error(e, &path))?;
-    Ok(AtReady {
+    Ok(Started::AtReady(AtReady {
         vmm,
         state,
         report: StartReport {
@@ -289,7 +306,7 @@ pub fn start(
             snapshot_disk_bytes: Some(saved.disk_bytes),
         },
         boot_console,
-    })
+    }))
 }
 
 fn snapshot_error(err: SnapshotError, path: &Path) -> anyhow::Error {

@@ -6,15 +6,28 @@ use anyhow::{Context, Result};
 
 #[derive(clap::Subcommand)]
 pub enum RootfsCommand {
-    /// Build a qcow2 rootfs that runs a C stimulus program; prints the image path on stdout.
+    /// Build a qcow2 rootfs: the base image every machine boots (no --stimulus), or one with a
+    /// C stimulus program inside (for plain QEMU); prints the image path on stdout.
     Build(BuildArgs),
+    /// Compile a stimulus for the stimulus disk (as `rrr run` does); prints the binary's path.
+    Stimulus(StimulusArgs),
+}
+
+#[derive(clap::Args)]
+pub struct StimulusArgs {
+    /// The stimulus, a C source file.
+    pub stimulus: PathBuf,
+    /// Build it as a 32-bit program (needs gcc-multilib).
+    #[arg(long)]
+    pub m32: bool,
 }
 
 #[derive(clap::Args)]
 pub struct BuildArgs {
-    /// The stimulus, a C source file (built like a syzkaller reproducer: gcc -O2 -g -static).
+    /// The stimulus, a C source file (built like a syzkaller reproducer: gcc -O2 -g -static),
+    /// installed as /stimulus; without it, the base image.
     #[arg(long, value_name = "PROG.c")]
-    pub stimulus: PathBuf,
+    pub stimulus: Option<PathBuf>,
     /// Also copy the image here.
     #[arg(long, value_name = "IMAGE.qcow2")]
     pub out: Option<PathBuf>,
@@ -29,16 +42,22 @@ pub struct BuildArgs {
 pub fn run(cmd: RootfsCommand) -> Result<i32> {
     match cmd {
         RootfsCommand::Build(args) => build(args),
+        RootfsCommand::Stimulus(args) => {
+            println!("{}", ensure_stimulus(&args.stimulus, args.m32)?.display());
+            Ok(0)
+        }
     }
 }
 
 fn build(args: BuildArgs) -> Result<i32> {
-    let spec = rrr_rootfs::RootfsSpec {
-        stimulus: args.stimulus,
-        m32: args.m32,
-        extra_cflags: args.cflags,
+    let image = match args.stimulus {
+        Some(stimulus) => build_spec(&rrr_rootfs::RootfsSpec {
+            stimulus,
+            m32: args.m32,
+            extra_cflags: args.cflags,
+        })?,
+        None => ensure_base_rootfs()?,
     };
-    let image = build_spec(&spec)?;
     let path = match args.out {
         Some(out) => {
             std::fs::copy(&image, &out)

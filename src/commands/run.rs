@@ -24,7 +24,7 @@ use rrr_vmm::devices::virtio::disk::MediumSlot;
 use rrr_vmm::host::KvmKind;
 use rrr_vmm::run_loop::{self, RunEnd, RunError, RunOutcome, Stopped, Until};
 
-use crate::machine::{MachineSpec, StartKind, StartMode};
+use crate::machine::{MachineSpec, StartKind, StartMode, Started};
 use serde::{Deserialize, Serialize};
 
 /// Host time allowed for the boot and the agent's setup, on top of the stimulus' time limit. A
@@ -303,26 +303,35 @@ fn run_vm(
     } else {
         StartMode::Snapshot
     };
-    let mut at_ready =
+    let started =
         crate::machine::start(&spec, config, Box::new(console), disks, mode, &console_path)?;
-    if at_ready.report.kind == StartKind::Restored {
-        // The restored guest's console starts at READY: the log and the crash detector get the
-        // boot log the snapshot kept, so both read as after a boot.
-        use std::io::Write as _;
-        (&log)
-            .write_all(&at_ready.boot_console)
-            .with_context(|| format!("cannot write {}", console_path.display()))?;
-        rrr_vmm::bus::lock(&detector).feed(&at_ready.boot_console);
-    }
-    if !args.quiet {
-        eprintln!("rrr: {}", at_ready.report);
-    }
-    crate::machine::insert_stimulus(&stimulus_slot, stimulus_binary)?;
-    // Nothing reaches the console between READY and the stimulus's start but through the
-    // tee, which asks the control port where the split falls.
-    let _ = control.set(at_ready.vmm.devices.control.clone());
-    let vmm = &mut at_ready.vmm;
-    let result = run_loop::run_until(vmm, at_ready.state.clone(), None, Until::End);
+    let (vmm, result, start_report) = match started {
+        Started::AtReady(at_ready) => {
+            if at_ready.report.kind == StartKind::Restored {
+                // The restored guest's console starts at READY: the log and the crash detector
+                // get the boot log the snapshot kept, so both read as after a boot.
+                (&log)
+                    .write_all(&at_ready.boot_console)
+                    .with_context(|| format!("cannot write {}", console_path.display()))?;
+                rrr_vmm::bus::lock(&detector).feed(&at_ready.boot_console);
+            }
+            if !args.quiet {
+                eprintln!("rrr: {}", at_ready.report);
+            }
+            crate::machine::insert_stimulus(&stimulus_slot, stimulus_binary)?;
+            // The VM stands at READY: from here on the tee asks the control port where the
+            // split between boot and stimulus falls.
+            let _ = control.set(at_ready.vmm.devices.control.clone());
+            let mut vmm = at_ready.vmm;
+            let result = match run_loop::run_until(&mut vmm, at_ready.state, None, Until::End) {
+                Ok(Stopped::Ended(outcome)) => Ok(outcome),
+                Ok(Stopped::Ready(_)) => unreachable!("a run until the end does not stop at READY"),
+                Err(err) => Err(err),
+            };
+            (vmm, result, Some(at_ready.report))
+        }
+        Started::EndedBeforeReady { vmm, result } => (*vmm, result, None),
+    };
     let _ = std::io::stdout().flush();
     let (crash, boot_reports) = {
         let detector = rrr_vmm::bus::lock(&detector);
@@ -330,7 +339,7 @@ fn run_vm(
     };
 
     let (vm_end, stats, host_secs, events) = match result {
-        Ok(Stopped::Ended(outcome)) => {
+        Ok(outcome) => {
             let RunOutcome {
                 end,
                 stats,
@@ -346,7 +355,6 @@ fn run_vm(
             };
             (end, stats, host_elapsed.as_secs_f64(), control_events)
         }
-        Ok(Stopped::Ready(_)) => unreachable!("a run until the end does not stop at READY"),
         Err(RunError::Fault(fault)) => {
             eprintln!("rrr: {fault}");
             (
@@ -372,7 +380,7 @@ fn run_vm(
         virtual_time_ns: stats.virtual_time.as_nanos(),
         host_secs,
         console: console_path,
-        start: Some(at_ready.report.clone()),
+        start: start_report,
     };
     if let Some(report) = &crash {
         std::fs::write(run_dir.join("crash.txt"), &report.text)

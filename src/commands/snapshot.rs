@@ -5,13 +5,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use rrr_vmm::config::Timeout;
 use rrr_vmm::devices::virtio::disk::MediumSlot;
 use rrr_vmm::host::KvmKind;
 use rrr_vmm::persist::{self, MemoryCheck};
 
-use crate::machine::{MachineSpec, StartKind, StartMode};
+use crate::machine::{MachineSpec, StartKind, StartMode, Started};
 
 /// Host time a boot to READY may take.
 const BOOT_LIMIT_SECS: u64 = 240;
@@ -101,15 +101,31 @@ fn ensure_snapshot(spec: &MachineSpec) -> Result<PathBuf> {
         &console_log,
     );
     spinner.finish_and_clear();
-    let at_ready = at_ready.map_err(|err| {
+    let keep_console = |scratch: tempfile::TempDir| {
         // The boot log is the one thing that says why a boot failed: keep it.
-        let kept = scratch.path().to_owned();
+        let kept = scratch.path().join("console.log");
         let _ = scratch.keep();
-        err.context(format!(
-            "the boot console is in {}",
-            kept.join("console.log").display()
-        ))
-    })?;
+        kept
+    };
+    let at_ready = match at_ready {
+        Ok(Started::AtReady(at_ready)) => at_ready,
+        Ok(Started::EndedBeforeReady { result, .. }) => {
+            let how = match result {
+                Ok(outcome) => {
+                    format!("the VM {} after {} exits", outcome.end, outcome.stats.exits)
+                }
+                Err(err) => err.to_string(),
+            };
+            bail!(
+                "the guest never reported READY ({how}); the boot console is in {}",
+                keep_console(scratch).display()
+            );
+        }
+        Err(err) => {
+            let kept = keep_console(scratch);
+            return Err(err.context(format!("the boot console is in {}", kept.display())));
+        }
+    };
     eprintln!("rrr: {}", at_ready.report);
     if let (StartKind::BootedAndSaved, Some(bytes), Some(disk)) = (
         at_ready.report.kind,

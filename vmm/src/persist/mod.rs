@@ -336,3 +336,131 @@ pub mod byte_array {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::x86_64::cpuid::CpuidEntry;
+
+    fn identity() -> SnapshotIdentity {
+        SnapshotIdentity {
+            rrr_version: "0.1.0".into(),
+            kernel_sha256: "aa".repeat(32),
+            rootfs_sha256: "bb".repeat(32),
+            description: VmDescription {
+                cpuid: vec![CpuidEntry {
+                    function: 0,
+                    index: 0,
+                    flags: 0,
+                    eax: 0x10,
+                    ebx: 0,
+                    ecx: 0,
+                    edx: 0,
+                }],
+                cmdline: "console=ttyS0".into(),
+                mem_bytes: 64 << 20,
+                quantum_ns: 2000,
+                epoch_unix_secs: 0,
+                kvm: "test".into(),
+                kernel_entry: 0x100_0000,
+                initrd_size: None,
+            },
+        }
+    }
+
+    fn expected() -> ExpectedIdentity {
+        let id = identity();
+        ExpectedIdentity {
+            rrr_version: id.rrr_version,
+            kernel_sha256: id.kernel_sha256,
+            rootfs_sha256: id.rootfs_sha256,
+            mem_bytes: id.description.mem_bytes,
+        }
+    }
+
+    /// A snapshot file as `save` lays it out, with a machine section that does not decode
+    /// (building a real `MachineState` needs a vCPU): every check before that one is real.
+    fn write(dir: &Path, id: &SnapshotIdentity) -> PathBuf {
+        let path = dir.join("s.rrrsnap");
+        let mut w = SnapshotWriter::create(&path).unwrap();
+        w.add(SectionKind::Identity, &postcard::to_stdvec(id).unwrap())
+            .unwrap();
+        w.add(SectionKind::Machine, b"\xff").unwrap();
+        w.add(SectionKind::Console, b"boot log").unwrap();
+        let mem = crate::vstate::memory::create_guest_memory(64 << 20).unwrap();
+        w.add_with(SectionKind::Memory, |file, offset| {
+            memory::write_sparse(&mem, file, offset)
+        })
+        .unwrap();
+        w.finish().unwrap()
+    }
+
+    fn load_err(path: &Path, wanted: &ExpectedIdentity) -> String {
+        match load(path, wanted, MemoryCheck::Full) {
+            Ok(_) => panic!("{} loaded", path.display()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_snapshot_of_something_else_is_refused_with_what_differs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), &identity());
+        let mut other_kernel = expected();
+        other_kernel.kernel_sha256 = "cc".repeat(32);
+        let err = load_err(&path, &other_kernel);
+        assert!(
+            err.contains("another kernel") && err.contains("aaaaaaaaaaaa"),
+            "{err}"
+        );
+        let mut other_version = expected();
+        other_version.rrr_version = "9.9.9".into();
+        assert!(load_err(&path, &other_version).contains("rrr 0.1.0"));
+        let mut other_mem = expected();
+        other_mem.mem_bytes = 128 << 20;
+        assert!(load_err(&path, &other_mem).contains("64 MiB"));
+        let mut other_rootfs = expected();
+        other_rootfs.rootfs_sha256 = "dd".repeat(32);
+        assert!(load_err(&path, &other_rootfs).contains("another root filesystem"));
+        // Everything matching, the next check runs: the machine section must decode.
+        let err = load_err(&path, &expected());
+        assert!(err.contains("Machine section does not decode"), "{err}");
+    }
+
+    #[test]
+    fn truncated_corrupt_foreign_and_future_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), &identity());
+        let good = std::fs::read(&path).unwrap();
+        let other = dir.path().join("bad.rrrsnap");
+
+        std::fs::write(&other, &good[..good.len() / 2]).unwrap();
+        let err = load_err(&other, &expected());
+        assert!(
+            err.contains("truncated") && err.contains("bad.rrrsnap"),
+            "{err}"
+        );
+
+        std::fs::write(&other, b"").unwrap();
+        assert!(load_err(&other, &expected()).contains("not an rrr snapshot"));
+
+        std::fs::write(&other, b"QFI\xfb qcow2, not a snapshot").unwrap();
+        assert!(load_err(&other, &expected()).contains("not an rrr snapshot"));
+
+        let mut future = good.clone();
+        future[8..12].copy_from_slice(&(file::FORMAT_VERSION + 1).to_le_bytes());
+        std::fs::write(&other, &future).unwrap();
+        assert!(load_err(&other, &expected()).contains("format version 2"));
+
+        let mut flipped = good.clone();
+        flipped[600] ^= 0x55;
+        std::fs::write(&other, &flipped).unwrap();
+        assert!(load_err(&other, &expected()).contains("checksum does not match"));
+
+        let err = load_err(&dir.path().join("missing.rrrsnap"), &expected());
+        assert!(
+            err.contains("missing.rrrsnap") && err.contains("No such file"),
+            "{err}"
+        );
+    }
+}
