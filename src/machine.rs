@@ -167,7 +167,7 @@ pub enum StartMode {
 
 /// Where [`start`] got the machine.
 pub enum Started {
-    AtReady(AtReady),
+    AtReady(Box<AtReady>),
     /// The guest ended or faulted while booting, before READY (a kernel that cannot mount its
     /// root, a boot-time panic): the run is over, and says why.
     EndedBeforeReady {
@@ -217,7 +217,7 @@ pub fn start(
                         &loaded.machine,
                     )
                     .with_context(|| format!("cannot restore the snapshot {}", path.display()))?;
-                    return Ok(Started::AtReady(AtReady {
+                    return Ok(Started::AtReady(Box::new(AtReady {
                         vmm,
                         state: loaded.machine.run,
                         report: StartReport {
@@ -229,7 +229,7 @@ pub fn start(
                             snapshot_disk_bytes: None,
                         },
                         boot_console: loaded.boot_console,
-                    }));
+                    })));
                 }
                 Err(err) => {
                     // A cached snapshot that no longer fits (a newer rrr, a damaged file) is
@@ -269,7 +269,7 @@ pub fn start(
     let boot_console = std::fs::read(console_log)
         .with_context(|| format!("cannot read back {}", console_log.display()))?;
     let Some((path, expected)) = snapshot else {
-        return Ok(Started::AtReady(AtReady {
+        return Ok(Started::AtReady(Box::new(AtReady {
             vmm,
             state,
             report: StartReport {
@@ -281,7 +281,7 @@ pub fn start(
                 snapshot_disk_bytes: None,
             },
             boot_console,
-        }));
+        })));
     };
     let identity = SnapshotIdentity {
         rrr_version: expected.rrr_version.clone(),
@@ -294,7 +294,7 @@ pub fn start(
     }
     let saved = persist::save(&mut vmm, &state, &identity, &boot_console, &path)
         .map_err(|e| snapshot_error(e, &path))?;
-    Ok(Started::AtReady(AtReady {
+    Ok(Started::AtReady(Box::new(AtReady {
         vmm,
         state,
         report: StartReport {
@@ -306,7 +306,7 @@ pub fn start(
             snapshot_disk_bytes: Some(saved.disk_bytes),
         },
         boot_console,
-    }))
+    })))
 }
 
 fn snapshot_error(err: SnapshotError, path: &Path) -> anyhow::Error {

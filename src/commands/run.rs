@@ -24,7 +24,7 @@ use rrr_vmm::devices::virtio::disk::MediumSlot;
 use rrr_vmm::host::KvmKind;
 use rrr_vmm::run_loop::{self, RunEnd, RunError, RunOutcome, Stopped, Until};
 
-use crate::machine::{MachineSpec, StartKind, StartMode, Started};
+use crate::machine::{AtReady, MachineSpec, StartKind, StartMode, Started};
 use serde::{Deserialize, Serialize};
 
 /// Host time allowed for the boot and the agent's setup, on top of the stimulus' time limit. A
@@ -322,13 +322,18 @@ fn run_vm(
             // The VM stands at READY: from here on the tee asks the control port where the
             // split between boot and stimulus falls.
             let _ = control.set(at_ready.vmm.devices.control.clone());
-            let mut vmm = at_ready.vmm;
-            let result = match run_loop::run_until(&mut vmm, at_ready.state, None, Until::End) {
+            let AtReady {
+                mut vmm,
+                state,
+                report,
+                ..
+            } = *at_ready;
+            let result = match run_loop::run_until(&mut vmm, state, None, Until::End) {
                 Ok(Stopped::Ended(outcome)) => Ok(outcome),
                 Ok(Stopped::Ready(_)) => unreachable!("a run until the end does not stop at READY"),
                 Err(err) => Err(err),
             };
-            (vmm, result, Some(at_ready.report))
+            (vmm, result, Some(report))
         }
         Started::EndedBeforeReady { vmm, result } => (*vmm, result, None),
     };

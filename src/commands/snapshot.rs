@@ -108,7 +108,7 @@ fn ensure_snapshot(spec: &MachineSpec) -> Result<PathBuf> {
         kept
     };
     let at_ready = match at_ready {
-        Ok(Started::AtReady(at_ready)) => at_ready,
+        Ok(Started::AtReady(at_ready)) => *at_ready,
         Ok(Started::EndedBeforeReady { result, .. }) => {
             let how = match result {
                 Ok(outcome) => {
