@@ -134,6 +134,30 @@ fn msr_list(indices: &[u32]) -> Result<Msrs, VcpuStateError> {
     Msrs::from_entries(&entries).map_err(VcpuStateError::MsrList)
 }
 
+/// On AMD, the VMCB holds TR as LTR loaded it, with the busy bit clear, and KVM sets the bit
+/// when it reports TR (its workaround for SVM not exposing it). Written back as reported, a
+/// busy TR makes QEMU's SVM emulation (the carrier) fail every I/O permission check with #GP;
+/// real AMD hardware ignores the bit there. Clearing it restores what the VMCB held. Intel's
+/// VM entry wants the busy type, so there the state stays as saved.
+fn sregs_for_this_host(saved: &kvm_sregs) -> kvm_sregs {
+    const TSS_AVAILABLE_64: u8 = 9;
+    const TSS_BUSY_64: u8 = 11;
+    let mut sregs = *saved;
+    if host_is_amd() && sregs.tr.type_ == TSS_BUSY_64 {
+        sregs.tr.type_ = TSS_AVAILABLE_64;
+    }
+    sregs
+}
+
+fn host_is_amd() -> bool {
+    let leaf = std::arch::x86_64::__cpuid(0);
+    let mut vendor = [0u8; 12];
+    vendor[..4].copy_from_slice(&leaf.ebx.to_le_bytes());
+    vendor[4..8].copy_from_slice(&leaf.edx.to_le_bytes());
+    vendor[8..].copy_from_slice(&leaf.ecx.to_le_bytes());
+    &vendor == b"AuthenticAMD"
+}
+
 impl Vcpu {
     /// Finishes the instruction of the last exit (a port read gets its data, RIP moves on)
     /// without entering the guest: `KVM_RUN` with `immediate_exit` returns `EINTR` right after
@@ -201,11 +225,54 @@ impl Vcpu {
         Ok(saved)
     }
 
+    /// `SET_MSRS` stops at the first MSR it refuses. KVM lists some MSRs as saveable that it
+    /// lets the guest write only with a CPUID feature our CPU model hides (e.g. KVM's
+    /// poll-control MSR): such an MSR was never written, so a fresh vCPU already holds the saved
+    /// value, and it is skipped. One that holds another value is an error.
+    fn restore_msrs(&self, saved: &[MsrValue]) -> Result<(), VcpuStateError> {
+        let mut rest = saved;
+        while !rest.is_empty() {
+            let indices: Vec<u32> = rest.iter().map(|m| m.index).collect();
+            let mut msrs = msr_list(&indices)?;
+            for (entry, value) in msrs.as_mut_slice().iter_mut().zip(rest) {
+                entry.data = value.data;
+            }
+            let written = self
+                .fd
+                .set_msrs(&msrs)
+                .map_err(|source| VcpuStateError::Set {
+                    ioctl: "SET_MSRS",
+                    source,
+                })?;
+            let Some(refused) = rest.get(written) else {
+                return Ok(());
+            };
+            let mut probe = msr_list(&[refused.index])?;
+            let read = get("GET_MSRS", self.fd.get_msrs(&mut probe))?;
+            if read != 1 || probe.as_slice()[0].data != refused.data {
+                return Err(VcpuStateError::Msrs {
+                    set: saved.len() - rest.len() + written,
+                    wanted: saved.len(),
+                    first: refused.index,
+                });
+            }
+            tracing::debug!(
+                msr = format_args!("{:#x}", refused.index),
+                "MSR not settable but already at its saved value; skipped"
+            );
+            rest = &rest[written + 1..];
+        }
+        Ok(())
+    }
+
     /// Writes the whole vCPU back. The CPU model (`KVM_SET_CPUID2`) must be set before.
     pub fn restore_state(&mut self, state: &VcpuState) -> Result<(), VcpuStateError> {
         let fd = &self.fd;
         set("SET_MP_STATE", fd.set_mp_state(state.mp_state))?;
-        set("SET_SREGS", fd.set_sregs(&state.sregs))?;
+        set(
+            "SET_SREGS",
+            fd.set_sregs(&sregs_for_this_host(&state.sregs)),
+        )?;
         set("SET_REGS", fd.set_regs(&state.regs))?;
         set("SET_FPU", fd.set_fpu(&kvm_fpu::from(&state.fpu)))?;
         // SAFETY: the buffer is a whole `kvm_xsave` read back from KVM_GET_XSAVE, which is the
@@ -213,22 +280,7 @@ impl Vcpu {
         set("SET_XSAVE", unsafe { fd.set_xsave(&state.xsave) })?;
         set("SET_XCRS", fd.set_xcrs(&state.xcrs))?;
         set("SET_DEBUGREGS", fd.set_debug_regs(&state.debugregs))?;
-        let indices: Vec<u32> = state.msrs.iter().map(|m| m.index).collect();
-        let mut msrs = msr_list(&indices)?;
-        for (entry, saved) in msrs.as_mut_slice().iter_mut().zip(&state.msrs) {
-            entry.data = saved.data;
-        }
-        let written = fd.set_msrs(&msrs).map_err(|source| VcpuStateError::Set {
-            ioctl: "SET_MSRS",
-            source,
-        })?;
-        if written != state.msrs.len() {
-            return Err(VcpuStateError::Msrs {
-                set: written,
-                wanted: state.msrs.len(),
-                first: state.msrs[written].index,
-            });
-        }
+        self.restore_msrs(&state.msrs)?;
         set("SET_VCPU_EVENTS", fd.set_vcpu_events(&state.events))?;
         self.fd.get_kvm_run().request_interrupt_window = state.request_interrupt_window;
         Ok(())
