@@ -206,8 +206,12 @@ pub fn start(
     if let Some((path, expected)) = &snapshot {
         if path.is_file() {
             let started = Instant::now();
-            match persist::load(path, expected, MemoryCheck::SizeOnly) {
+            let check = memory_check(path);
+            match persist::load(path, expected, check) {
                 Ok(loaded) => {
+                    if check == MemoryCheck::Full {
+                        mark_verified(path);
+                    }
                     let vmm = builder::restore_vm(
                         config,
                         console,
@@ -236,6 +240,7 @@ pub fn start(
                     // replaced; nothing is lost, it is only a cache.
                     eprintln!("rrr: the cached snapshot cannot be used ({err}); booting to take a new one");
                     let _ = std::fs::remove_file(path);
+                    let _ = std::fs::remove_file(verified_marker(path));
                 }
             }
         }
@@ -292,8 +297,11 @@ pub fn start(
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
+    let _ = std::fs::remove_file(verified_marker(&path));
     let saved = persist::save(&mut vmm, &state, &identity, &boot_console, &path)
         .map_err(|e| snapshot_error(e, &path))?;
+    // Its checksums were computed from the guest's own memory as it was written.
+    mark_verified(&saved.path);
     Ok(Started::AtReady(Box::new(AtReady {
         vmm,
         state,
@@ -307,6 +315,47 @@ pub fn start(
         },
         boot_console,
     })))
+}
+
+/// A snapshot's memory is checked whole (read, checksummed) the first time a file is restored,
+/// then mapped lazily (`MAP_PRIVATE`, milliseconds) as long as the file is unchanged since: a
+/// marker beside it records the size and modification time of the file it checked (or that
+/// rrr itself wrote). A damaged or replaced file thus never runs unchecked.
+/// `RRR_SNAPSHOT_MEMORY=read|mapped` forces one way, for benchmarks.
+fn memory_check(path: &Path) -> MemoryCheck {
+    match std::env::var("RRR_SNAPSHOT_MEMORY").as_deref() {
+        Ok("mapped") => return MemoryCheck::SizeOnly,
+        Ok("read") => return MemoryCheck::Full,
+        _ => {}
+    }
+    let marked = std::fs::read_to_string(verified_marker(path)).ok();
+    if marked.is_some() && marked == file_stamp(path) {
+        MemoryCheck::SizeOnly
+    } else {
+        MemoryCheck::Full
+    }
+}
+
+fn verified_marker(path: &Path) -> PathBuf {
+    path.with_extension("verified")
+}
+
+fn file_stamp(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    Some(format!(
+        "{} {} {}",
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec()
+    ))
+}
+
+pub fn mark_verified(path: &Path) {
+    if let Some(stamp) = file_stamp(path) {
+        // Best effort: without the marker the next restore checks the file again.
+        let _ = std::fs::write(verified_marker(path), stamp);
+    }
 }
 
 fn snapshot_error(err: SnapshotError, path: &Path) -> anyhow::Error {

@@ -69,6 +69,7 @@ fn ensure_snapshot(spec: &MachineSpec) -> Result<PathBuf> {
     if path.is_file() {
         match persist::load(&path, &expected, MemoryCheck::Full) {
             Ok(_) => {
+                crate::machine::mark_verified(&path);
                 eprintln!("rrr: snapshot from the cache, checked");
                 return Ok(path);
             }

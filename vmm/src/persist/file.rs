@@ -34,6 +34,8 @@ pub enum SectionKind {
     Memory = 3,
     /// What the guest printed on its console up to the snapshot (the boot log).
     Console = 4,
+    /// Where the memory section's data pages are, postcard.
+    MemoryExtents = 5,
 }
 
 impl SectionKind {
@@ -43,6 +45,7 @@ impl SectionKind {
             2 => SectionKind::Machine,
             3 => SectionKind::Memory,
             4 => SectionKind::Console,
+            5 => SectionKind::MemoryExtents,
             _ => return None,
         })
     }
@@ -131,14 +134,14 @@ impl SnapshotWriter {
     }
 
     /// Appends a section written by `write`, which gets the file and the (page-aligned) offset
-    /// to write at and returns the section's length and checksum.
-    pub fn add_with(
+    /// to write at and returns the section's length and checksum, and whatever else it wants.
+    pub fn add_with<T>(
         &mut self,
         kind: SectionKind,
-        write: impl FnOnce(&mut File, u64) -> std::io::Result<(u64, u32)>,
-    ) -> Result<(), FileError> {
+        write: impl FnOnce(&mut File, u64) -> std::io::Result<(u64, u32, T)>,
+    ) -> Result<T, FileError> {
         let offset = self.pos.div_ceil(PAGE) * PAGE;
-        let (len, crc32) = write(&mut self.file, offset).map_err(io(&self.tmp))?;
+        let (len, crc32, extra) = write(&mut self.file, offset).map_err(io(&self.tmp))?;
         self.pos = offset + len;
         self.sections.push(Section {
             kind,
@@ -146,7 +149,7 @@ impl SnapshotWriter {
             len,
             crc32,
         });
-        Ok(())
+        Ok(extra)
     }
 
     /// Writes the header, syncs, and renames the file into place.
