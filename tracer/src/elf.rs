@@ -23,8 +23,14 @@ pub(crate) fn symbols<'a>(file: &object::File<'a, impl object::ReadRef<'a>>) -> 
         })
         .filter_map(|s| {
             let name = s.name().ok().filter(|n| !n.is_empty())?;
+            // Assembly entry points (`entry_SYSCALL_64`) are untyped symbols in code sections.
+            let in_code = s
+                .section_index()
+                .and_then(|i| file.section_by_index(i).ok())
+                .is_some_and(|sec| sec.kind() == SectionKind::Text);
             let kind = match s.kind() {
                 object::SymbolKind::Text => SymbolKind::Function,
+                object::SymbolKind::Unknown if in_code => SymbolKind::Function,
                 object::SymbolKind::Data => SymbolKind::Object,
                 _ => SymbolKind::Other,
             };
@@ -81,6 +87,10 @@ pub(crate) fn fentry_sites<'a>(
     let mut bad = 0usize;
     for entry in table.chunks_exact(8) {
         let site = u64::from_le_bytes(entry.try_into().expect("8-byte chunk"));
+        // Sites in code the linker discarded (overridden weak functions) are zeroed.
+        if site == 0 {
+            continue;
+        }
         match read_at(file, site, 5) {
             Some(&[0xe8, a, b, c, d]) => {
                 let rel = i32::from_le_bytes([a, b, c, d]) as i64;
