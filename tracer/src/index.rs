@@ -43,6 +43,9 @@ pub struct Index {
     by_name: HashMap<String, Vec<u32>>,
     #[serde(skip)]
     symbols_by_name: HashMap<String, u32>,
+    /// Every function range (hot and cold parts) sorted by start: (start, end, function).
+    #[serde(skip)]
+    ranges: Vec<(u64, u64, u32)>,
 }
 
 /// A member found by path: its offset from the start of the outer struct, and its type.
@@ -176,6 +179,13 @@ impl Index {
                 .or_default()
                 .push(i as u32);
         }
+        self.ranges = self
+            .functions
+            .iter()
+            .enumerate()
+            .flat_map(|(i, f)| f.ranges.iter().map(move |r| (r.start, r.end, i as u32)))
+            .collect();
+        self.ranges.sort_unstable();
         self.symbols_by_name = self
             .symbols
             .iter()
@@ -201,19 +211,15 @@ impl Index {
 
     /// The function whose code contains `addr` (any of its ranges).
     pub fn function_at(&self, addr: u64) -> Option<&Function> {
-        // Entries are sorted; the main range starts at the entry, so look at the nearest entries
-        // below, then fall back to a scan for cold parts.
-        let i = self.functions.partition_point(|f| f.entry <= addr);
-        self.functions[..i]
+        // Functions' ranges do not overlap, but a few nearby starts are checked in case a
+        // zero-length or duplicate range sits just below.
+        let i = self.ranges.partition_point(|r| r.0 <= addr);
+        self.ranges[..i]
             .iter()
             .rev()
             .take(4)
-            .find(|f| f.ranges.iter().any(|r| r.contains(addr)))
-            .or_else(|| {
-                self.functions
-                    .iter()
-                    .find(|f| f.ranges.iter().any(|r| r.contains(addr)))
-            })
+            .find(|r| (r.0..r.1).contains(&addr))
+            .map(|r| &self.functions[r.2 as usize])
     }
 
     /// The function entered at exactly `entry`.
@@ -525,6 +531,7 @@ fn merge(partials: Vec<dwarf::Partial>, code: &[(u64, u64)]) -> (Index, Vec<(u32
         bad_units,
         by_name: HashMap::new(),
         symbols_by_name: HashMap::new(),
+        ranges: Vec::new(),
     };
     (index, unlocated)
 }

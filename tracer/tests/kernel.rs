@@ -10,7 +10,11 @@ use rrr_tracer::{Index, Location, Reg, ValueKind};
 
 /// rrr's cache directory, found as the binary finds it.
 fn cache_dir() -> PathBuf {
-    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     var("RRR_CACHE_DIR")
         .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("rrr")))
         .unwrap_or_else(|| var("HOME").expect("HOME is set").join(".cache/rrr"))
@@ -33,7 +37,11 @@ fn index() -> &'static Index {
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().expect("the tool runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -72,7 +80,11 @@ fn member_offsets_and_the_current_task_agree_with_gdb() {
     assert_eq!(values.len(), members.len() + 2, "gdb said:\n{out}");
     for ((s, m), want) in members.iter().zip(&values) {
         let got = index.member_offset(s, m);
-        assert_eq!(got.map(|o| o.to_string()).as_deref(), Some(*want), "{s}.{m}");
+        assert_eq!(
+            got.map(|o| o.to_string()).as_deref(),
+            Some(*want),
+            "{s}.{m}"
+        );
     }
     assert_eq!(
         index.layout("task_struct").unwrap().size.to_string(),
@@ -83,7 +95,10 @@ fn member_offsets_and_the_current_task_agree_with_gdb() {
     assert_eq!(Some(task.comm), index.member_offset("task_struct", "comm"));
     assert_eq!(task.comm_len, 16);
     // 6.12: `current` lives in pcpu_hot; the default kernel is UP, so a plain variable.
-    let cur = index.current_task.as_ref().expect("current task pointer found");
+    let cur = index
+        .current_task
+        .as_ref()
+        .expect("current task pointer found");
     assert_eq!(cur.symbol, "pcpu_hot");
     assert_eq!(format!("{:#x}", cur.address), values[members.len() + 1]);
     assert!(!cur.per_cpu);
@@ -105,11 +120,18 @@ fn fentry_sites_are_the_mcount_table_and_really_call_fentry() {
     assert!(entries > 10_000, "{entries} entries");
     // The table also holds zeroed entries for code the linker discarded; those are no sites.
     let sites = index.fentry_sites.len() as u64;
-    assert!(sites <= entries && sites * 100 >= entries * 97, "{sites} of {entries}");
+    assert!(
+        sites <= entries && sites * 100 >= entries * 97,
+        "{sites} of {entries}"
+    );
 
     let traceable: Vec<_> = index.traceable().collect();
     let with_dwarf = traceable.iter().filter(|(_, _, f)| f.is_some()).count();
-    assert!(with_dwarf * 10 > traceable.len() * 9, "{with_dwarf} of {}", traceable.len());
+    assert!(
+        with_dwarf * 10 > traceable.len() * 9,
+        "{with_dwarf} of {}",
+        traceable.len()
+    );
 
     // objdump, independently: a sample of sites disassemble to `call <__fentry__>`, right at
     // the function's start or after its `endbr64`.
@@ -121,17 +143,30 @@ fn fentry_sites_are_the_mcount_table_and_really_call_fentry() {
             .arg(format!("--stop-address={:#x}", site + 5))
             .arg(vmlinux()));
         assert!(dis.contains("<__fentry__>"), "{site:#x}:\n{dis}");
-        if let Some(f) = index.function_entered_at(site).or(index.function_entered_at(site - 4)) {
+        if let Some(f) = index
+            .function_entered_at(site)
+            .or(index.function_entered_at(site - 4))
+        {
             assert_eq!(f.fentry, Some(site));
         }
     }
 
     // The syscall path: the entry code is `noinstr` (not traceable), what it calls is.
     assert!(index.function("do_syscall_64").unwrap().fentry.is_none());
-    for name in ["ksys_write", "do_sys_openat2", "vfs_write", "__x64_sys_openat"] {
-        let f = index.function(name).unwrap_or_else(|| panic!("{name} indexed"));
+    for name in [
+        "ksys_write",
+        "do_sys_openat2",
+        "vfs_write",
+        "__x64_sys_openat",
+    ] {
+        let f = index
+            .function(name)
+            .unwrap_or_else(|| panic!("{name} indexed"));
         assert!(f.fentry.is_some(), "{name} is traceable");
-        assert!(index.units[f.unit as usize].contains("fs/"), "{name} is in fs/");
+        assert!(
+            index.units[f.unit as usize].contains("fs/"),
+            "{name} is in fs/"
+        );
     }
 }
 
@@ -143,9 +178,25 @@ fn syscall_functions_have_typed_arguments_in_their_registers() {
     let p: Vec<_> = f
         .params
         .iter()
-        .map(|p| (p.name.as_deref().unwrap(), index.value_kind(p.ty), p.location.clone()))
+        .map(|p| {
+            (
+                p.name.as_deref().unwrap(),
+                index.value_kind(p.ty),
+                p.location.clone(),
+            )
+        })
         .collect();
-    assert_eq!(p[0], ("dfd", ValueKind::Int { size: 4, signed: true }, Location::Reg(Reg::Rdi)));
+    assert_eq!(
+        p[0],
+        (
+            "dfd",
+            ValueKind::Int {
+                size: 4,
+                signed: true
+            },
+            Location::Reg(Reg::Rdi)
+        )
+    );
     assert_eq!(p[1], ("filename", ValueKind::Str, Location::Reg(Reg::Rsi)));
     assert_eq!(
         p[2],
@@ -162,7 +213,10 @@ fn syscall_functions_have_typed_arguments_in_their_registers() {
     assert_eq!(index.type_name(w.params[2].ty), "size_t");
     assert_eq!(
         index.value_kind(w.ret.unwrap()),
-        ValueKind::Int { size: 8, signed: true }
+        ValueKind::Int {
+            size: 8,
+            signed: true
+        }
     );
     // A kernel enum reaches the decoder with its names.
     let e = index
@@ -176,5 +230,26 @@ fn syscall_functions_have_typed_arguments_in_their_registers() {
     assert!(e.is_some(), "some kernel function takes an enum");
     // Symbols name what DWARF does not describe (assembly entry code).
     let entry = index.symbol("entry_SYSCALL_64").expect("entry symbol");
-    assert_eq!(index.name_at(entry.address).map(|(n, _)| n), Some("entry_SYSCALL_64"));
+    assert_eq!(
+        index.name_at(entry.address).map(|(n, _)| n),
+        Some("entry_SYSCALL_64")
+    );
+}
+
+#[test]
+fn addresses_map_back_to_functions_and_agree_with_the_symbols() {
+    let index = index();
+    // (Cold parts: our -Os kernel has none; the user-binary test covers them.)
+    for f in index.functions.iter().step_by(97) {
+        let at = index
+            .function_at(f.entry)
+            .expect("an entry is inside its function");
+        assert_eq!(at.entry, f.entry, "{}", f.name);
+        // DWARF and the ELF symbol table agree on the entry of an external function.
+        if f.external {
+            if let Some(s) = index.symbol(&f.name) {
+                assert_eq!(s.address, f.entry, "{}", f.name);
+            }
+        }
+    }
 }

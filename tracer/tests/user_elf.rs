@@ -138,6 +138,17 @@ fn functions_parameters_types_and_locations_of_a_user_binary() {
         .iter()
         .any(|i| i.name == "twice" && f.ranges.iter().any(|r| r.contains(i.entry))));
 
+    // A hot/cold split function: one function, two ranges, found from either.
+    let split = index.function("split_fn").unwrap();
+    assert_eq!(split.ranges.len(), 2, "{:?}", split.ranges);
+    let cold = split
+        .ranges
+        .iter()
+        .find(|r| !r.contains(split.entry))
+        .unwrap();
+    assert_eq!(index.function_at(cold.start + 1).unwrap().name, "split_fn");
+    assert!(index.symbol("split_fn.cold").is_some());
+
     // No __mcount_loc in a user binary: nothing is traceable through fentry.
     assert!(index.fentry_sites.is_empty());
     assert!(index.current_task.is_none());

@@ -3,6 +3,7 @@
  * layouts (offsetof/sizeof) so the test compares the index with the compiler's own numbers. */
 #include <stddef.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 enum color { RED, GREEN = 5, BLUE = -2 };
@@ -51,6 +52,22 @@ __attribute__((noinline)) void many_args(long a1, long a2, long a3, long a4, lon
 	printf("%ld\n", a1 + a2 + a3 + a4 + a5 + a6 + a7 + a8);
 }
 
+__attribute__((cold, noinline)) void rare(const char *m)
+{
+	fprintf(stderr, "%s\n", m);
+}
+
+/* The unlikely branch goes to a separate `split_fn.cold` part: a function with two ranges. */
+__attribute__((noinline)) long split_fn(long x)
+{
+	if (__builtin_expect(x == 12345, 0)) {
+		rare("a");
+		rare("b");
+		abort();
+	}
+	return x + 1;
+}
+
 int main(int argc, char **argv)
 {
 	struct outer o = { .id = 3, .name = "x" };
@@ -65,6 +82,7 @@ int main(int argc, char **argv)
 	printf("sizeof.inner %zu\n", sizeof(struct inner));
 	if (argc > 5) {
 		many_args(1, 2, 3, 4, 5, 6, 7, 8);
+		split_fn(argc);
 		return (int)probe_fn(argc, argv[0], &o, BLUE, 4, 1, M_READ, argv);
 	}
 	return 0;
