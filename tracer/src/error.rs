@@ -10,6 +10,12 @@ pub enum IndexError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path} is not an ELF file this index can read")]
     Elf {
         path: PathBuf,

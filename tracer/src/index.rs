@@ -160,6 +160,27 @@ impl Index {
         out
     }
 
+    /// Writes the cache file at `path` atomically (a temporary file renamed into place), so a
+    /// reader never sees half an index.
+    pub fn save(&self, path: &Path) -> Result<(), IndexError> {
+        let io = |source| IndexError::Write {
+            path: path.to_owned(),
+            source,
+        };
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, self.to_bytes()).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+
+    /// Reads a cache file written by [`Index::save`].
+    pub fn load(path: &Path) -> Result<Index, IndexError> {
+        let bytes = std::fs::read(path).map_err(|source| IndexError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Index::from_bytes(&bytes)
+    }
+
     pub fn from_bytes(bytes: &[u8]) -> Result<Index, IndexError> {
         let body = bytes
             .strip_prefix(MAGIC.as_slice())

@@ -208,6 +208,9 @@ fn the_index_survives_its_cache_bytes() {
         back.member_offset("outer", "hi"),
         index.member_offset("outer", "hi")
     );
+    let file = dir.path().join("probe.idx");
+    index.save(&file).unwrap();
+    assert_eq!(Index::load(&file).unwrap().functions, index.functions);
     // A cache from another format version is refused, not misread.
     let mut old = bytes.clone();
     old[8] ^= 0xff;
