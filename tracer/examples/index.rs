@@ -40,9 +40,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 rrr_tracer::Location::Reg(_)
                     | rrr_tracer::Location::Abi(_)
                     | rrr_tracer::Location::Stack(_)
+                    | rrr_tracer::Location::RegPair(..)
+                    | rrr_tracer::Location::Const(_)
             )
         })
         .count();
+    let mut by_kind = std::collections::BTreeMap::<&str, usize>::new();
+    for p in index.functions.iter().flat_map(|f| &f.params) {
+        let k = match p.location {
+            rrr_tracer::Location::Reg(_) => "dwarf-reg",
+            rrr_tracer::Location::Stack(_) => "stack",
+            rrr_tracer::Location::RegPair(..) => "dwarf-reg-pair",
+            rrr_tracer::Location::Const(_) => "const",
+            rrr_tracer::Location::Abi(_) => "abi-reg",
+            rrr_tracer::Location::Expr(_) => "expr",
+            rrr_tracer::Location::Unavailable => "unavailable",
+        };
+        *by_kind.entry(k).or_default() += 1;
+    }
     println!("file            {path}");
     println!("threads         {threads}");
     println!("build           {:.2} s", build.as_secs_f64());
@@ -60,6 +75,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         index.fentry_sites.len()
     );
     println!("parameters      {params} ({located} readable at entry)");
+    println!("locations       {by_kind:?}");
     println!("inlined         {}", index.inlined.len());
     println!("types           {}", index.types.len());
     println!("struct layouts  {}", index.layouts.len());

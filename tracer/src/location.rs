@@ -27,7 +27,7 @@ pub(crate) fn at_entry<R: Reader>(
             Ok(None) => break,
             Err(_) => return Location::Expr(raw()),
         }
-        if ops.len() > 2 {
+        if ops.len() > 4 {
             return Location::Expr(raw());
         }
     }
@@ -50,6 +50,27 @@ pub(crate) fn at_entry<R: Reader>(
                 _ => Location::Expr(raw()),
             }
         }
+        // A value the compiler knows (a propagated constant or a global's address).
+        [Operation::UnsignedConstant { value }, Operation::StackValue]
+        | [Operation::Address { address: value }, Operation::StackValue] => Location::Const(*value),
+        [Operation::SignedConstant { value }, Operation::StackValue] => {
+            Location::Const(*value as u64)
+        }
+        // A 16-byte value split over two registers, low half first.
+        [Operation::Register { register: lo }, Operation::Piece {
+            size_in_bits: 64, ..
+        }, Operation::Register { register: hi }, Operation::Piece {
+            size_in_bits: 64, ..
+        }] => match (Reg::from_dwarf(lo.0), Reg::from_dwarf(hi.0)) {
+            (Some(lo), Some(hi)) => Location::RegPair(lo, hi),
+            _ => Location::Expr(raw()),
+        },
+        // The first 8 bytes of a larger value, the rest optimised away: the register holds them.
+        [Operation::Register { register }, Operation::Piece {
+            size_in_bits: 64, ..
+        }] => reg(register.0).unwrap_or_else(|| Location::Expr(raw())),
+        // Only the caller knows the value (GNU_parameter_ref): nothing to read here.
+        [Operation::ParameterRef { .. }, ..] => Location::Unavailable,
         [] => Location::Unavailable,
         _ => Location::Expr(raw()),
     }
@@ -124,8 +145,24 @@ mod tests {
         assert_eq!(loc(&[0x77, 0x10]), Location::Stack(16)); // DW_OP_breg7 16
                                                              // DW_OP_entry_value(1: DW_OP_reg1) DW_OP_stack_value
         assert_eq!(loc(&[0xa3, 0x01, 0x51, 0x9f]), Location::Reg(Reg::Rdx));
-        // DW_OP_lit0 DW_OP_stack_value: a constant, kept as an expression.
-        assert_eq!(loc(&[0x30, 0x9f]), Location::Expr(vec![0x30, 0x9f]));
+        // DW_OP_lit1 DW_OP_stack_value: a constant.
+        assert_eq!(loc(&[0x31, 0x9f]), Location::Const(1));
+        // DW_OP_addr <8 bytes> DW_OP_stack_value: a global's address.
+        let mut addr = vec![0x03];
+        addr.extend_from_slice(&0xffff_ffff_8150_8000u64.to_le_bytes());
+        addr.push(0x9f);
+        assert_eq!(loc(&addr), Location::Const(0xffff_ffff_8150_8000));
+        // DW_OP_reg5 DW_OP_piece 8 DW_OP_reg4 DW_OP_piece 8: rdi:rsi.
+        assert_eq!(
+            loc(&[0x55, 0x93, 0x08, 0x54, 0x93, 0x08]),
+            Location::RegPair(Reg::Rdi, Reg::Rsi)
+        );
+        assert_eq!(loc(&[0x55, 0x93, 0x08]), Location::Reg(Reg::Rdi));
+        // DW_OP_reg5 DW_OP_plus_uconst 1 (nonsense): kept raw for a full evaluator.
+        assert_eq!(
+            loc(&[0x55, 0x23, 0x01]),
+            Location::Expr(vec![0x55, 0x23, 0x01])
+        );
     }
 
     #[test]

@@ -54,8 +54,13 @@ pub struct Param {
 pub enum Location {
     /// In a register, as DWARF says.
     Reg(Reg),
+    /// A 16-byte value in two registers (low half, high half).
+    RegPair(Reg, Reg),
     /// In memory at `rsp + offset` as of entry (the return address is at `rsp + 0`).
     Stack(i64),
+    /// The compiler knows the value in this copy of the function (a propagated constant, or the
+    /// address of a global): it is not passed at all.
+    Const(u64),
     /// DWARF gives no location at entry; the SysV ABI puts it in this register. Only given for
     /// functions whose signature the compiler kept (not `.isra`/`.constprop` clones).
     Abi(Reg),
