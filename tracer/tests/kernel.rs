@@ -253,3 +253,91 @@ fn addresses_map_back_to_functions_and_agree_with_the_symbols() {
         }
     }
 }
+
+/// gdb's own reading of the location lists (`info scope`) for a sample of traceable functions:
+/// wherever the index says a parameter is in a register at entry, gdb must name the same
+/// register for the range that holds the entry address.
+#[test]
+fn entry_registers_agree_with_gdbs_location_lists() {
+    let index = index();
+    let sample: Vec<&rrr_tracer::Function> = index
+        .functions
+        .iter()
+        .filter(|f| f.fentry.is_some() && !f.params.is_empty())
+        .filter(|f| index.functions_named(&f.name).count() == 1)
+        .step_by(301)
+        .take(40)
+        .collect();
+    assert!(sample.len() >= 30, "{} functions sampled", sample.len());
+    let mut gdb = Command::new("gdb");
+    gdb.args(["-batch", "-nx"]);
+    for f in &sample {
+        gdb.arg("-ex").arg(format!("info scope *{:#x}", f.entry));
+    }
+    gdb.arg(vmlinux());
+    let out = run(&mut gdb);
+    let scopes: Vec<&str> = out.split("Scope for ").skip(1).collect();
+    assert_eq!(scopes.len(), sample.len(), "gdb said:\n{out}");
+
+    let mut compared = 0;
+    for (f, scope) in sample.iter().zip(scopes) {
+        for p in &f.params {
+            let (Some(name), Location::Reg(reg)) = (&p.name, &p.location) else {
+                continue;
+            };
+            let Some(gdb_reg) = gdb_register_at(scope, name, f.entry) else {
+                continue;
+            };
+            assert_eq!(gdb_reg, reg.name(), "{} parameter {name}", f.name);
+            compared += 1;
+        }
+    }
+    eprintln!("{compared} parameters compared with gdb");
+    assert!(compared >= 40, "only {compared} parameters compared");
+}
+
+/// The register gdb names for `symbol` at `pc` in one `info scope` block, if it names one:
+/// "a variable in $reg", or the value the register had at entry (`DW_OP_entry_value(reg)`).
+fn gdb_register_at(scope: &str, symbol: &str, pc: u64) -> Option<String> {
+    let start = scope.find(&format!("Symbol {symbol} is "))?;
+    let block = &scope[start..];
+    let block = &block[..block.find(", length").unwrap_or(block.len())];
+    let reg_of = |text: &str| -> Option<String> {
+        let name = |rest: &str| {
+            rest.split(|c: char| !c.is_ascii_alphanumeric())
+                .next()
+                .map(str::to_owned)
+        };
+        if let Some(i) = text.find("a variable in $") {
+            return name(&text[i + "a variable in $".len()..]);
+        }
+        let ops: Vec<&str> = text.lines().filter(|l| l.contains(": DW_OP_")).collect();
+        match ops.as_slice() {
+            [a, b, c]
+                if a.contains("DW_OP_entry_value")
+                    && b.contains("DW_OP_reg")
+                    && c.contains("DW_OP_stack_value") =>
+            {
+                name(&b[b.find("[$")? + 2..])
+            }
+            _ => None,
+        }
+    };
+    if !block.contains("multi-location") {
+        return reg_of(block);
+    }
+    // Each range's text runs to the next range (the first may follow a "Base address" on its
+    // line).
+    let mut ranges: Vec<&str> = block.split("Range 0x").skip(1).collect();
+    ranges.retain(|r| {
+        let parsed = r.split_once('-').and_then(|(lo, rest)| {
+            let hi = rest.strip_prefix("0x")?.split(':').next()?;
+            Some((
+                u64::from_str_radix(lo, 16).ok()?,
+                u64::from_str_radix(hi, 16).ok()?,
+            ))
+        });
+        parsed.is_some_and(|(lo, hi)| (lo..hi).contains(&pc))
+    });
+    ranges.first().and_then(|r| reg_of(r))
+}
