@@ -150,6 +150,8 @@ pub struct TraceWriter<W: Write> {
     threads: HashMap<(i32, i32), TrackId>,
     next_uuid: u64,
     stats: Stats,
+    /// One packet's encoding, reused so an event costs no allocation for its bytes.
+    buf: Vec<u8>,
 }
 
 impl TraceWriter<BufWriter<File>> {
@@ -178,6 +180,7 @@ impl<W: Write> TraceWriter<W> {
             threads: HashMap::new(),
             next_uuid: 1,
             stats: Stats::default(),
+            buf: Vec::with_capacity(256),
         };
         let first = TracePacket {
             sequence_flags: Some(trace_packet::SEQ_INCREMENTAL_STATE_CLEARED),
@@ -396,6 +399,11 @@ impl<W: Write> TraceWriter<W> {
         self.stats
     }
 
+    /// Pushes buffered packets to the output, so a reader (or a crash) sees everything so far.
+    pub fn flush(&mut self) -> Result<(), WriteError> {
+        self.out.flush().map_err(WriteError::Io)
+    }
+
     /// Flushes and hands back the output.
     pub fn finish(mut self) -> Result<W, WriteError> {
         self.out.flush().map_err(WriteError::Io)?;
@@ -482,13 +490,12 @@ impl<W: Write> TraceWriter<W> {
     /// One `Trace.packet` record: tag 1 (length-delimited), the length, the packet.
     fn write_packet(&mut self, packet: &TracePacket) -> Result<(), WriteError> {
         let len = packet.encoded_len();
-        let mut buf = Vec::with_capacity(len + 11);
-        prost::encoding::encode_key(1, prost::encoding::WireType::LengthDelimited, &mut buf);
-        prost::encoding::encode_varint(len as u64, &mut buf);
-        packet
-            .encode(&mut buf)
-            .expect("a Vec grows to fit any message");
-        self.out.write_all(&buf).map_err(WriteError::Io)?;
+        let buf = &mut self.buf;
+        buf.clear();
+        prost::encoding::encode_key(1, prost::encoding::WireType::LengthDelimited, buf);
+        prost::encoding::encode_varint(len as u64, buf);
+        packet.encode(buf).expect("a Vec grows to fit any message");
+        self.out.write_all(buf).map_err(WriteError::Io)?;
         self.stats.packets += 1;
         self.stats.bytes += buf.len() as u64;
         Ok(())
