@@ -9,10 +9,8 @@ use object::{Object, ObjectSection, SectionKind};
 use serde::{Deserialize, Serialize};
 
 use crate::dwarf::{self, R};
-use crate::location::abi_registers;
-use crate::model::{
-    CurrentTask, Function, Inlined, Layout, Location, Member, Symbol, SymbolKind, Type, TypeId,
-};
+use crate::merge::merge;
+use crate::model::{CurrentTask, Function, Inlined, Layout, Symbol, SymbolKind, TypeId};
 use crate::types::{TypeTable, ValueKind};
 use crate::IndexError;
 
@@ -40,35 +38,12 @@ pub struct Index {
     /// Units the walk could not read (their functions are missing, symbols still name them).
     pub bad_units: usize,
     #[serde(skip)]
-    by_name: HashMap<String, Vec<u32>>,
+    pub(crate) by_name: HashMap<String, Vec<u32>>,
     #[serde(skip)]
-    symbols_by_name: HashMap<String, u32>,
+    pub(crate) symbols_by_name: HashMap<String, u32>,
     /// Every function range (hot and cold parts) sorted by start: (start, end, function).
     #[serde(skip)]
-    ranges: Vec<(u64, u64, u32)>,
-}
-
-/// A member found by path: its offset from the start of the outer struct, and its type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MemberInfo {
-    pub offset: u64,
-    pub ty: TypeId,
-    pub bits: Option<(u16, u16)>,
-}
-
-/// The `task_struct` offsets guest introspection reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TaskLayout {
-    pub pid: u64,
-    pub tgid: u64,
-    pub comm: u64,
-    pub comm_len: u64,
-    pub mm: u64,
-    pub real_parent: u64,
-    pub group_leader: u64,
-    pub flags: u64,
-    /// `__state` (5.14 and later) or `state`.
-    pub state: u64,
+    pub(crate) ranges: Vec<(u64, u64, u32)>,
 }
 
 /// Options for [`Index::build_with`].
@@ -192,7 +167,7 @@ impl Index {
         Ok(index)
     }
 
-    fn finish_lookups(&mut self) {
+    pub(crate) fn finish_lookups(&mut self) {
         self.by_name.clear();
         for (i, f) in self.functions.iter().enumerate() {
             self.by_name
@@ -305,254 +280,4 @@ impl Index {
     pub fn value_kind(&self, ty: TypeId) -> ValueKind<'_> {
         self.types.value_kind(ty)
     }
-
-    pub fn layout(&self, name: &str) -> Option<&Layout> {
-        self.layouts.get(name)
-    }
-
-    /// A member by dotted path, through nested and anonymous structs and unions:
-    /// `member("task_struct", "pid")`, `member("pcpu_hot", "current_task")`,
-    /// `member("task_struct", "se.vruntime")`.
-    pub fn member(&self, strukt: &str, path: &str) -> Result<MemberInfo, IndexError> {
-        let no_member = || IndexError::NoMember {
-            strukt: strukt.to_owned(),
-            path: path.to_owned(),
-        };
-        let layout = self
-            .layouts
-            .get(strukt)
-            .ok_or_else(|| IndexError::NoStruct(strukt.to_owned()))?;
-        let mut members: &[Member] = &layout.members;
-        let mut found: Option<MemberInfo> = None;
-        for part in path.split('.') {
-            if let Some(f) = found {
-                members = self.members_of(f.ty).ok_or_else(no_member)?;
-            }
-            let (m, off) = self.find_member(members, part, 0).ok_or_else(no_member)?;
-            found = Some(MemberInfo {
-                offset: found.map_or(0, |f| f.offset) + off,
-                ty: m.ty,
-                bits: m.bits,
-            });
-        }
-        found.ok_or_else(no_member)
-    }
-
-    pub fn member_offset(&self, strukt: &str, path: &str) -> Option<u64> {
-        self.member(strukt, path).ok().map(|m| m.offset)
-    }
-
-    /// The `task_struct` offsets the tracer needs for pid, tid, comm and the parent.
-    pub fn task_layout(&self) -> Result<TaskLayout, IndexError> {
-        let off = |p: &str| self.member("task_struct", p).map(|m| m.offset);
-        let comm = self.member("task_struct", "comm")?;
-        Ok(TaskLayout {
-            pid: off("pid")?,
-            tgid: off("tgid")?,
-            comm: comm.offset,
-            comm_len: self.types.size_of(comm.ty).unwrap_or(16),
-            mm: off("mm")?,
-            real_parent: off("real_parent")?,
-            group_leader: off("group_leader")?,
-            flags: off("flags")?,
-            state: off("__state").or_else(|_| off("state"))?,
-        })
-    }
-
-    fn members_of(&self, ty: TypeId) -> Option<&[Member]> {
-        match self.types.get(self.types.strip(ty)) {
-            Type::Struct { name: Some(n), .. } => self.layouts.get(n).map(|l| l.members.as_slice()),
-            Type::Struct {
-                name: None,
-                members,
-                ..
-            } => Some(members),
-            _ => None,
-        }
-    }
-
-    fn find_member<'s>(
-        &'s self,
-        members: &'s [Member],
-        name: &str,
-        depth: u32,
-    ) -> Option<(&'s Member, u64)> {
-        if let Some(m) = members.iter().find(|m| m.name.as_deref() == Some(name)) {
-            return Some((m, m.offset));
-        }
-        if depth > 8 {
-            return None;
-        }
-        // Members of anonymous structs and unions read as members of the parent.
-        members
-            .iter()
-            .filter(|m| m.name.is_none())
-            .find_map(|anon| {
-                let inner = self.members_of(anon.ty)?;
-                self.find_member(inner, name, depth + 1)
-                    .map(|(m, off)| (m, anon.offset + off))
-            })
-    }
-
-    fn attach_fentry(&mut self) {
-        for i in 0..self.fentry_sites.len() {
-            let site = self.fentry_sites[i];
-            // With IBT the function starts with a 4-byte `endbr64` before the call.
-            for entry in [site, site.wrapping_sub(4)] {
-                let j = self.functions.partition_point(|f| f.entry < entry);
-                let mut hit = false;
-                for f in self.functions[j..]
-                    .iter_mut()
-                    .take_while(|f| f.entry == entry)
-                {
-                    f.fentry = Some(site);
-                    hit = true;
-                }
-                if hit {
-                    break;
-                }
-            }
-        }
-    }
-
-    /// Parameters without a DWARF location get the SysV register, unless the compiler changed
-    /// the function's signature (`.isra`, `.constprop`, `.part` clones), where the original
-    /// order says nothing.
-    fn fill_abi_locations(&mut self, unlocated: &[(u32, u16)]) {
-        let mut by_function: HashMap<u32, Vec<u16>> = HashMap::new();
-        for &(f, p) in unlocated {
-            by_function.entry(f).or_default().push(p);
-        }
-        for (fi, params) in by_function {
-            let entry = self.functions[fi as usize].entry;
-            let clone = self
-                .symbol_at(entry)
-                .filter(|s| s.address == entry)
-                .is_some_and(|s| s.name.contains('.'));
-            if clone {
-                continue;
-            }
-            let sizes: Vec<Option<u64>> = self.functions[fi as usize]
-                .params
-                .iter()
-                .map(|p| self.types.size_of(p.ty))
-                .collect();
-            let abi = abi_registers(&sizes);
-            for pi in params {
-                let loc = &abi[pi as usize];
-                if matches!(loc, Location::Abi(_)) {
-                    self.functions[fi as usize].params[pi as usize].location = loc.clone();
-                }
-            }
-        }
-    }
-
-    fn find_current_task(&self, percpu: Option<(u64, u64)>) -> Option<CurrentTask> {
-        let per_cpu = |addr: u64| percpu.is_some_and(|(lo, hi)| (lo..hi).contains(&addr));
-        if let Some(s) = self.symbol("current_task") {
-            return Some(CurrentTask {
-                symbol: s.name.clone(),
-                address: s.address,
-                per_cpu: per_cpu(s.address),
-            });
-        }
-        let s = self.symbol("pcpu_hot")?;
-        let off = self.member_offset("pcpu_hot", "current_task")?;
-        Some(CurrentTask {
-            symbol: s.name.clone(),
-            address: s.address + off,
-            per_cpu: per_cpu(s.address),
-        })
-    }
-}
-
-/// Folds the walkers' partial results into one index: one type table, functions sorted by
-/// entry, code the linker discarded dropped. Also returns the parameters DWARF gave no location
-/// for, as (function, parameter) in the merged order.
-fn merge(partials: Vec<dwarf::Partial>, code: &[(u64, u64)]) -> (Index, Vec<(u32, u16)>) {
-    let in_code = |a: u64| code.iter().any(|(lo, hi)| (*lo..*hi).contains(&a));
-    let mut types = TypeTable::default();
-    let mut units = Vec::new();
-    let mut functions: Vec<Function> = Vec::new();
-    let mut inlined = Vec::new();
-    let mut layouts: HashMap<String, Layout> = HashMap::new();
-    let mut bad_units = 0;
-    let mut unlocated = Vec::new();
-    for part in partials {
-        let map = types.absorb(part.types);
-        let m = |id: TypeId| map[id.0 as usize];
-        let unit_base = units.len() as u32;
-        units.extend(part.units);
-        bad_units += part.bad_units;
-        // Where each partial function lands (None: dropped as discarded code).
-        let mut fmap: Vec<Option<u32>> = Vec::with_capacity(part.functions.len());
-        for mut f in part.functions {
-            if !in_code(f.entry) {
-                fmap.push(None);
-                continue;
-            }
-            f.unit += unit_base;
-            f.ret = f.ret.map(m);
-            for p in &mut f.params {
-                p.ty = m(p.ty);
-            }
-            fmap.push(Some(functions.len() as u32));
-            functions.push(f);
-        }
-        for (fi, pi) in part.no_location {
-            if let Some(Some(f)) = fmap.get(fi as usize) {
-                unlocated.push((*f, pi));
-            }
-        }
-        for mut x in part.inlined {
-            if let Some(Some(c)) = fmap.get(x.caller as usize) {
-                x.caller = *c;
-                inlined.push(x);
-            }
-        }
-        for (name, mut layout) in part.layouts {
-            if layouts.contains_key(&name) {
-                continue;
-            }
-            for mb in &mut layout.members {
-                mb.ty = m(mb.ty);
-            }
-            layouts.insert(name, layout);
-        }
-    }
-    // Sort functions by entry and carry the inlined instances' caller indices along.
-    let mut order: Vec<u32> = (0..functions.len() as u32).collect();
-    order.sort_by_key(|&i| (functions[i as usize].entry, i));
-    let mut new_pos = vec![0u32; functions.len()];
-    for (pos, &old) in order.iter().enumerate() {
-        new_pos[old as usize] = pos as u32;
-    }
-    let mut slots: Vec<Option<Function>> = functions.into_iter().map(Some).collect();
-    let functions: Vec<Function> = order
-        .iter()
-        .map(|&i| slots[i as usize].take().expect("each function moves once"))
-        .collect();
-    for x in &mut inlined {
-        x.caller = new_pos[x.caller as usize];
-    }
-    inlined.sort_by_key(|x: &Inlined| (x.caller, x.entry));
-    let unlocated = unlocated
-        .into_iter()
-        .map(|(f, p)| (new_pos[f as usize], p))
-        .collect();
-    let index = Index {
-        units,
-        functions,
-        inlined,
-        types,
-        layouts,
-        symbols: Vec::new(),
-        fentry_sites: Vec::new(),
-        current_task: None,
-        bad_units,
-        by_name: HashMap::new(),
-        symbols_by_name: HashMap::new(),
-        ranges: Vec::new(),
-    };
-    (index, unlocated)
 }

@@ -11,12 +11,15 @@ mod dwarf;
 mod elf;
 mod error;
 mod index;
+mod introspect;
 mod location;
+mod merge;
 mod model;
 mod types;
 
 pub use error::IndexError;
-pub use index::{BuildOptions, Index, MemberInfo, TaskLayout};
+pub use index::{BuildOptions, Index};
+pub use introspect::{MemberInfo, TaskLayout};
 pub use model::{
     CurrentTask, Function, Inlined, Layout, Location, Member, Param, Range, Reg, Symbol,
     SymbolKind, Type, TypeId,
