@@ -5,11 +5,13 @@
 //! threads by pid and tid) and events (slices, instants, counters with typed arguments).
 
 mod error;
+mod event;
 mod intern;
 pub mod proto;
 mod server;
 mod writer;
 
 pub use error::{ServeError, WriteError};
+pub use event::{Arg, Event, Kind, TrackId, Value};
 pub use server::{ui_link, TraceServer, DEFAULT_PORT};
-pub use writer::{Arg, Event, Kind, Stats, TraceWriter, TrackId, Value, MAX_DEPTH};
+pub use writer::{Stats, TraceWriter, MAX_DEPTH};
