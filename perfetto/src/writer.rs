@@ -57,8 +57,10 @@ pub struct TraceWriter<W: Write> {
     categories: Interner,
     strings: Interner,
     tracks: HashMap<u64, TrackState>,
-    processes: HashMap<i32, TrackId>,
-    threads: HashMap<(i32, i32), TrackId>,
+    /// Tracks by pid and by (pid, tid), with the name last written, so asking for a task's
+    /// track on every event costs a lookup, and a descriptor only when the name changes.
+    processes: HashMap<i32, (TrackId, Option<String>)>,
+    threads: HashMap<(i32, i32), (TrackId, String)>,
     next_uuid: u64,
     stats: Stats,
     /// One packet's encoding, reused so an event costs no allocation for its bytes.
@@ -107,17 +109,18 @@ impl<W: Write> TraceWriter<W> {
     }
 
     /// The process track of `pid`, created (with `name`) on first use; a later call with a
-    /// different name renames it.
+    /// different name renames it, one without a name leaves it as it is.
     pub fn process(&mut self, pid: i32, name: Option<&str>) -> Result<TrackId, WriteError> {
         if pid == 0 {
             return Err(WriteError::ZeroPid);
         }
         let track = match self.processes.get(&pid) {
-            Some(&t) if name.is_none() => return Ok(t),
-            Some(&t) => t,
+            Some((t, _)) if name.is_none() => return Ok(*t),
+            Some((t, old)) if old.as_deref() == name => return Ok(*t),
+            Some((t, _)) => *t,
             None => self.new_track(),
         };
-        self.processes.insert(pid, track);
+        self.processes.insert(pid, (track, name.map(str::to_owned)));
         let desc = TrackDescriptor {
             uuid: Some(track.0),
             process: Some(ProcessDescriptor {
@@ -137,12 +140,13 @@ impl<W: Write> TraceWriter<W> {
         if pid == 0 || tid == 0 {
             return Err(WriteError::ZeroPid);
         }
-        let process = self.process(pid, None)?;
         let track = match self.threads.get(&(pid, tid)) {
-            Some(&t) => t,
+            Some((t, old)) if old == name => return Ok(*t),
+            Some((t, _)) => *t,
             None => self.new_track(),
         };
-        self.threads.insert((pid, tid), track);
+        let process = self.process(pid, None)?;
+        self.threads.insert((pid, tid), (track, name.to_owned()));
         let desc = TrackDescriptor {
             uuid: Some(track.0),
             parent_uuid: Some(process.0),

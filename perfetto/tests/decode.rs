@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use rrr_perfetto::{Arg, Event, Kind, TraceWriter, Value, WriteError};
+use rrr_perfetto::{Arg, Event, Kind, TraceWriter, TrackId, Value, WriteError};
 use serde_json::{json, Value as Json};
 
 fn check(trace: &Path) -> Result<Json, String> {
@@ -69,8 +69,17 @@ fn a_written_trace_decodes_with_googles_classes_and_keeps_perfettos_rules() {
     .unwrap();
     w.instant(1600, idle, "irq", &[]).unwrap();
     w.counter(1700, fill, 4096).unwrap();
-    // A comm change at exec renames the thread on the same track.
+    // Asking again costs nothing; a comm change at exec renames the thread on the same track.
+    let packets = w.stats().packets;
+    assert_eq!(w.thread(100, 101, "worker").unwrap(), worker);
+    assert_eq!(w.process(100, Some("stim")).unwrap(), TrackId(1));
+    assert_eq!(
+        w.stats().packets,
+        packets,
+        "no descriptor for an unchanged name"
+    );
     assert_eq!(w.thread(100, 101, "worker2").unwrap(), worker);
+    assert_eq!(w.stats().packets, packets + 1);
     w.begin(1800, worker, "openat", &[]).unwrap();
     assert_eq!(w.depth(worker), Some(1));
     w.end(1900, worker, &[]).unwrap();

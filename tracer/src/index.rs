@@ -1,7 +1,7 @@
 //! The index: built once per binary from its ELF and DWARF, queried by the trace pass, and
 //! cached as bytes by whoever owns the cache.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::Path;
 
@@ -29,7 +29,7 @@ pub struct Index {
     pub inlined: Vec<Inlined>,
     pub types: TypeTable,
     /// Named struct and union layouts, one per name.
-    pub layouts: HashMap<String, Layout>,
+    pub layouts: BTreeMap<String, Layout>,
     /// ELF symbols sorted by address.
     pub symbols: Vec<Symbol>,
     /// `call __fentry__` sites, sorted.

@@ -76,7 +76,7 @@ pub(crate) fn merge(
     let mut units = Vec::new();
     let mut functions: Vec<Function> = Vec::new();
     let mut inlined = Vec::new();
-    let mut layouts: HashMap<String, Layout> = HashMap::new();
+    let mut layouts: HashMap<String, (usize, Layout)> = HashMap::new();
     let mut bad_units = 0;
     let mut unlocated = Vec::new();
     for part in partials {
@@ -111,14 +111,14 @@ pub(crate) fn merge(
                 inlined.push(x);
             }
         }
-        for (name, mut layout) in part.layouts {
-            if layouts.contains_key(&name) {
+        for (name, (ordinal, mut layout)) in part.layouts {
+            if layouts.get(&name).is_some_and(|(o, _)| *o < ordinal) {
                 continue;
             }
             for mb in &mut layout.members {
                 mb.ty = m(mb.ty);
             }
-            layouts.insert(name, layout);
+            layouts.insert(name, (ordinal, layout));
         }
     }
     // Sort functions by entry and carry the inlined instances' caller indices along.
@@ -146,7 +146,7 @@ pub(crate) fn merge(
         functions,
         inlined,
         types,
-        layouts,
+        layouts: layouts.into_iter().map(|(n, (_, l))| (n, l)).collect(),
         symbols: Vec::new(),
         fentry_sites: Vec::new(),
         current_task: None,

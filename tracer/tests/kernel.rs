@@ -341,3 +341,34 @@ fn gdb_register_at(scope: &str, symbol: &str, pc: u64) -> Option<String> {
     });
     ranges.first().and_then(|r| reg_of(r))
 }
+
+/// The same kernel and thread count give the same bytes (a cache can be compared or shared),
+/// and the thread count changes nothing a query sees.
+#[test]
+fn the_index_is_deterministic() {
+    use rrr_tracer::BuildOptions;
+    let two = || Index::build_with(vmlinux(), BuildOptions { threads: 2 }).unwrap();
+    let a = two();
+    assert!(a.to_bytes() == two().to_bytes(), "two builds differ");
+    let one = Index::build_with(vmlinux(), BuildOptions { threads: 1 }).unwrap();
+    assert_eq!(one.functions.len(), a.functions.len());
+    assert_eq!(one.layouts.len(), a.layouts.len());
+    for (name, layout) in &one.layouts {
+        let other = &a.layouts[name];
+        assert_eq!(layout.size, other.size, "struct {name}");
+        let offsets = |l: &rrr_tracer::Layout| -> Vec<(Option<String>, u64)> {
+            l.members
+                .iter()
+                .map(|m| (m.name.clone(), m.offset))
+                .collect()
+        };
+        assert_eq!(offsets(layout), offsets(other), "struct {name}");
+    }
+    for (f, g) in one.functions.iter().zip(&a.functions) {
+        assert_eq!((&f.name, f.entry, &f.ranges), (&g.name, g.entry, &g.ranges));
+        let sig = |i: &Index, f: &rrr_tracer::Function| -> Vec<String> {
+            f.params.iter().map(|p| i.type_name(p.ty)).collect()
+        };
+        assert_eq!(sig(&one, f), sig(&a, g), "{}", f.name);
+    }
+}

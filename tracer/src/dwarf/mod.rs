@@ -9,7 +9,6 @@
 mod types;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use gimli::constants::*;
 use gimli::{
@@ -35,27 +34,32 @@ pub(crate) struct Partial {
     pub functions: Vec<Function>,
     pub inlined: Vec<Inlined>,
     pub types: TypeTable,
-    pub layouts: HashMap<String, Layout>,
+    /// Named layouts with the ordinal of the unit that defined them: where two units define
+    /// different structs under one name, the merge keeps the first unit's, whichever thread
+    /// walked it, so the index does not depend on scheduling.
+    pub layouts: HashMap<String, (usize, Layout)>,
     /// Parameters DWARF gives no location for: (function, parameter). The index fills them from
     /// the ABI where the function kept its signature.
     pub no_location: Vec<(u32, u16)>,
     pub bad_units: usize,
 }
 
-/// Walks every unit on `threads` threads.
+/// Walks every unit on `threads` threads. Thread `k` takes units `k`, `k + threads`, ...: a fixed
+/// share, so the same thread count always yields the same index.
 pub(crate) fn walk(dwarf: &Dwarf<R<'_>>, threads: usize) -> Result<Vec<Partial>, IndexError> {
     let mut headers = Vec::new();
     let mut iter = dwarf.units();
     while let Some(h) = iter.next()? {
         headers.push(h);
     }
-    let next = AtomicUsize::new(0);
+    let threads = threads.max(1);
+    let headers = &headers;
     std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads.max(1))
-            .map(|_| {
-                s.spawn(|| {
+        let workers: Vec<_> = (0..threads)
+            .map(|k| {
+                s.spawn(move || {
                     let mut part = Partial::default();
-                    while let Some(h) = headers.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    for (ordinal, h) in headers.iter().enumerate().skip(k).step_by(threads) {
                         let unit = match dwarf.unit(*h) {
                             Ok(u) => u,
                             Err(e) => {
@@ -64,7 +68,7 @@ pub(crate) fn walk(dwarf: &Dwarf<R<'_>>, threads: usize) -> Result<Vec<Partial>,
                                 continue;
                             }
                         };
-                        if let Err(e) = UnitWalker::new(dwarf, &unit, &mut part).walk() {
+                        if let Err(e) = UnitWalker::new(dwarf, &unit, ordinal, &mut part).walk() {
                             // One unreadable unit loses its functions, not the whole index.
                             tracing::debug!("unit at {:?}: {e}", h.offset());
                             part.bad_units += 1;
@@ -98,16 +102,24 @@ struct UnitWalker<'a, 'u> {
     dwarf: &'u Dwarf<R<'a>>,
     unit: &'u Unit<R<'a>>,
     part: &'u mut Partial,
+    /// The unit's position in `.debug_info`.
+    ordinal: usize,
     unit_idx: u32,
     types: HashMap<UnitOffset, TypeId>,
     origin_names: HashMap<UnitOffset, Option<String>>,
 }
 
 impl<'a, 'u> UnitWalker<'a, 'u> {
-    fn new(dwarf: &'u Dwarf<R<'a>>, unit: &'u Unit<R<'a>>, part: &'u mut Partial) -> Self {
+    fn new(
+        dwarf: &'u Dwarf<R<'a>>,
+        unit: &'u Unit<R<'a>>,
+        ordinal: usize,
+        part: &'u mut Partial,
+    ) -> Self {
         UnitWalker {
             dwarf,
             unit,
+            ordinal,
             unit_idx: part.units.len() as u32,
             part,
             types: HashMap::new(),

@@ -123,14 +123,17 @@ impl<'a> UnitWalker<'a, '_> {
             .unwrap_or(0);
         self.part.layouts.insert(
             name.clone(),
-            Layout {
-                union,
-                size,
-                members: Vec::new(),
-            },
+            (
+                self.ordinal,
+                Layout {
+                    union,
+                    size,
+                    members: Vec::new(),
+                },
+            ),
         );
         let members = self.members(off, 1)?;
-        if let Some(l) = self.part.layouts.get_mut(&name) {
+        if let Some((_, l)) = self.part.layouts.get_mut(&name) {
             l.members = members;
         }
         Ok(())
