@@ -23,6 +23,9 @@ const MAGIC: &[u8; 8] = b"rrridx\0\0";
 pub struct Index {
     /// Compilation unit names (source paths), indexed by `Function::unit`.
     pub units: Vec<String>,
+    /// The kernel source tree's root when unit names are absolute paths into it (an out-of-tree
+    /// build names `/…/linux-source-6.12/fs/open.c`); [`Index::source_path`] strips it.
+    pub source_root: Option<String>,
     /// Functions with code, sorted by entry address.
     pub functions: Vec<Function>,
     /// Inlined instances, sorted by caller (then address).
@@ -124,6 +127,7 @@ impl Index {
         index.attach_fentry();
         index.fill_abi_locations(&unlocated);
         index.current_task = index.find_current_task(percpu);
+        index.source_root = source_root(&index.units);
         Ok(index)
     }
 
@@ -188,6 +192,16 @@ impl Index {
             .enumerate()
             .map(|(i, s)| (s.name.clone(), i as u32))
             .collect();
+    }
+
+    /// The source path of `function`, relative to the kernel tree where there is one
+    /// (`fs/open.c`): what a filter by subsystem matches against.
+    pub fn source_path(&self, function: &Function) -> &str {
+        let unit = &self.units[function.unit as usize];
+        match &self.source_root {
+            Some(root) => unit.strip_prefix(root.as_str()).unwrap_or(unit),
+            None => unit,
+        }
     }
 
     /// The functions named `name` (static functions can share a name across files).
@@ -280,4 +294,13 @@ impl Index {
     pub fn value_kind(&self, ty: TypeId) -> ValueKind<'_> {
         self.types.value_kind(ty)
     }
+}
+
+/// The directory a kernel's `init/main.c` unit sits under, when unit names are absolute.
+fn source_root(units: &[String]) -> Option<String> {
+    units
+        .iter()
+        .filter(|u| u.starts_with('/'))
+        .find_map(|u| u.strip_suffix("init/main.c"))
+        .map(str::to_owned)
 }

@@ -24,4 +24,4 @@ pub use model::{
     CurrentTask, Function, Inlined, Layout, Location, Member, Param, Range, Reg, Symbol,
     SymbolKind, Type, TypeId,
 };
-pub use types::{TypeTable, ValueKind};
+pub use types::{format_enum, TypeTable, ValueKind};

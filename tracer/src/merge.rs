@@ -143,6 +143,7 @@ pub(crate) fn merge(
         .collect();
     let index = Index {
         units,
+        source_root: None,
         functions,
         inlined,
         types,

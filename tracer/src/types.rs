@@ -231,6 +231,33 @@ impl TypeTable {
     }
 }
 
+/// An enum value as a reader wants it: the enumerator's name, for a flags enum the names of its
+/// bits joined by `|` (with any unnamed rest in hex), or else the number.
+pub fn format_enum(enumerators: &[(String, i64)], flags: bool, value: i64) -> String {
+    if let Some((name, _)) = enumerators.iter().find(|(_, v)| *v == value) {
+        return name.clone();
+    }
+    if !flags || value <= 0 {
+        return value.to_string();
+    }
+    let mut rest = value;
+    let mut names = Vec::new();
+    for (name, bit) in enumerators {
+        if *bit > 0 && rest & bit == *bit {
+            names.push(name.as_str());
+            rest &= !bit;
+        }
+    }
+    let mut out = names.join("|");
+    if rest != 0 || out.is_empty() {
+        if !out.is_empty() {
+            out.push('|');
+        }
+        out.push_str(&format!("{rest:#x}"));
+    }
+    out
+}
+
 /// An enum whose non-zero values are all distinct single bits (and there are at least two) is
 /// most likely a set of flags: decode a value as `A|B` rather than as one name.
 fn looks_like_flags(enumerators: &[(String, i64)]) -> bool {
@@ -271,6 +298,20 @@ mod tests {
         assert_eq!(a.value_kind(map[s.0 as usize]), ValueKind::Str);
         assert_eq!(a.name(map[s.0 as usize]), "const char *");
         assert_eq!(a.len(), 5);
+    }
+
+    #[test]
+    fn enum_values_read_as_names() {
+        let e: Vec<(String, i64)> = [("NONE", 0), ("R", 1), ("W", 2), ("X", 4)]
+            .iter()
+            .map(|(n, v)| (n.to_string(), *v))
+            .collect();
+        assert_eq!(format_enum(&e, true, 2), "W");
+        assert_eq!(format_enum(&e, true, 0), "NONE");
+        assert_eq!(format_enum(&e, true, 5), "R|X");
+        assert_eq!(format_enum(&e, true, 0x13), "R|W|0x10");
+        assert_eq!(format_enum(&e, false, 5), "5");
+        assert_eq!(format_enum(&e, true, -1), "-1");
     }
 
     #[test]

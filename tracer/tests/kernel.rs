@@ -218,6 +218,7 @@ fn syscall_functions_have_typed_arguments_in_their_registers() {
             signed: true
         }
     );
+    assert_eq!(index.source_path(f), "fs/open.c");
     // A kernel enum reaches the decoder with its names.
     let e = index
         .functions
