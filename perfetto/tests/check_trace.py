@@ -57,6 +57,13 @@ def main(path):
             if t.HasField("thread"):
                 if t.thread.pid == 0 or t.thread.tid == 0:
                     fail(f"thread track {t.uuid} has pid or tid 0")
+                parent = tracks.get(t.parent_uuid, {})
+                if parent.get("pid") != t.thread.pid or "tid" in parent:
+                    fail(f"thread track {t.uuid} is not under its process's track")
+                same = [u for u, d in tracks.items() if u != t.uuid and d.get("tid") == t.thread.tid
+                        and d.get("pid") == t.thread.pid]
+                if same:
+                    fail(f"thread ({t.thread.pid}, {t.thread.tid}) has two tracks")
                 desc.update(pid=t.thread.pid, tid=t.thread.tid, name=t.thread.thread_name)
             if t.HasField("counter"):
                 desc["counter"] = True

@@ -219,3 +219,27 @@ fn an_event_packet_has_the_bytes_the_spec_gives() {
     ];
     assert_eq!(packet, &want[..], "{packet:02x?}");
 }
+
+/// Past the interning table's limit, new strings go inline and the trace stays valid; strings
+/// interned before the limit keep their iids.
+#[test]
+fn unique_strings_past_the_interning_limit_are_written_inline() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("many.pftrace");
+    let mut w = TraceWriter::create(&path).unwrap();
+    let t = w.thread(7, 7, "many").unwrap();
+    let n = 70_000u64;
+    for i in 0..n {
+        let s = format!("/tmp/f{i}");
+        w.instant(i + 1, t, "open", &[Arg::new("path", Value::Str(&s))])
+            .unwrap();
+    }
+    w.instant(n + 1, t, "open", &[Arg::new("path", Value::Str("/tmp/f0"))])
+        .unwrap();
+    w.finish().unwrap();
+    let got = check(&path).unwrap_or_else(|e| panic!("checker refused the trace: {e}"));
+    let events = got["events"].as_array().unwrap();
+    assert_eq!(events.len() as u64, n + 1);
+    assert_eq!(events[69_999]["args"]["path"]["str"], "/tmp/f69999");
+    assert_eq!(events[n as usize]["args"]["path"]["str"], "/tmp/f0");
+}

@@ -194,6 +194,12 @@ impl Index {
             .collect();
     }
 
+    /// Whether the binary had DWARF. Without it only symbols name code: a trace can still show
+    /// function names from [`Index::traceable`] and [`Index::name_at`], but no arguments.
+    pub fn has_dwarf(&self) -> bool {
+        !self.functions.is_empty()
+    }
+
     /// The source path of `function`, relative to the kernel tree where there is one
     /// (`fs/open.c`): what a filter by subsystem matches against.
     pub fn source_path(&self, function: &Function) -> &str {

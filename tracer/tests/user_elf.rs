@@ -40,6 +40,7 @@ fn functions_parameters_types_and_locations_of_a_user_binary() {
     let dir = tempfile::tempdir().unwrap();
     let bin = compile(dir.path());
     let index = Index::build(&bin).unwrap();
+    assert!(index.has_dwarf());
 
     let f = index.function("probe_fn").expect("probe_fn is indexed");
     assert!(index.units[f.unit as usize].ends_with("probe.c"));
@@ -234,6 +235,7 @@ fn without_dwarf_the_symbols_still_name_the_code() {
         .expect("objcopy is needed");
     assert!(st.success());
     let index = Index::build(&stripped).unwrap();
+    assert!(!index.has_dwarf());
     assert!(index.functions.is_empty());
     let sym = index.symbol("probe_fn").expect("the symbol table survives");
     assert_eq!(index.name_at(sym.address + 2), Some(("probe_fn", 2)));
