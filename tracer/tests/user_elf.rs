@@ -8,10 +8,16 @@ use std::process::Command;
 use rrr_tracer::{Index, IndexError, Location, Reg, Type, ValueKind};
 
 fn compile(dir: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/probe.c");
-    let out = dir.join("probe");
+    compile_source(dir, "probe")
+}
+
+fn compile_source(dir: &Path, name: &str) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/data/{name}.c"));
+    let out = dir.join(name);
     let cc = Command::new("gcc")
-        .args(["-g", "-O2", "-o"])
+        // Keep a `.data..percpu` section as its own section, as the kernel's linker script does
+        // (the default script would fold it into `.data`).
+        .args(["-g", "-O2", "-Wl,--unique=.data..percpu", "-o"])
         .arg(&out)
         .arg(&src)
         .output()
@@ -251,4 +257,17 @@ fn a_file_that_is_not_elf_is_refused_by_name() {
     assert!(err.to_string().contains("vmlinux"));
     let err = Index::build(&dir.path().join("missing")).unwrap_err();
     assert!(matches!(err, IndexError::Read { .. }), "{err}");
+}
+
+#[test]
+fn a_current_task_in_the_per_cpu_section_is_per_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = Index::build(&compile_source(dir.path(), "percpu")).unwrap();
+    let cur = index.current_task.as_ref().expect("current_task found");
+    assert_eq!(cur.symbol, "current_task");
+    assert_eq!(cur.address, index.symbol("current_task").unwrap().address);
+    assert!(
+        cur.per_cpu,
+        "a variable in .data..percpu is read through GS"
+    );
 }
