@@ -42,6 +42,10 @@ enum Command {
     Snapshot(commands::snapshot::Args),
     /// Build the kernel and rootfs, restore the snapshot (or boot), and run a stimulus once.
     Run(commands::run::Args),
+    /// `rrr run` from the machine's snapshot, writing a recording that replays exactly.
+    Record(commands::record::Args),
+    /// Replay a recording: the same console, the same verdict, every checkpoint checked.
+    Replay(commands::replay::Args),
     /// The README's main job: doctor, default kernel, example stimulus, end to end.
     Demo(commands::demo::Args),
 }
@@ -57,6 +61,8 @@ fn main() {
         Command::Rootfs(cmd) => commands::rootfs::run(cmd),
         Command::Snapshot(args) => commands::snapshot::run(args),
         Command::Run(args) => commands::run::run(args),
+        Command::Record(args) => commands::record::run(args),
+        Command::Replay(args) => commands::replay::run(args),
         Command::Demo(args) => commands::demo::run(args),
     };
     match result {

@@ -91,7 +91,7 @@ fn seconds(what: &str, s: f64) -> anyhow::Result<Duration> {
 
 /// Forwards stdin to the guest's serial port from a reader thread. The channel is the only
 /// thing that crosses threads; the run loop takes what arrived at synchronous exits.
-fn spawn_stdin_reader() -> mpsc::Receiver<Vec<u8>> {
+pub(crate) fn spawn_stdin_reader() -> mpsc::Receiver<Vec<u8>> {
     let (tx, rx) = mpsc::channel();
     let spawned = std::thread::Builder::new()
         .name("rrr-stdin".into())

@@ -52,6 +52,7 @@ pub fn run(args: Args) -> Result<i32> {
         quiet: args.quiet,
         run_dir: None,
         boot: false,
+        stdin: false,
         rootfs: None,
         stimulus_binary: None,
     })

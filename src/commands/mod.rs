@@ -5,6 +5,8 @@ pub mod carrier;
 pub mod demo;
 pub mod doctor;
 pub mod kernel;
+pub mod record;
+pub mod replay;
 pub mod rootfs;
 pub mod run;
 pub mod snapshot;

@@ -17,19 +17,21 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use rrr_guest::protocol::Command as AgentCommand;
+use rrr_vmm::builder::Vmm;
 use rrr_vmm::config::Timeout;
 use rrr_vmm::crash::{CrashDetector, CrashReport};
 use rrr_vmm::devices::control::ControlEvent;
 use rrr_vmm::devices::virtio::disk::MediumSlot;
 use rrr_vmm::host::KvmKind;
-use rrr_vmm::run_loop::{self, RunEnd, RunError, RunOutcome, Stopped, Until};
+use rrr_vmm::rr::{ExecMode, Plain};
+use rrr_vmm::run_loop::{self, RunEnd, RunError, RunOutcome, RunState, RunStats, Stopped, Until};
 
-use crate::machine::{AtReady, MachineSpec, StartKind, StartMode, Started};
+use crate::machine::{AtReady, MachineSpec, StartKind, StartMode, StartReport, Started};
 use serde::{Deserialize, Serialize};
 
 /// Host time allowed for the boot and the agent's setup, on top of the stimulus' time limit. A
 /// boot inside the carrier takes tens of seconds; on hardware KVM, about one.
-const BOOT_ALLOWANCE_SECS: u64 = 240;
+pub const BOOT_ALLOWANCE_SECS: u64 = 240;
 
 pub const DEFAULT_MEM_MIB: u64 = 512;
 
@@ -70,6 +72,10 @@ pub struct Args {
     /// Boot the kernel instead of restoring the cached snapshot (no snapshot is used or made).
     #[arg(long)]
     pub boot: bool,
+    /// Forward this terminal's stdin to the guest console (`rrr record` logs every byte at the
+    /// exit where the guest got it).
+    #[arg(long)]
+    pub stdin: bool,
     /// The base root filesystem image, already built (used when rrr moves itself into the
     /// carrier).
     #[arg(long, hide = true)]
@@ -147,10 +153,101 @@ pub struct RunSummary {
     /// How the guest got to READY: booted, or restored from which snapshot, and how long it
     /// took.
     pub start: Option<crate::machine::StartReport>,
+    /// What `rrr record` wrote or `rrr replay` checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rr: Option<serde_json::Value>,
+}
+
+/// What a run does besides running: nothing (`rrr run`), recording, or replaying. The run
+/// itself (start at READY, the stimulus, the console, the verdict) is the same for all three.
+pub trait Session {
+    /// The execution mode the run loop calls at each exit.
+    fn mode(&mut self) -> &mut dyn ExecMode;
+    /// Whether the VM's memory must keep KVM's dirty log (for state hashes).
+    fn dirty_log(&self) -> bool {
+        false
+    }
+    /// At READY, before the stimulus goes in: the recorder writes its header, the replayer
+    /// checks that this is the machine it recorded on.
+    fn at_ready(&mut self, _ready: &Ready<'_>) -> Result<()> {
+        Ok(())
+    }
+    /// A run-loop error that ends the run as the session planned (a partial replay reaching
+    /// the end of its log), in words, with the exits counted so far.
+    fn planned_end(&self, _err: &RunError) -> Option<(String, u64)> {
+        None
+    }
+    /// After the run: the recorder closes its log, the replayer compares. `console` is what the
+    /// guest printed after READY. Returns what to add to the summary.
+    fn finish(&mut self, _end: &Finished<'_>) -> Result<Option<serde_json::Value>> {
+        Ok(None)
+    }
+}
+
+/// A plain run.
+impl Session for Plain {
+    fn mode(&mut self) -> &mut dyn ExecMode {
+        self
+    }
+}
+
+/// The machine at READY, for [`Session::at_ready`].
+pub struct Ready<'a> {
+    pub spec: &'a MachineSpec,
+    pub report: &'a StartReport,
+    pub vmm: &'a Vmm,
+    pub state: &'a RunState,
+    pub stimulus_binary: &'a Path,
+    pub args: &'a Args,
+}
+
+/// The end of the run, for [`Session::finish`].
+pub struct Finished<'a> {
+    pub vmm: &'a Vmm,
+    pub summary: &'a RunSummary,
+    pub stats: &'a RunStats,
+    pub console: &'a [u8],
 }
 
 pub fn run(args: Args) -> Result<i32> {
     let started = Instant::now();
+    let Prepared {
+        kernel,
+        rootfs,
+        stimulus_binary,
+        run_dir,
+    } = prepare(&args)?;
+    if needs_carrier(args.direct) {
+        let code = run_inside_carrier(&args, &kernel, &rootfs, &stimulus_binary, &run_dir)?;
+        eprintln!(
+            "rrr: total wall time {:.1} s (builds, carrier and VM)",
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(code);
+    }
+    let summary = run_vm(
+        &args,
+        &kernel,
+        &rootfs,
+        &stimulus_binary,
+        &run_dir,
+        &mut Plain,
+    )?;
+    print_summary(&summary);
+    Ok(0)
+}
+
+/// The kernel, the base rootfs, the compiled stimulus and the run directory of a run, built or
+/// found on the host.
+pub struct Prepared {
+    pub kernel: PathBuf,
+    pub rootfs: PathBuf,
+    pub stimulus_binary: PathBuf,
+    pub run_dir: PathBuf,
+}
+
+/// Builds (or finds in the cache) what the run needs, on the host.
+pub fn prepare(args: &Args) -> Result<Prepared> {
     if !args.stimulus.is_file() {
         bail!(
             "stimulus {} does not exist or is not a file; pass a C source file",
@@ -176,26 +273,53 @@ pub fn run(args: Args) -> Result<i32> {
     };
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("cannot create the run directory {}", run_dir.display()))?;
+    Ok(Prepared {
+        kernel,
+        rootfs,
+        stimulus_binary,
+        run_dir,
+    })
+}
 
+/// Whether this run must move into the carrier (software-only KVM, not already inside one).
+pub fn needs_carrier(direct: bool) -> bool {
     let kind = KvmKind::detect();
-    if !kind.is_hardware() && !args.direct && !crate::carrier::inside_carrier() {
+    let needed = !kind.is_hardware() && !direct && !crate::carrier::inside_carrier();
+    if needed {
         eprintln!("rrr: this host's KVM is {kind}; running the VM inside the carrier");
-        let code = run_inside_carrier(&args, &kernel, &rootfs, &stimulus_binary, &run_dir)?;
-        eprintln!(
-            "rrr: total wall time {:.1} s (builds, carrier and VM)",
-            started.elapsed().as_secs_f64()
-        );
-        return Ok(code);
     }
-    let summary = run_vm(&args, &kernel, &rootfs, &stimulus_binary, &run_dir)?;
-    print_summary(&summary);
-    Ok(0)
+    needed
 }
 
 /// Reruns this command in the carrier with everything already built, so nothing is compiled
 /// under emulation.
 fn run_inside_carrier(
     args: &Args,
+    kernel: &Path,
+    rootfs: &Path,
+    stimulus_binary: &Path,
+    run_dir: &Path,
+) -> Result<i32> {
+    carrier_rerun(
+        args,
+        "run",
+        &[],
+        &[],
+        kernel,
+        rootfs,
+        stimulus_binary,
+        run_dir,
+    )
+}
+
+/// Reruns `rrr SUBCOMMAND` with `args` (and `extra` words, and `extra_shares` writable) in the
+/// carrier with everything already built.
+#[allow(clippy::too_many_arguments)]
+pub fn carrier_rerun(
+    args: &Args,
+    subcommand: &str,
+    extra: &[std::ffi::OsString],
+    extra_shares: &[PathBuf],
     kernel: &Path,
     rootfs: &Path,
     stimulus_binary: &Path,
@@ -209,7 +333,7 @@ fn run_inside_carrier(
     let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
     let mut cmd: Vec<std::ffi::OsString> = vec![
         exe.into(),
-        "run".into(),
+        subcommand.into(),
         absolute(&args.stimulus).into(),
         "--kernel".into(),
         absolute(kernel).into(),
@@ -236,12 +360,17 @@ fn run_inside_carrier(
     if args.boot {
         cmd.push("--boot".into());
     }
+    if args.stdin {
+        cmd.push("--stdin".into());
+    }
+    cmd.extend(extra.iter().cloned());
     let mut opts = crate::carrier::CarrierOptions::default();
     for path in [kernel, rootfs, stimulus_binary, run_dir] {
         if let Some(dir) = path.parent() {
             opts.shares.push(absolute(dir));
         }
     }
+    opts.shares.extend(extra_shares.iter().map(|p| absolute(p)));
     opts.shares.sort();
     opts.shares.dedup();
     crate::carrier::run_in_carrier(&cmd, &opts)
@@ -261,12 +390,14 @@ fn new_run_dir(stimulus: &Path) -> Result<PathBuf> {
         .join(format!("{stem}-{stamp}-{}", std::process::id())))
 }
 
-fn run_vm(
+/// Runs the VM from READY to its end in `session`'s mode, and writes the summary.
+pub fn run_vm(
     args: &Args,
     kernel: &Path,
     rootfs: &Path,
     stimulus_binary: &Path,
     run_dir: &Path,
+    session: &mut dyn Session,
 ) -> Result<RunSummary> {
     let console_path = run_dir.join("console.log");
     let detector = Arc::new(Mutex::new(CrashDetector::new()));
@@ -290,6 +421,7 @@ fn run_vm(
     };
     let mut config = spec.vm_config();
     config.stimulus_time_limit_secs = args.time_limit;
+    config.dirty_log = session.dirty_log();
     let host_limit = args
         .timeout
         .unwrap_or(u64::from(args.time_limit) + BOOT_ALLOWANCE_SECS);
@@ -305,6 +437,8 @@ fn run_vm(
     };
     let started =
         crate::machine::start(&spec, config, Box::new(console), disks, mode, &console_path)?;
+    // Console bytes before this offset were printed before READY (the boot log).
+    let mut boot_len = 0;
     let (vmm, result, start_report) = match started {
         Started::AtReady(at_ready) => {
             if at_ready.report.kind == StartKind::Restored {
@@ -315,9 +449,21 @@ fn run_vm(
                     .with_context(|| format!("cannot write {}", console_path.display()))?;
                 rrr_vmm::bus::lock(&detector).feed(&at_ready.boot_console);
             }
+            boot_len = log
+                .metadata()
+                .with_context(|| format!("cannot stat {}", console_path.display()))?
+                .len() as usize;
             if !args.quiet {
                 eprintln!("rrr: {}", at_ready.report);
             }
+            session.at_ready(&Ready {
+                spec: &spec,
+                report: &at_ready.report,
+                vmm: &at_ready.vmm,
+                state: &at_ready.state,
+                stimulus_binary,
+                args,
+            })?;
             crate::machine::insert_stimulus(&stimulus_slot, stimulus_binary)?;
             // The VM stands at READY: from here on the tee asks the control port where the
             // split between boot and stimulus falls.
@@ -328,14 +474,26 @@ fn run_vm(
                 report,
                 ..
             } = *at_ready;
-            let result = match run_loop::run_until(&mut vmm, state, None, Until::End) {
+            let input = args.stdin.then(super::boot::spawn_stdin_reader);
+            let result = match run_loop::run_until_with(
+                &mut vmm,
+                state,
+                input,
+                Until::End,
+                session.mode(),
+            ) {
                 Ok(Stopped::Ended(outcome)) => Ok(outcome),
                 Ok(Stopped::Ready(_)) => unreachable!("a run until the end does not stop at READY"),
                 Err(err) => Err(err),
             };
             (vmm, result, Some(report))
         }
-        Started::EndedBeforeReady { vmm, result } => (*vmm, result, None),
+        Started::EndedBeforeReady { vmm, result } => {
+            if session.dirty_log() {
+                bail!("the guest ended before READY, so there is no snapshot to record or replay from; see {}", console_path.display());
+            }
+            (*vmm, result, None)
+        }
     };
     let _ = std::io::stdout().flush();
     let (crash, boot_reports) = {
@@ -369,7 +527,18 @@ fn run_vm(
                 rrr_vmm::bus::lock(&vmm.devices.control).take_events(),
             )
         }
-        Err(other) => return Err(other).context("the VM stopped with an error"),
+        Err(other) => match session.planned_end(&other) {
+            Some((end, exits)) => (
+                end,
+                RunStats {
+                    exits,
+                    ..RunStats::default()
+                },
+                0.0,
+                rrr_vmm::bus::lock(&vmm.devices.control).take_events(),
+            ),
+            None => return Err(other).context("the VM stopped with an error"),
+        },
     };
 
     let summary = RunSummary {
@@ -384,8 +553,9 @@ fn run_vm(
         landmarks: stats.landmarks,
         virtual_time_ns: stats.virtual_time.as_nanos(),
         host_secs,
-        console: console_path,
+        console: console_path.clone(),
         start: start_report,
+        rr: None,
     };
     if let Some(report) = &crash {
         std::fs::write(run_dir.join("crash.txt"), &report.text)
@@ -398,9 +568,22 @@ fn run_vm(
         )
         .context("cannot save the boot-time kernel reports")?;
     }
+    let console_bytes = std::fs::read(&console_path)
+        .with_context(|| format!("cannot read back {}", console_path.display()))?;
+    let finished = session.finish(&Finished {
+        vmm: &vmm,
+        summary: &summary,
+        stats: &stats,
+        console: console_bytes.get(boot_len..).unwrap_or_default(),
+    });
+    let mut summary = summary;
+    if let Ok(rr) = &finished {
+        summary.rr = rr.clone();
+    }
     let json = serde_json::to_string_pretty(&summary)?;
     std::fs::write(run_dir.join("summary.json"), json + "\n")
         .context("cannot save the run summary")?;
+    finished?;
     Ok(summary)
 }
 
@@ -436,16 +619,21 @@ fn boot_reports_text(reports: &[CrashReport]) -> String {
     texts.join("\n\n") + "\n"
 }
 
-fn print_summary(summary: &RunSummary) {
-    println!();
-    println!("rrr: stimulus {}", summary.stimulus_end);
-    match &summary.crash_title {
-        Some(title) => println!("rrr: kernel crashed: {title}"),
+/// The verdict: how the stimulus ended and what the kernel did (a replay prints the same).
+pub fn verdict(summary: &RunSummary) -> String {
+    let kernel = match &summary.crash_title {
+        Some(title) => format!("rrr: kernel crashed: {title}"),
         None if summary.stimulus_end == StimulusEnd::NeverStarted => {
-            println!("rrr: kernel: the stimulus never ran, so it caused no crash report")
+            "rrr: kernel: the stimulus never ran, so it caused no crash report".into()
         }
-        None => println!("rrr: kernel: no crash report after the stimulus started"),
-    }
+        None => "rrr: kernel: no crash report after the stimulus started".into(),
+    };
+    format!("rrr: stimulus {}\n{kernel}", summary.stimulus_end)
+}
+
+pub fn print_summary(summary: &RunSummary) {
+    println!();
+    println!("{}", verdict(summary));
     if !summary.boot_reports.is_empty() {
         let saved = summary.console.with_file_name(BOOT_REPORTS_FILE);
         println!(

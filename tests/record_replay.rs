@@ -1,0 +1,421 @@
+//! `rrr record` and `rrr replay` end to end, the way rr tests its workloads: a stimulus is
+//! recorded once and replayed several times, and every replay must print the same console and
+//! verdict and pass every checkpoint; an altered recording must be caught, a cut one replayed
+//! only with `--partial`, and one from another machine or rrr refused before anything runs.
+//!
+//! The VMs of this file run in two carriers (where this host's KVM is software-only), one after
+//! the other: the recording and its replays, then the altered recordings.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use rrr_vmm::rr::log::{Record, Recording, RecordingWriter};
+use serde_json::Value;
+
+const RRR: &str = env!("CARGO_BIN_EXE_rrr");
+
+/// The tests that start VMs take the machine one at a time (two cores, see DESIGN.md).
+static MACHINE: Mutex<()> = Mutex::new(());
+
+fn stimulus(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/stimuli")
+        .join(name)
+}
+
+fn test_dir(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("rr-tests")
+        .join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn rrr_prints_path(args: &[&str]) -> PathBuf {
+    let output = Command::new(RRR)
+        .args(args)
+        .output()
+        .expect("cannot start rrr");
+    assert!(
+        output.status.success(),
+        "rrr {args:?} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    PathBuf::from(
+        String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .lines()
+            .last()
+            .unwrap_or_default(),
+    )
+}
+
+fn quote(word: &OsStr) -> String {
+    let word = String::from_utf8(word.as_bytes().to_vec()).expect("test paths are UTF-8");
+    format!("'{}'", word.replace('\'', r"'\''"))
+}
+
+/// Runs `lines` (rrr command lines, `$RRR` set) as one script in one carrier, or directly on a
+/// VT-x/AMD-V host. Each line's stdout, stderr and exit status go to files in its directory.
+fn in_one_carrier(group: &Path, lines: &[(PathBuf, Vec<String>)]) {
+    let mut script = format!("RRR={}\n", quote(OsStr::new(RRR)));
+    for (dir, words) in lines {
+        std::fs::create_dir_all(dir).unwrap();
+        let q = |p: &str| quote(dir.join(p).as_os_str());
+        script += &format!(
+            "\"$RRR\" {} >{} 2>{}; echo $? >{}\n",
+            words.join(" "),
+            q("stdout"),
+            q("stderr"),
+            q("rc")
+        );
+    }
+    let path = group.join("script.sh");
+    std::fs::write(&path, &script).unwrap();
+    let mut cmd = if rrr_vmm::host::KvmKind::detect().is_hardware() {
+        Command::new("sh")
+    } else {
+        let mut carrier = Command::new(RRR);
+        carrier
+            .args(["carrier", "run", "--share"])
+            .arg(group)
+            .args(["--", "sh"]);
+        carrier
+    };
+    let output = cmd.arg(&path).output().expect("cannot start rrr");
+    assert!(
+        output.status.success(),
+        "the carrier failed ({}):\n{script}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+struct Outcome {
+    dir: PathBuf,
+    rc: i32,
+    stdout: String,
+    stderr: String,
+    summary: Value,
+    console: String,
+}
+
+impl Outcome {
+    fn load(dir: &Path) -> Outcome {
+        let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+        Outcome {
+            dir: dir.to_owned(),
+            rc: read("rc").trim().parse().unwrap_or(-1),
+            stdout: read("stdout"),
+            stderr: read("stderr"),
+            summary: serde_json::from_str(&read("summary.json")).unwrap_or(Value::Null),
+            console: read("console.log"),
+        }
+    }
+
+    fn context(&self) -> String {
+        format!(
+            "{}: exit status {}\nsummary: {:#}\nstdout:\n{}\nstderr:\n{}",
+            self.dir.display(),
+            self.rc,
+            self.summary,
+            self.stdout,
+            self.stderr
+        )
+    }
+
+    /// The lines of rrr's own verdict (not the host times or paths).
+    fn verdict(&self) -> Vec<&str> {
+        self.stdout
+            .lines()
+            .filter(|l| l.starts_with("rrr: stimulus") || l.starts_with("rrr: kernel"))
+            .collect()
+    }
+}
+
+fn q(path: &Path) -> String {
+    quote(path.as_os_str())
+}
+
+/// Rewrites a recording with `change` applied to its records.
+fn rewrite(from: &Path, to: &Path, change: impl FnOnce(&mut Vec<Record>)) {
+    let mut recording = Recording::read(from).unwrap();
+    change(&mut recording.records);
+    let mut writer = RecordingWriter::create(to, recording.header).unwrap();
+    for record in &recording.records {
+        writer.append(record).unwrap();
+    }
+}
+
+#[test]
+fn a_recording_replays_exactly_and_an_altered_one_diverges() {
+    let _alone = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    let kernel = rrr_prints_path(&["kernel", "build"]);
+    let rootfs = rrr_prints_path(&["rootfs", "build"]);
+    let source = stimulus("sched_timers.c");
+    let binary = rrr_prints_path(&["rootfs", "stimulus", source.to_str().unwrap()]);
+    let group = test_dir("sched_timers");
+    let rec = group.join("sched_timers.rrr");
+    let machine = format!(
+        "--kernel {} --rootfs {}",
+        q(&kernel
+            .join("vmlinux")
+            .canonicalize()
+            .unwrap_or(kernel.clone())),
+        q(&rootfs)
+    );
+    let record_dir = group.join("record");
+    let replay_dirs: Vec<PathBuf> = (1..=3).map(|i| group.join(format!("replay-{i}"))).collect();
+    let mut lines = vec![(
+        record_dir.clone(),
+        vec![
+            "record".into(),
+            q(&source),
+            machine.clone(),
+            "--stimulus-binary".into(),
+            q(&binary),
+            "--run-dir".into(),
+            q(&record_dir),
+            "--time-limit 30 --quiet -o".into(),
+            q(&rec),
+        ],
+    )];
+    for dir in &replay_dirs {
+        lines.push((
+            dir.clone(),
+            vec![
+                "replay".into(),
+                q(&rec),
+                machine.clone(),
+                "--quiet --run-dir".into(),
+                q(dir),
+            ],
+        ));
+    }
+    in_one_carrier(&group, &lines);
+
+    let recorded = Outcome::load(&record_dir);
+    assert_eq!(recorded.rc, 0, "{}", recorded.context());
+    assert_eq!(
+        recorded.summary["stimulus_end"]["kind"],
+        "exited",
+        "{}",
+        recorded.context()
+    );
+    let recording = Recording::read(&rec).unwrap();
+    assert!(recording.end().is_some(), "the recording has no end record");
+    let checkpoints = recording
+        .records
+        .iter()
+        .filter(|r| matches!(r, Record::Checkpoint(_)))
+        .count();
+    assert!(checkpoints >= 4, "only {checkpoints} checkpoints");
+    eprintln!(
+        "recording: {} bytes, {} records ({checkpoints} checkpoints), {} exits, record host {} s",
+        recording.file_bytes,
+        recording.records.len(),
+        recorded.summary["exits"],
+        recorded.summary["host_secs"]
+    );
+    let after_ready = |o: &Outcome| {
+        // The boot log (kept in the snapshot) is the same file prefix for both.
+        o.console.clone()
+    };
+    for dir in &replay_dirs {
+        let replay = Outcome::load(dir);
+        assert_eq!(replay.rc, 0, "{}", replay.context());
+        assert!(
+            replay.stdout.contains("the replay matches the recording"),
+            "{}",
+            replay.context()
+        );
+        assert_eq!(replay.verdict(), recorded.verdict(), "{}", replay.context());
+        assert_eq!(
+            after_ready(&replay),
+            after_ready(&recorded),
+            "{} printed another console",
+            dir.display()
+        );
+        assert_eq!(replay.summary["exits"], recorded.summary["exits"]);
+        assert_eq!(
+            replay.summary["rr"]["stats"]["checkpoints"].as_u64(),
+            Some(checkpoints as u64),
+            "{}",
+            replay.context()
+        );
+        eprintln!("replay host {} s", replay.summary["host_secs"]);
+    }
+
+    // A checkpoint off by one bit, and a recording cut inside its last records.
+    let altered = group.join("altered.rrr");
+    let middle = checkpoints / 2;
+    rewrite(&rec, &altered, |records| {
+        let Some(Record::Checkpoint(c)) = records
+            .iter_mut()
+            .filter(|r| matches!(r, Record::Checkpoint(_)))
+            .nth(middle)
+        else {
+            unreachable!()
+        };
+        c.regs_hash ^= 1;
+    });
+    let cut = group.join("cut.rrr");
+    let bytes = std::fs::read(&rec).unwrap();
+    let keep = bytes.len() - (bytes.len() - 12) / 3;
+    std::fs::write(&cut, &bytes[..keep]).unwrap();
+
+    let refused = Command::new(RRR).arg("replay").arg(&cut).output().unwrap();
+    let refused_err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && refused_err.contains("--partial"),
+        "a cut recording replayed without --partial:\n{refused_err}"
+    );
+
+    let altered_dir = group.join("replay-altered");
+    let cut_dir = group.join("replay-cut");
+    in_one_carrier(
+        &group,
+        &[
+            (
+                altered_dir.clone(),
+                vec![
+                    "replay".into(),
+                    q(&altered),
+                    machine.clone(),
+                    "--quiet --run-dir".into(),
+                    q(&altered_dir),
+                ],
+            ),
+            (
+                cut_dir.clone(),
+                vec![
+                    "replay".into(),
+                    q(&cut),
+                    machine.clone(),
+                    "--partial --quiet --run-dir".into(),
+                    q(&cut_dir),
+                ],
+            ),
+        ],
+    );
+    let diverged = Outcome::load(&altered_dir);
+    assert_eq!(diverged.rc, 2, "{}", diverged.context());
+    assert!(
+        diverged.stdout.contains("diverged from the recording")
+            && diverged.stdout.contains("checkpoint")
+            && diverged.stdout.contains("last exits before it"),
+        "{}",
+        diverged.context()
+    );
+    let partial = Outcome::load(&cut_dir);
+    assert_eq!(partial.rc, 0, "{}", partial.context());
+    assert!(
+        partial.stdout.contains("up to its last whole record"),
+        "{}",
+        partial.context()
+    );
+    assert!(
+        recorded.console.starts_with(&partial.console),
+        "the partial replay printed something the recording did not:\n{}",
+        partial.context()
+    );
+}
+
+/// A recording whose header says `rrr_version` and `kernel_sha256`, and nothing else.
+fn foreign_recording(path: &Path, rrr_version: &str, kernel_sha256: &str) {
+    use rrr_vmm::description::VmDescription;
+    use rrr_vmm::persist::SnapshotIdentity;
+    use rrr_vmm::rr::log::{Header, RunConfig};
+    let header = Header {
+        rrr_version: rrr_version.into(),
+        snapshot: SnapshotIdentity {
+            rrr_version: rrr_version.into(),
+            kernel_sha256: kernel_sha256.into(),
+            rootfs_sha256: "00".repeat(32),
+            description: VmDescription {
+                cpuid: Vec::new(),
+                cmdline: String::new(),
+                mem_bytes: 512 << 20,
+                quantum_ns: 1,
+                epoch_unix_secs: 0,
+                kvm: String::new(),
+                kernel_entry: 0,
+                initrd_size: None,
+            },
+        },
+        snapshot_path: "/nonexistent/x.rrrsnap".into(),
+        kernel_path: "/nonexistent/vmlinux".into(),
+        rootfs_path: "/nonexistent/base.qcow2".into(),
+        config: RunConfig {
+            time_limit_secs: 5,
+            host_timeout_secs: 60,
+            mem_mib: 512,
+            append: None,
+            checkpoint_interval: 256,
+        },
+        start_exits: 0,
+        start_time_ns: 0,
+        stimulus_name: "x.c".into(),
+        stimulus: vec![0x7f, b'E', b'L', b'F'],
+    };
+    let mut writer = RecordingWriter::create(path, header).unwrap();
+    writer
+        .append(&Record::End(Box::new(rrr_vmm::rr::log::End {
+            vm_end: "powered off".into(),
+            exits: 1,
+            time_ns: 1,
+            state_hash: 0,
+            console_sha256: String::new(),
+            verdict: String::new(),
+        })))
+        .unwrap();
+}
+
+fn replay_fails(recording: &Path) -> String {
+    let output = Command::new(RRR)
+        .arg("replay")
+        .arg(recording)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        !output.status.success(),
+        "replay of {} succeeded:\n{stderr}",
+        recording.display()
+    );
+    stderr
+}
+
+#[test]
+fn recordings_that_cannot_replay_here_are_refused_with_the_reason() {
+    let dir = test_dir("refused");
+    let this = env!("CARGO_PKG_VERSION");
+
+    let other_rrr = dir.join("other-rrr.rrr");
+    foreign_recording(&other_rrr, "0.0.1-other", &"ab".repeat(32));
+    let err = replay_fails(&other_rrr);
+    assert!(
+        err.contains("made by rrr 0.0.1-other") && err.contains(&format!("this is rrr {this}")),
+        "{err}"
+    );
+
+    let other_kernel = dir.join("other-kernel.rrr");
+    foreign_recording(&other_kernel, this, &"ab".repeat(32));
+    let err = replay_fails(&other_kernel);
+    assert!(
+        err.contains("another snapshot") && err.contains("another kernel"),
+        "{err}"
+    );
+
+    let not_one = dir.join("not-a-recording");
+    std::fs::write(&not_one, b"#!/bin/sh\necho hello\n").unwrap();
+    let err = replay_fails(&not_one);
+    assert!(err.contains("not an rrr recording"), "{err}");
+
+    let err = replay_fails(&dir.join("missing.rrr"));
+    assert!(err.contains("cannot read the recording"), "{err}");
+}
