@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 use super::run::{self, Finished, Prepared, Ready, Session};
 
 #[derive(clap::Args)]
+#[group(skip)]
 pub struct Args {
     #[command(flatten)]
     pub run: run::Args,
@@ -29,6 +30,7 @@ pub fn run(args: Args) -> Result<i32> {
         bail!("rrr record starts from the machine's snapshot (a replay restores it); --boot is for rrr run");
     }
     let started = Instant::now();
+    run::prefer_read_snapshot_memory();
     let Prepared {
         kernel,
         rootfs,

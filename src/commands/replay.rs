@@ -33,6 +33,9 @@ pub struct Args {
     /// Run on this host's /dev/kvm even if it is software-only (no carrier).
     #[arg(long)]
     pub direct: bool,
+    /// Print the recording's header and records instead of replaying it.
+    #[arg(long)]
+    pub dump: bool,
     /// The kernel build directory or vmlinux (default: where it was when recorded); its hash
     /// must be the recorded one.
     #[arg(long)]
@@ -47,7 +50,12 @@ pub fn run(args: Args) -> Result<i32> {
     let started = Instant::now();
     let recording = Recording::read(&args.recording)
         .with_context(|| format!("cannot replay {}", args.recording.display()))?;
+    if args.dump {
+        dump(&recording);
+        return Ok(0);
+    }
     check_usable(&recording, &args)?;
+    run::prefer_read_snapshot_memory();
     let header = &recording.header;
     let kernel = match &args.kernel {
         Some(path) => super::boot::resolve_kernel(path)?,
@@ -188,6 +196,25 @@ pub fn run(args: Args) -> Result<i32> {
         ),
     }
     Ok(0)
+}
+
+fn dump(recording: &Recording) {
+    let h = &recording.header;
+    println!(
+        "rrr {} recording of {} ({} bytes of stimulus), from {} at exit {} ({} ns); {:?}; tail {:?}, {} bytes",
+        h.rrr_version,
+        h.stimulus_name,
+        h.stimulus.len(),
+        h.snapshot_path,
+        h.start_exits,
+        h.start_time_ns,
+        h.config,
+        recording.tail,
+        recording.file_bytes
+    );
+    for (i, record) in recording.records.iter().enumerate() {
+        println!("{:5} {record:x?}", i + 1);
+    }
 }
 
 /// Refuses what cannot be replayed, before any VM exists.

@@ -127,6 +127,8 @@ pub struct Checkpoint {
     pub time_ns: u64,
     pub rip: u64,
     pub regs_hash: u64,
+    /// The registers themselves: a mismatch names the registers that differ.
+    pub regs: RegState,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -418,6 +420,11 @@ mod tests {
                 time_ns: 9,
                 rip: 0xffff_ffff_8100_0000,
                 regs_hash: 42,
+                regs: RegState {
+                    gprs: [3; 18],
+                    cr3: 0x2000,
+                    cs: 0x33,
+                },
             }),
             Record::Input {
                 exits: 17300,

@@ -74,6 +74,7 @@ impl ExecMode for Recorder {
             time_ns: now.as_nanos(),
             rip: regs.rip(),
             regs_hash: regs.hash(),
+            regs,
         }))?;
         self.stats.checkpoints += 1;
         Ok(())

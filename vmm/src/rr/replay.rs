@@ -18,6 +18,9 @@ use super::{reg_state, DirtyPages, Divergence, ExecMode, ExitRing, ExitWhat, RrE
 /// item 6); each hit costs two debug exits that the guest never sees.
 pub const MAX_LANDMARK_HITS: u64 = 1_000_000;
 
+/// Single steps tried before breaking on the landmark's RIP (about 33 µs each in the carrier).
+const SINGLE_STEPS_FIRST: u64 = 20_000;
+
 /// DR7: breakpoint 0 enabled (L0), on execution (R/W0 = 00, LEN0 = 00), GE and the bit that
 /// always reads as one.
 const DR7_EXEC_BP0: u64 = 0x0601;
@@ -31,6 +34,8 @@ pub struct ReplayStats {
     /// Exits that exist only for the replayer (breakpoint hits and single steps while finding
     /// landmarks); they count neither as exits nor as virtual time.
     pub debug_exits: u64,
+    /// Landmarks whose dirty-page hash differed (see `landmark_due`).
+    pub dirty_mismatches: u64,
 }
 
 pub struct Replayer {
@@ -139,6 +144,7 @@ impl Replayer {
     fn seek(&mut self, vmm: &mut Vmm, exits: u64, want: &RegState) -> Result<(), RrError> {
         let mut state = reg_state(vmm)?;
         let mut hits = 0u64;
+        let mut steps = 0u64;
         let result = loop {
             if state == *want {
                 break Ok(());
@@ -154,9 +160,13 @@ impl Replayer {
                     format!("{hits} hits at that RIP, none with the recorded registers"),
                 ));
             }
-            // An instruction breakpoint on the current RIP would trap again at once: step over
-            // it first, then break on the RIP again.
-            let step = state.rip() == want.rip();
+            // Single steps first: a landmark given to a guest starved of host CPU is a few
+            // instructions away, and a step cannot miss it. Then an instruction breakpoint on
+            // the RIP; one on the current RIP would trap again at once, so step over it first.
+            let step = steps < SINGLE_STEPS_FIRST || state.rip() == want.rip();
+            if step {
+                steps += 1;
+            }
             let mut debug = kvm_guest_debug {
                 control: KVM_GUESTDBG_ENABLE
                     | if step {
@@ -187,7 +197,7 @@ impl Replayer {
             .fd
             .set_guest_debug(&kvm_guest_debug::default())
             .map_err(RrError::Vcpu);
-        tracing::debug!(exits, hits, "landmark seek done");
+        tracing::debug!(exits, hits, steps, "landmark seek done");
         result.and(cleared)
     }
 
@@ -209,6 +219,41 @@ impl Replayer {
                 format!("a synchronous exit ({seen}) before the landmark's state was reached"),
             ));
         }
+    }
+}
+
+trait PipeDivergence {
+    fn pipe_divergence(self, replayer: &Replayer, exits: u64, expected: &str) -> RrError;
+}
+
+impl PipeDivergence for String {
+    fn pipe_divergence(self, replayer: &Replayer, exits: u64, expected: &str) -> RrError {
+        replayer.divergence(exits, expected.into(), self)
+    }
+}
+
+/// The registers that differ, with both values.
+fn differing_registers(want: &RegState, seen: &RegState) -> String {
+    const NAMES: [&str; 18] = [
+        "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11", "r12",
+        "r13", "r14", "r15", "rip", "rflags",
+    ];
+    let mut out: Vec<String> = NAMES
+        .iter()
+        .zip(want.gprs.iter().zip(&seen.gprs))
+        .filter(|(_, (a, b))| a != b)
+        .map(|(name, (a, b))| format!("{name} {a:#x} vs {b:#x}"))
+        .collect();
+    if want.cr3 != seen.cr3 {
+        out.push(format!("cr3 {:#x} vs {:#x}", want.cr3, seen.cr3));
+    }
+    if want.cs != seen.cs {
+        out.push(format!("cs {:#x} vs {:#x}", want.cs, seen.cs));
+    }
+    if out.is_empty() {
+        "none (the hash alone)".into()
+    } else {
+        out.join(", ")
     }
 }
 
@@ -259,12 +304,21 @@ impl ExecMode for Replayer {
             time_ns: now.as_nanos(),
             rip: regs.rip(),
             regs_hash: regs.hash(),
+            regs,
         });
         match self.peek() {
             Some(expected) if *expected == seen => {
                 self.next += 1;
                 self.stats.checkpoints += 1;
                 Ok(())
+            }
+            Some(Record::Checkpoint(c)) if c.exits == exits => {
+                let differs = differing_registers(&c.regs, &regs);
+                Err(self.divergence(
+                    exits,
+                    describe(&self.records[self.next]),
+                    format!("{}; differing: {differs}", describe(&seen)),
+                ))
             }
             Some(expected) => Err(self.divergence(exits, describe(expected), describe(&seen))),
             None => Err(self.divergence(exits, "the end".into(), describe(&seen))),
@@ -325,13 +379,35 @@ impl ExecMode for Replayer {
             regs, dirty_hash, ..
         } = **landmark;
         self.seek(vmm, exits, &regs)?;
+        // The recorded landmark came at a kick: `KVM_RUN` returned `EINTR`, and KVM refreshed
+        // the run page (IF, ready for injection) on the way out. Found again by debug exits, or
+        // with no entry at all, the run page may say something else; an entry with
+        // `immediate_exit` leaves at once through the same path.
+        vmm.vcpu.fd.set_kvm_immediate_exit(1);
+        let refreshed = match vmm.vcpu.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(e) => Err(RrError::Vcpu(e)),
+            Ok(exit) => Err(format!("{exit:?}").pipe_divergence(
+                self,
+                exits,
+                "no exit while standing at the landmark",
+            )),
+        };
+        vmm.vcpu.fd.set_kvm_immediate_exit(0);
+        refreshed?;
         let seen = self.dirty.take_and_hash(vmm)?;
         if seen != dirty_hash {
-            return Err(self.divergence(
+            // Not a divergence by itself: KVM's dirty log also holds pages KVM wrote for its own
+            // reasons at host-timed points (measured: a landmark at the first exit after the
+            // restore had pages dirty while recording and none while replaying). The checkpoints
+            // and the final state decide.
+            tracing::warn!(
                 exits,
-                format!("memory written before the landmark hashing to {dirty_hash:#018x}"),
-                format!("{seen:#018x}"),
-            ));
+                recorded = format_args!("{dirty_hash:#018x}"),
+                seen = format_args!("{seen:#018x}"),
+                "the memory written before a landmark hashes differently"
+            );
+            self.stats.dirty_mismatches += 1;
         }
         self.next += 1;
         self.stats.landmarks += 1;
