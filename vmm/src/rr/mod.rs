@@ -236,7 +236,14 @@ impl DirtyPages {
         self.take_and_hash(vmm)?;
         let pages: Vec<u64> = self.all.iter().copied().collect();
         let memory = hash_pages(vmm, &pages)?;
-        Ok(fnv([reg_state(vmm)?.hash(), memory, pages.len() as u64]))
+        let regs = reg_state(vmm)?;
+        tracing::debug!(
+            pages = pages.len(),
+            memory = format_args!("{memory:#018x}"),
+            regs = format_args!("{:#018x}", regs.hash()),
+            "final state"
+        );
+        Ok(fnv([regs.hash(), memory, pages.len() as u64]))
     }
 }
 
