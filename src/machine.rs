@@ -298,8 +298,30 @@ pub fn start(
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     let _ = std::fs::remove_file(verified_marker(&path));
-    let saved = persist::save(&mut vmm, &state, &identity, &boot_console, &path)
-        .map_err(|e| snapshot_error(e, &path))?;
+    let saved = match persist::save(&mut vmm, &state, &identity, &boot_console, &path) {
+        Ok(saved) => saved,
+        Err(err) => {
+            // A snapshot is only a cache: a full disk must not cost the run. The writer has
+            // removed its partial file.
+            eprintln!(
+                "rrr: warning: {:#}; going on without a snapshot (the next run boots again)",
+                snapshot_error(err, &path)
+            );
+            return Ok(Started::AtReady(Box::new(AtReady {
+                vmm,
+                state,
+                report: StartReport {
+                    kind: StartKind::Booted,
+                    snapshot: None,
+                    start_ms: boot_ms,
+                    save_ms: None,
+                    snapshot_file_bytes: None,
+                    snapshot_disk_bytes: None,
+                },
+                boot_console,
+            })));
+        }
+    };
     // Its checksums were computed from the guest's own memory as it was written.
     mark_verified(&saved.path);
     Ok(Started::AtReady(Box::new(AtReady {
