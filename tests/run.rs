@@ -404,10 +404,17 @@ fn the_same_stimulus_twice_is_the_same_run() {
         first.context()
     );
 
+    assert_same_run(first, second);
+}
+
+/// Two runs of one stimulus made the same exits, reached the same virtual time and printed the
+/// same console, timestamps included.
+fn assert_same_run(first: &Run, second: &Run) {
     let exits = |run: &Run| run.summary["exits"].as_u64().unwrap_or_default();
     let landmarks = |run: &Run| run.summary["landmarks"].clone();
     eprintln!(
-        "exits: {} and {}; stall landmarks: {} and {}; host seconds: {} and {}",
+        "{}: exits {} and {}; stall landmarks {} and {}; host seconds {} and {}",
+        first.summary["stimulus"],
         exits(first),
         exits(second),
         landmarks(first),
@@ -418,8 +425,9 @@ fn the_same_stimulus_twice_is_the_same_run() {
     assert_eq!(
         (exits(first), &first.summary["virtual_time_ns"]),
         (exits(second), &second.summary["virtual_time_ns"]),
-        "two runs made different numbers of synchronous exits (stall landmarks, the one \
+        "two runs of {} made different numbers of synchronous exits (stall landmarks, the one \
          host-timed input: {} and {})",
+        first.summary["stimulus"],
         landmarks(first),
         landmarks(second)
     );
@@ -438,6 +446,28 @@ fn the_same_stimulus_twice_is_the_same_run() {
         first.console.len(),
         second.console.len()
     );
+}
+
+#[test]
+fn torture_stimuli_run_the_same_twice() {
+    // Clocks and randomness, four threads racing, POSIX timers with alarm and nanosleep, signals
+    // between threads, a ring of processes over pipes: each of them twice, the same run.
+    for (name, expect) in [
+        ("torture/clocks.c", "addresses stack"),
+        ("torture/race.c", "race: counter"),
+        ("torture/timers.c", "alarm 1"),
+        ("torture/signals.c", "signals: 100 100 100 received"),
+        ("torture/fork_pipes.c", "fork_pipes: done"),
+    ] {
+        let runs = rrr_runs_in_one_carrier(name, &["first", "second"], &["--time-limit", "30"]);
+        for run in &runs {
+            let (kind, end) = run.stimulus_end();
+            assert_eq!(kind, "exited", "{}", run.context());
+            assert_eq!(end["status"], 0, "{}", run.context());
+            assert!(run.console.contains(expect), "{}", run.context());
+        }
+        assert_same_run(&runs[0], &runs[1]);
+    }
 }
 
 #[test]
