@@ -20,7 +20,7 @@ use rrr_guest::protocol::Command as AgentCommand;
 use rrr_vmm::builder::{self, MmioDeviceFactory};
 use rrr_vmm::bus::SharedDevice;
 use rrr_vmm::config::{Timeout, VmConfig};
-use rrr_vmm::crash::{CrashDetector, CrashReport};
+use rrr_reports::{CrashDetector, CrashReport};
 use rrr_vmm::devices::control::ControlEvent;
 use rrr_vmm::devices::virtio::block::Block;
 use rrr_vmm::devices::virtio::disk::open_qcow2_overlay;

@@ -14,7 +14,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use rrr_vmm::bus::lock;
-use rrr_vmm::crash::CrashDetector;
+use rrr_reports::CrashDetector;
 use rrr_vmm::devices::control::ControlPort;
 
 /// The control port, known once the VM is built (after the console writer has been handed to
