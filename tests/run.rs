@@ -437,3 +437,19 @@ fn a_stimulus_that_never_exits_ends_at_its_time_limit() {
         run.context()
     );
 }
+
+#[test]
+fn a_fault_after_the_stimulus_started_says_it_started() {
+    // The stimulus masks the timer at the PIC and sleeps: the guest idles with nothing left to
+    // wake it, and the VMM ends the run with a fault. The agent had said the stimulus started,
+    // so the verdict must be "unfinished", not "never started".
+    let run = rrr_run("mask_timer.c", &["--time-limit", "20"]);
+    assert!(
+        run.console.contains("mask_timer: masking the PIC"),
+        "{}",
+        run.context()
+    );
+    let vm_end = run.summary["vm_end"].as_str().unwrap_or_default();
+    assert!(vm_end.starts_with("fault: "), "{}", run.context());
+    assert_eq!(run.stimulus_end().0, "unfinished", "{}", run.context());
+}

@@ -302,11 +302,12 @@ fn run_vm(args: &Args, kernel: &Path, rootfs: &Path, run_dir: &Path) -> Result<R
         }
         Err(RunError::Fault(fault)) => {
             eprintln!("rrr: {fault}");
+            let fault = *fault;
             (
                 format!("fault: {}", fault.kind),
                 fault.stats,
                 0.0,
-                Vec::new(),
+                fault.control_events,
             )
         }
         Err(other) => return Err(other).context("the VM stopped with an error"),

@@ -152,6 +152,9 @@ pub struct Fault {
     pub stats: RunStats,
     pub cpu: Option<CpuSnapshot>,
     pub description: VmDescription,
+    /// What the guest agent said before the fault: a fault after the stimulus started is the
+    /// stimulus's doing, and only these events tell that apart from a fault during boot.
+    pub control_events: Vec<(VirtualTime, ControlEvent)>,
 }
 
 impl fmt::Display for Fault {
@@ -256,6 +259,7 @@ pub fn run(vmm: &mut Vmm, input: Option<InputReceiver>) -> Result<RunOutcome, Ru
         Err(RunError::Fault(mut fault)) => {
             fault.stats = stats;
             fault.cpu = vmm.vcpu.snapshot(&vmm.mem).ok();
+            fault.control_events = lock(&vmm.devices.control).take_events();
             Err(RunError::Fault(fault))
         }
         Err(other) => Err(other),
@@ -270,6 +274,7 @@ impl Runner<'_> {
             stats: self.stats,
             cpu: None,
             description: self.vmm.description.clone(),
+            control_events: Vec::new(),
         }))
     }
 
