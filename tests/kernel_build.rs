@@ -77,3 +77,112 @@ fn a_missing_source_tree_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not a kernel source tree"), "{stderr}");
 }
+
+/// A stand-in for a kernel tree: just enough of kbuild for rrr's build driver (Kconfig targets,
+/// `merge_config.sh`, `make O=DIR vmlinux bzImage`), where "vmlinux" is every `init/*.c`
+/// concatenated. It builds in milliseconds, so the cache's reaction to edits can be tested
+/// through the real `rrr kernel build` without a real kernel build.
+fn fake_kernel_tree(dir: &std::path::Path) {
+    std::fs::create_dir_all(dir.join("scripts/kconfig")).unwrap();
+    std::fs::create_dir_all(dir.join("init")).unwrap();
+    std::fs::write(
+        dir.join("Makefile"),
+        "O ?= .\n\
+         kernelversion:\n\t@echo 6.99.0-fake\n\
+         tinyconfig:\n\t@echo CONFIG_FAKE=y > $(O)/.config\n\
+         olddefconfig:\n\t@true\n\
+         vmlinux:\n\tcat $(sort $(wildcard init/*.c)) > $(O)/vmlinux\n\
+         bzImage: vmlinux\n\tmkdir -p $(O)/arch/x86/boot && cp $(O)/vmlinux $(O)/arch/x86/boot/bzImage\n\
+         .PHONY: kernelversion tinyconfig olddefconfig vmlinux bzImage\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("Kconfig"), "").unwrap();
+    // `merge_config.sh -m -O DIR BASE FRAGMENT...`: later lines win, as they do in Kconfig.
+    std::fs::write(
+        dir.join("scripts/kconfig/merge_config.sh"),
+        "shift; shift; out=$1; shift; cat \"$@\" > \"$out/.config\"\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("init/main.c"), "first version\n").unwrap();
+}
+
+/// `rrr kernel build --source TREE` with its own cache: the build's directory and its vmlinux.
+fn build_tree(tree: &std::path::Path, cache: &std::path::Path) -> (std::path::PathBuf, String) {
+    let out = rrr()
+        .args(["kernel", "build", "--source"])
+        .arg(tree)
+        .env("RRR_CACHE_DIR", cache)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "rrr kernel build failed:\n{stderr}");
+    let dir = std::path::PathBuf::from(String::from_utf8(out.stdout).unwrap().trim_end());
+    let vmlinux = std::fs::read_to_string(dir.join("vmlinux")).unwrap();
+    (dir, vmlinux)
+}
+
+#[test]
+fn an_edited_tree_builds_a_new_vmlinux_in_the_same_object_directory() {
+    let cache = tempfile::tempdir().unwrap();
+    let tree = tempfile::tempdir().unwrap();
+    fake_kernel_tree(tree.path());
+    let (first_dir, first) = build_tree(tree.path(), cache.path());
+    assert_eq!(first, "first version\n");
+    assert_eq!(build_tree(tree.path(), cache.path()).0, first_dir);
+
+    std::fs::write(tree.path().join("init/main.c"), "second version\n").unwrap();
+    let (second_dir, second) = build_tree(tree.path(), cache.path());
+    assert_eq!(
+        second, "second version\n",
+        "the build from before the edit came back"
+    );
+    assert_ne!(second_dir, first_dir);
+
+    // The objects of a tree are kept across edits: the next build is an incremental make.
+    let objects: Vec<_> = std::fs::read_dir(cache.path().join("kernels/obj"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| !name.ends_with(".lock"))
+        .collect();
+    assert_eq!(
+        objects.len(),
+        1,
+        "one object directory per tree: {objects:?}"
+    );
+}
+
+#[test]
+fn a_new_untracked_file_in_a_git_tree_builds_a_new_vmlinux() {
+    let cache = tempfile::tempdir().unwrap();
+    let tree = tempfile::tempdir().unwrap();
+    fake_kernel_tree(tree.path());
+    for args in [
+        &["init", "-q"][..],
+        &["add", "."],
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "-q",
+            "-m",
+            "x",
+        ],
+    ] {
+        let ok = Command::new("git")
+            .arg("-C")
+            .arg(tree.path())
+            .args(args)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "git {args:?}");
+    }
+    let (_, committed) = build_tree(tree.path(), cache.path());
+    assert_eq!(committed, "first version\n");
+    // `git diff HEAD` does not show a new file; the build must.
+    std::fs::write(tree.path().join("init/new.c"), "a new file\n").unwrap();
+    let (_, with_new) = build_tree(tree.path(), cache.path());
+    assert_eq!(with_new, "first version\na new file\n");
+}

@@ -221,14 +221,15 @@ pub fn build(
         return Ok(KernelBuild { dir: entry });
     }
 
-    let _lock = store.lock(&key)?;
+    let objects = objects_key(spec, &prepared, &key, &final_config);
+    let _lock = store.lock(&objects)?;
     if entry.join("vmlinux").is_file() {
         // Built by another process while we waited for the lock.
         let _ = std::fs::remove_dir_all(&staging);
         store.remember(&inputs_hash, &key)?;
         return Ok(KernelBuild { dir: entry });
     }
-    let obj = adopt_obj_dir(&store, &key, &staging)?;
+    let obj = adopt_obj_dir(&store, &objects, &staging)?;
     let started = Instant::now();
     compile(&prepared.source.dir, &obj, progress)?;
     let seconds = started.elapsed().as_secs();
@@ -256,6 +257,21 @@ pub fn build(
     )?;
     store.remember(&inputs_hash, &key)?;
     Ok(KernelBuild { dir })
+}
+
+/// Which object directory (`make O=`) a build runs in. A local tree's contents change with every
+/// edit, and so does its key; its objects are kept per tree path and config instead, so the
+/// build after an edit is an incremental `make` that recompiles only what changed (make follows
+/// the files' times, as the key does). A fixed source (Debian's) has one object directory per key.
+fn objects_key(spec: &KernelSpec, prepared: &Prepared, key: &str, final_config: &str) -> String {
+    match spec.source {
+        Source::Debian => key.to_owned(),
+        Source::Tree(_) => store::build_key(
+            &format!("objects-of-tree:{}", prepared.source.dir.display()),
+            final_config,
+            &prepared.compiler,
+        ),
+    }
 }
 
 /// Runs Kconfig in `dir` (a `make O=` directory) and returns the checked final `.config` text.
