@@ -50,14 +50,19 @@ fn rrr_run(name: &str, extra: &[&str]) -> Run {
 
 /// `rrr run` of `stimulus`, with its run directory named after `name`.
 fn rrr_run_with(name: &str, stimulus: &Path, extra: &[&str]) -> Run {
+    rrr_run_in(&run_dir(name), stimulus, extra)
+}
+
+/// `rrr run` of `stimulus` with the run directory `dir`.
+fn rrr_run_in(dir: &Path, stimulus: &Path, extra: &[&str]) -> Run {
     let _shared = MACHINE.read().unwrap_or_else(|e| e.into_inner());
-    let dir = run_dir(name);
+    let name = stimulus.display();
     let output = Command::new(env!("CARGO_BIN_EXE_rrr"))
         .arg("run")
         .arg(stimulus)
         .arg("--quiet")
         .arg("--run-dir")
-        .arg(&dir)
+        .arg(dir)
         .args(extra)
         .output()
         .expect("cannot start rrr");
@@ -68,7 +73,7 @@ fn rrr_run_with(name: &str, stimulus: &Path, extra: &[&str]) -> Run {
         "rrr run {name} failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
         output.status
     );
-    Run::load(&dir, stdout, stderr)
+    Run::load(dir, stdout, stderr)
 }
 
 /// The last line a host-side `rrr` command printed on stdout (a built kernel's or image's path).
@@ -218,9 +223,20 @@ impl Run {
 }
 
 #[test]
-fn exit_status_three_is_reported() {
-    let run = rrr_run(
-        "exit3.c",
+fn exit_status_three_is_reported_for_a_stimulus_and_run_directory_in_tmp() {
+    // Users download reproducers to /tmp, which the carrier mounts its own tmpfs over: both
+    // the stimulus and the run directory live there, as the user would have them.
+    let tmp = tempfile::Builder::new()
+        .prefix("rrr-run-test")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let stimulus_dir = tmp.path().join("x");
+    std::fs::create_dir(&stimulus_dir).unwrap();
+    let in_tmp = stimulus_dir.join("exit3.c");
+    std::fs::copy(stimulus("exit3.c"), &in_tmp).unwrap();
+    let run = rrr_run_in(
+        &tmp.path().join("run"),
+        &in_tmp,
         &[
             "--time-limit",
             "20",

@@ -7,6 +7,7 @@
 //! reports its exit status on the console; QEMU ends when init does.
 
 mod qemu;
+mod reexec;
 mod script;
 mod stdin;
 
@@ -22,6 +23,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
+pub use reexec::{reexec_in_carrier, Handover};
 use script::Share;
 
 /// Set inside the carrier, so rrr there runs its VMM directly instead of nesting carriers.
@@ -40,6 +42,8 @@ pub struct CarrierOptions {
     /// Extra host directories shared writable at the same path (the current directory and the
     /// cache always are).
     pub shares: Vec<PathBuf>,
+    /// Environment variables for the command, on top of (and overriding) this process's own.
+    pub env: Vec<(OsString, OsString)>,
 }
 
 impl Default for CarrierOptions {
@@ -48,20 +52,9 @@ impl Default for CarrierOptions {
             mem_mb: 2048,
             cpus: 2,
             shares: Vec::new(),
+            env: Vec::new(),
         }
     }
-}
-
-/// Reruns this rrr, with the same arguments, inside the carrier; returns its exit status.
-pub fn reexec_in_carrier(opts: &CarrierOptions) -> Result<i32> {
-    eprintln!(
-        "rrr: this host's KVM is software-only; running inside the carrier (QEMU with AMD-V)"
-    );
-    // The carrier's root is this host's root, so this path is valid in there too.
-    let exe = std::fs::read_link("/proc/self/exe").context("cannot find the rrr executable")?;
-    let mut cmd = vec![exe.into_os_string()];
-    cmd.extend(std::env::args_os().skip(1));
-    run_in_carrier(&cmd, opts)
 }
 
 /// Runs `cmd` inside the carrier with this process's environment, working directory and stdin,
@@ -155,8 +148,9 @@ fn run_with(
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
     let shares = shares(&cwd, cache, &opts.shares)?;
     let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
-        .filter(|(name, _)| name != IN_CARRIER_ENV)
+        .filter(|(name, _)| name != IN_CARRIER_ENV && !opts.env.iter().any(|(n, _)| n == name))
         .collect();
+    env.extend(opts.env.iter().cloned());
     env.push((IN_CARRIER_ENV.into(), "1".into()));
 
     let init = run.path.join("init.sh");

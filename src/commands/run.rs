@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use rrr_guest::protocol::Command as AgentCommand;
+use rrr_reports::{CrashDetector, CrashReport};
 use rrr_vmm::builder::{self, MmioDeviceFactory};
 use rrr_vmm::bus::SharedDevice;
 use rrr_vmm::config::{Timeout, VmConfig};
-use rrr_reports::{CrashDetector, CrashReport};
 use rrr_vmm::devices::control::ControlEvent;
 use rrr_vmm::devices::virtio::block::Block;
 use rrr_vmm::devices::virtio::disk::open_qcow2_overlay;
@@ -41,7 +41,7 @@ pub struct Args {
     pub stimulus: PathBuf,
     /// A kernel build directory (as printed by `rrr kernel build`) or a vmlinux; default: rrr's
     /// default kernel, built and cached on first use.
-    #[arg(long)]
+    #[arg(long, env = KERNEL_ENV, hide_env = true)]
     pub kernel: Option<PathBuf>,
     /// Seconds the stimulus may run before the agent kills it.
     #[arg(long, default_value_t = 30)]
@@ -67,13 +67,18 @@ pub struct Args {
     #[arg(long, short)]
     pub quiet: bool,
     /// Where to keep the console and the summary (default: a new directory under the cache).
-    #[arg(long)]
+    #[arg(long, env = RUN_DIR_ENV, hide_env = true)]
     pub run_dir: Option<PathBuf>,
-    /// A root filesystem image already built for this stimulus (used when rrr moves itself into
-    /// the carrier; `rrr rootfs build` makes one).
-    #[arg(long, hide = true)]
+    /// A root filesystem image already built for this stimulus (`rrr rootfs build` makes one).
+    #[arg(long, hide = true, env = ROOTFS_ENV)]
     pub rootfs: Option<PathBuf>,
 }
+
+/// What `rrr run` hands its copy inside the carrier, besides its command line: what it already
+/// built or chose on the host, so nothing is built (or chosen differently) under emulation.
+const KERNEL_ENV: &str = "RRR_RUN_KERNEL";
+const ROOTFS_ENV: &str = "RRR_RUN_ROOTFS";
+const RUN_DIR_ENV: &str = "RRR_RUN_DIR";
 
 /// How the stimulus ended, as the guest agent reported it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,8 +173,17 @@ pub fn run(args: Args) -> Result<i32> {
 
     let kind = KvmKind::detect();
     if !kind.is_hardware() && !args.direct && !crate::carrier::inside_carrier() {
-        eprintln!("rrr: this host's KVM is {kind}; running the VM inside the carrier");
-        let code = run_inside_carrier(&args, &kernel, &rootfs, &run_dir)?;
+        tracing::info!("host KVM: {kind}; --direct would run on it anyway");
+        let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+        let handover = crate::carrier::Handover {
+            env: vec![
+                (KERNEL_ENV.into(), absolute(&kernel).into()),
+                (ROOTFS_ENV.into(), absolute(&rootfs).into()),
+                (RUN_DIR_ENV.into(), absolute(&run_dir).into()),
+            ],
+            writable: vec![run_dir.clone()],
+        };
+        let code = crate::carrier::reexec_in_carrier(handover)?;
         eprintln!(
             "rrr: total wall time {:.1} s (builds, carrier and VM)",
             started.elapsed().as_secs_f64()
@@ -179,46 +193,6 @@ pub fn run(args: Args) -> Result<i32> {
     let summary = run_vm(&args, &kernel, &rootfs, &run_dir)?;
     print_summary(&summary);
     Ok(0)
-}
-
-/// Reruns this command in the carrier with everything already built, so nothing is compiled
-/// under emulation.
-fn run_inside_carrier(args: &Args, kernel: &Path, rootfs: &Path, run_dir: &Path) -> Result<i32> {
-    let exe = std::env::current_exe().context("cannot find the rrr executable")?;
-    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
-    let mut cmd: Vec<std::ffi::OsString> = vec![
-        exe.into(),
-        "run".into(),
-        absolute(&args.stimulus).into(),
-        "--kernel".into(),
-        absolute(kernel).into(),
-        "--rootfs".into(),
-        absolute(rootfs).into(),
-        "--run-dir".into(),
-        absolute(run_dir).into(),
-        "--time-limit".into(),
-        args.time_limit.to_string().into(),
-        "--mem".into(),
-        args.mem.to_string().into(),
-    ];
-    if let Some(timeout) = args.timeout {
-        cmd.extend(["--timeout".into(), timeout.to_string().into()]);
-    }
-    if let Some(append) = &args.append {
-        cmd.extend(["--append".into(), append.into()]);
-    }
-    if args.quiet {
-        cmd.push("--quiet".into());
-    }
-    let mut opts = crate::carrier::CarrierOptions::default();
-    for path in [kernel, rootfs, run_dir] {
-        if let Some(dir) = path.parent() {
-            opts.shares.push(absolute(dir));
-        }
-    }
-    opts.shares.sort();
-    opts.shares.dedup();
-    crate::carrier::run_in_carrier(&cmd, &opts)
 }
 
 fn new_run_dir(stimulus: &Path) -> Result<PathBuf> {
