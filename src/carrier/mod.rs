@@ -287,7 +287,10 @@ fn mkfifo(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Copies everything written to the FIFO to `sink` until QEMU closes it.
+/// Copies everything written to the FIFO to `sink` until QEMU closes it. When `sink` fails (our
+/// stdout was a pipe whose reader left, as in `rrr run x.c | head -n 1`), the FIFO is still
+/// drained to the end: QEMU writes it synchronously, so a FIFO nobody reads stops the whole
+/// carrier, and the command inside must run to its end (its run record is complete only then).
 fn pump(fifo: PathBuf, mut sink: impl Write + Send + 'static) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let mut file = match std::fs::File::open(&fifo) {
@@ -298,16 +301,19 @@ fn pump(fifo: PathBuf, mut sink: impl Write + Send + 'static) -> JoinHandle<()> 
             }
         };
         let mut buf = vec![0u8; 64 * 1024];
+        let mut sink_open = true;
         loop {
             match file.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
-                    if sink
-                        .write_all(&buf[..n])
-                        .and_then(|()| sink.flush())
-                        .is_err()
-                    {
-                        break;
+                    if sink_open {
+                        if let Err(err) = sink.write_all(&buf[..n]).and_then(|()| sink.flush()) {
+                            tracing::debug!(
+                                "{} cannot be copied on ({err}); the rest is discarded",
+                                fifo.display()
+                            );
+                            sink_open = false;
+                        }
                     }
                 }
                 Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}

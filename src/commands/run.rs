@@ -350,33 +350,46 @@ fn boot_reports_text(reports: &[CrashReport]) -> String {
     texts.join("\n\n") + "\n"
 }
 
+/// The verdict on stdout. A closed stdout (`rrr run x.c | head -n 1`) is no error: everything is
+/// in the run directory already.
 fn print_summary(summary: &RunSummary) {
-    println!();
-    println!("rrr: stimulus {}", summary.stimulus_end);
+    let _ = write_summary(&mut std::io::stdout().lock(), summary);
+}
+
+fn write_summary(out: &mut impl Write, summary: &RunSummary) -> std::io::Result<()> {
+    writeln!(out)?;
+    writeln!(out, "rrr: stimulus {}", summary.stimulus_end)?;
     match &summary.crash_title {
-        Some(title) => println!("rrr: kernel crashed: {title}"),
-        None if summary.stimulus_end == StimulusEnd::NeverStarted => {
-            println!("rrr: kernel: the stimulus never ran, so it caused no crash report")
-        }
-        None => println!("rrr: kernel: no crash report after the stimulus started"),
+        Some(title) => writeln!(out, "rrr: kernel crashed: {title}")?,
+        None if summary.stimulus_end == StimulusEnd::NeverStarted => writeln!(
+            out,
+            "rrr: kernel: the stimulus never ran, so it caused no crash report"
+        )?,
+        None => writeln!(
+            out,
+            "rrr: kernel: no crash report after the stimulus started"
+        )?,
     }
     if !summary.boot_reports.is_empty() {
         let saved = summary.console.with_file_name(BOOT_REPORTS_FILE);
-        println!(
+        writeln!(
+            out,
             "rrr: the kernel already reported during boot, before the stimulus started: {}; \
              the verdict above is about the stimulus (boot reports saved to {})",
             summary.boot_reports.join(", "),
             saved.display()
-        );
+        )?;
     }
-    println!(
+    writeln!(
+        out,
         "rrr: VM {} after {} exits, {:.3} s virtual, {:.1} s host",
         summary.vm_end,
         summary.exits,
         summary.virtual_time_ns as f64 / 1e9,
         summary.host_secs
-    );
-    println!("rrr: console saved to {}", summary.console.display());
+    )?;
+    writeln!(out, "rrr: console saved to {}", summary.console.display())?;
+    out.flush()
 }
 
 #[cfg(test)]
