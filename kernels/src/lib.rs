@@ -38,6 +38,42 @@ impl Flavor {
     }
 }
 
+/// A stage of a kernel build, as progress reports name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Unpacking the Debian source tarball (once per source version).
+    Extract,
+    /// `tinyconfig` (or the base config), the fragments, `olddefconfig` and the check.
+    Configure,
+    /// Compiling the kernel's objects.
+    Compile,
+    /// Linking `vmlinux` (kallsyms passes included) and making the bzImage.
+    Link,
+    /// Checking that the guest kernel's DWARF, which the tracer reads, is there.
+    Dwarf,
+}
+
+impl Stage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Extract => "extract source",
+            Stage::Configure => "config",
+            Stage::Compile => "compile",
+            Stage::Link => "link",
+            Stage::Dwarf => "DWARF",
+        }
+    }
+}
+
+/// What a build reports while it works.
+#[derive(Debug, Clone, Copy)]
+pub enum Progress<'a> {
+    /// A new stage begins (the previous one is over).
+    Stage(Stage),
+    /// A step within the stage, e.g. `CC kernel/fork.o`.
+    Step(&'a str),
+}
+
 /// Where the kernel source comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -185,12 +221,12 @@ pub fn cached(spec: &KernelSpec, cache_dir: &Path) -> Result<Option<KernelBuild>
         .map(|dir| KernelBuild { dir }))
 }
 
-/// Builds the kernel `spec` describes, or returns the cached build. `progress` receives short
-/// status texts (the current step) and is called on the calling thread.
+/// Builds the kernel `spec` describes, or returns the cached build. `progress` hears of each
+/// stage and step, on the calling thread.
 pub fn build(
     spec: &KernelSpec,
     cache_dir: &Path,
-    progress: &dyn Fn(&str),
+    progress: &dyn Fn(Progress),
 ) -> Result<KernelBuild, KernelError> {
     if let Some(hit) = cached(spec, cache_dir)? {
         tracing::info!(dir = %hit.dir.display(), "kernel cache hit");
@@ -201,7 +237,7 @@ pub fn build(
     let inputs_hash = prepared.inputs(spec.flavor).hash();
     let store = Store::new(cache_dir);
 
-    progress("configuring");
+    progress(Progress::Stage(Stage::Configure));
     let staging = store.staging_dir()?;
     let configured = configure(&prepared, &staging);
     let final_config = match configured {
@@ -232,6 +268,10 @@ pub fn build(
     let obj = adopt_obj_dir(&store, &objects, &staging)?;
     let started = Instant::now();
     compile(&prepared.source.dir, &obj, progress)?;
+    if spec.flavor == Flavor::Guest {
+        progress(Progress::Stage(Stage::Dwarf));
+        check_dwarf(&obj.join("vmlinux"))?;
+    }
     let seconds = started.elapsed().as_secs();
     tracing::info!(seconds, "kernel built");
 
@@ -332,17 +372,42 @@ fn adopt_obj_dir(store: &Store, key: &str, staging: &Path) -> Result<PathBuf, Ke
 }
 
 /// `make vmlinux bzImage` with a fresh build log; failures carry the compiler's error lines.
-fn compile(src: &Path, obj: &Path, progress: &dyn Fn(&str)) -> Result<(), KernelError> {
+fn compile(src: &Path, obj: &Path, progress: &dyn Fn(Progress)) -> Result<(), KernelError> {
     let log = obj.join("build.log");
     let _ = std::fs::remove_file(&log);
     let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
     let jobs = format!("-j{jobs}");
-    progress("building");
+    progress(Progress::Stage(Stage::Compile));
+    let linking = std::cell::Cell::new(false);
     make(src, obj, &[&jobs, "vmlinux", "bzImage"], &log, &|line| {
+        if !linking.get() && make::starts_link(line) {
+            linking.set(true);
+            progress(Progress::Stage(Stage::Link));
+        }
         if let Some(step) = make::step_of(line) {
-            progress(&step);
+            progress(Progress::Step(&step));
         }
     })
+}
+
+/// The guest kernel must carry DWARF for the tracer: Kconfig kept the option (checked before
+/// the build), and this checks the linked result, reading only the ELF headers.
+fn check_dwarf(vmlinux: &Path) -> Result<(), KernelError> {
+    use object::{Object, ObjectSection};
+    let no_dwarf = |detail: String| KernelError::NoDwarf {
+        vmlinux: vmlinux.to_owned(),
+        detail,
+    };
+    let file = std::fs::File::open(vmlinux).map_err(KernelError::io(vmlinux))?;
+    let cache = object::ReadCache::new(file);
+    let elf = object::File::parse(&cache).map_err(|err| no_dwarf(format!(" ({err})")))?;
+    match elf.section_by_name(".debug_info").map(|s| s.size()) {
+        Some(size) if size > 0 => {
+            tracing::info!(bytes = size, "the kernel's DWARF is there");
+            Ok(())
+        }
+        _ => Err(no_dwarf(String::new())),
+    }
 }
 
 fn make(

@@ -11,7 +11,7 @@ use std::process::Command;
 use sha2::{Digest, Sha256};
 
 use crate::error::KernelError;
-use crate::Source;
+use crate::{Progress, Source, Stage};
 
 /// The Debian package whose tarball is the default source.
 pub const DEBIAN_PACKAGE: &str = "linux-source-6.12";
@@ -50,7 +50,7 @@ pub fn debian_version() -> Result<String, KernelError> {
 pub fn resolve(
     source: &Source,
     cache_dir: &Path,
-    progress: &dyn Fn(&str),
+    progress: &dyn Fn(Progress),
 ) -> Result<ResolvedSource, KernelError> {
     match source {
         Source::Debian => resolve_debian(cache_dir, progress),
@@ -60,7 +60,7 @@ pub fn resolve(
 
 fn resolve_debian(
     cache_dir: &Path,
-    progress: &dyn Fn(&str),
+    progress: &dyn Fn(Progress),
 ) -> Result<ResolvedSource, KernelError> {
     let tarball = debian_tarball();
     if !tarball.is_file() {
@@ -70,7 +70,8 @@ fn resolve_debian(
     let sources = cache_dir.join("sources");
     let dir = sources.join(format!("{DEBIAN_PACKAGE}_{version}"));
     if !dir.join(MARKER).is_file() {
-        progress(&format!("extracting {}", tarball.display()));
+        progress(Progress::Stage(Stage::Extract));
+        progress(Progress::Step(&tarball.display().to_string()));
         extract(
             &tarball,
             &sources,
