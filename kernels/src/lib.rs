@@ -41,6 +41,8 @@ impl Flavor {
 /// A stage of a kernel build, as progress reports name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
+    /// Waiting for another process that builds the same kernel.
+    Wait,
     /// Unpacking the Debian source tarball (once per source version).
     Extract,
     /// `tinyconfig` (or the base config), the fragments, `olddefconfig` and the check.
@@ -56,6 +58,7 @@ pub enum Stage {
 impl Stage {
     pub fn name(self) -> &'static str {
         match self {
+            Stage::Wait => "wait for another rrr building it",
             Stage::Extract => "extract source",
             Stage::Configure => "config",
             Stage::Compile => "compile",
@@ -258,7 +261,7 @@ pub fn build(
     }
 
     let objects = objects_key(spec, &prepared, &key, &final_config);
-    let _lock = store.lock(&objects)?;
+    let _lock = store.lock(&objects, &|| progress(Progress::Stage(Stage::Wait)))?;
     if entry.join("vmlinux").is_file() {
         // Built by another process while we waited for the lock.
         let _ = std::fs::remove_dir_all(&staging);
