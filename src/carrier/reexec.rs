@@ -30,6 +30,9 @@ pub struct Handover {
     pub env: Vec<(OsString, OsString)>,
     /// Existing host directories the command inside writes to.
     pub writable: Vec<PathBuf>,
+    /// The words to run after the program name, when not this process's own (a command that
+    /// runs another on the user's behalf, as `rrr demo` runs `rrr run`).
+    pub command_line: Option<Vec<OsString>>,
 }
 
 /// Reruns this rrr inside the carrier with the same command line (paths made reachable, see the
@@ -44,7 +47,11 @@ pub fn reexec_in_carrier(handover: Handover) -> Result<i32> {
     let cache = crate::cache::cache_dir()?;
     let mut reach = Reach::new(&cwd, &[cwd.clone(), cache]);
     let mut cmd = vec![exe.into_os_string()];
-    for word in std::env::args_os().skip(1) {
+    let words = match handover.command_line {
+        Some(words) => words,
+        None => std::env::args_os().skip(1).collect(),
+    };
+    for word in words {
         cmd.push(reach.word(&word)?);
     }
     let mut opts = CarrierOptions::default();
