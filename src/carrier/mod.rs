@@ -16,8 +16,7 @@ use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -186,17 +185,19 @@ fn run_with(
     let out_pump = pump(stdout_fifo.clone(), std::io::stdout());
     let err_pump = pump(stderr_fifo.clone(), std::io::stderr());
     tracing::debug!(args = ?launch.args(), "starting the carrier");
-    let mut child = Command::new(qemu::QEMU)
-        .args(launch.args())
+    // From here until QEMU has been waited for, a SIGINT, SIGTERM or SIGHUP stops QEMU first.
+    let signals = interrupt::Guard::install();
+    let mut qemu = Command::new(qemu::QEMU);
+    qemu.args(launch.args())
         .stdin(qemu_stdin)
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|err| match err.kind() {
-            std::io::ErrorKind::NotFound => anyhow::anyhow!(qemu_missing()),
-            _ => anyhow::Error::new(err).context(format!("cannot start {}", qemu::QEMU)),
-        })?;
-    let _guard = interrupt::register(child.id() as i32);
+        .stderr(Stdio::piped());
+    die_with_parent(&mut qemu);
+    let mut child = qemu.spawn().map_err(|err| match err.kind() {
+        std::io::ErrorKind::NotFound => anyhow::anyhow!(qemu_missing()),
+        _ => anyhow::Error::new(err).context(format!("cannot start {}", qemu::QEMU)),
+    })?;
+    signals.watch(child.id() as i32);
     let mut qemu_stderr = String::new();
     if let Some(mut pipe) = child.stderr.take() {
         let _ = pipe.read_to_string(&mut qemu_stderr);
@@ -213,10 +214,11 @@ fn run_with(
     let _ = out_pump.join();
     let _ = err_pump.join();
 
-    if interrupt::interrupted() {
-        eprintln!("rrr: interrupted; the carrier was stopped");
-        return Ok(130);
+    if let Some(signal) = signals.received() {
+        eprintln!("rrr: {}; the carrier was stopped", interrupt::name(signal));
+        return Ok(128 + signal);
     }
+    drop(signals);
     let console = std::fs::read_to_string(&console_log).unwrap_or_default();
     if let Some(code) = script::exit_status(&console, &run.nonce) {
         return Ok(code);
@@ -338,42 +340,116 @@ fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// Ctrl-C while a carrier runs: stop QEMU (the run's cleanup then happens as usual).
+/// QEMU gets SIGKILL when this process ends, however it ends (a SIGKILL, a panic, an exit
+/// while the carrier runs): a carrier must never outlive its rrr, spinning at full CPU. The
+/// kernel sends it when the *thread* that spawned QEMU ends, so the carrier is spawned from the
+/// thread that waits for it.
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the child between fork and exec and calls only
+    // async-signal-safe functions (prctl, getppid, raise).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before the prctl: then nobody would send the signal.
+            if libc::getppid() != parent {
+                libc::raise(libc::SIGKILL);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// SIGINT, SIGTERM and SIGHUP while a carrier runs (Ctrl-C, `timeout`, a CI runner, a closed
+/// terminal): stop QEMU, let the run's cleanup happen as usual, and exit with 128 + the signal.
+/// Outside a carrier run the signals keep their default action (ending rrr at once).
 mod interrupt {
     use super::*;
 
+    const SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+    /// The QEMU to stop, once spawned (0: none yet).
     static QEMU_PID: AtomicI32 = AtomicI32::new(0);
-    static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-    static HANDLER: OnceLock<()> = OnceLock::new();
+    /// The signal received while the guard was installed (0: none).
+    static RECEIVED: AtomicI32 = AtomicI32::new(0);
 
-    pub struct Registered;
-
-    impl Drop for Registered {
-        fn drop(&mut self) {
-            QEMU_PID.store(0, Ordering::SeqCst);
+    extern "C" fn on_signal(signal: libc::c_int) {
+        // Only async-signal-safe work here: atomics and kill(2).
+        RECEIVED.store(signal, Ordering::SeqCst);
+        let pid = QEMU_PID.load(Ordering::SeqCst);
+        if pid > 0 {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
         }
     }
 
-    pub fn register(pid: i32) -> Registered {
-        HANDLER.get_or_init(|| {
-            let installed = ctrlc::set_handler(|| {
-                INTERRUPTED.store(true, Ordering::SeqCst);
-                let pid = QEMU_PID.load(Ordering::SeqCst);
-                if pid > 0 {
-                    // SAFETY: signalling our own child process.
-                    unsafe { libc::kill(pid, libc::SIGTERM) };
-                }
-            });
-            if let Err(err) = installed {
-                tracing::debug!("Ctrl-C handler not installed: {err}");
-            }
-        });
-        QEMU_PID.store(pid, Ordering::SeqCst);
-        Registered
+    /// The handlers, installed for one carrier run; the previous actions come back on drop.
+    pub struct Guard {
+        previous: Vec<(libc::c_int, libc::sigaction)>,
     }
 
-    pub fn interrupted() -> bool {
-        INTERRUPTED.load(Ordering::SeqCst)
+    impl Guard {
+        pub fn install() -> Guard {
+            QEMU_PID.store(0, Ordering::SeqCst);
+            RECEIVED.store(0, Ordering::SeqCst);
+            let mut previous = Vec::new();
+            for signal in SIGNALS {
+                // SAFETY: a zeroed sigaction is a valid value; the handler is async-signal-safe.
+                unsafe {
+                    let mut action: libc::sigaction = std::mem::zeroed();
+                    action.sa_sigaction = on_signal as *const () as libc::sighandler_t;
+                    action.sa_flags = libc::SA_RESTART;
+                    libc::sigemptyset(&mut action.sa_mask);
+                    let mut old: libc::sigaction = std::mem::zeroed();
+                    if libc::sigaction(signal, &action, &mut old) == 0 {
+                        previous.push((signal, old));
+                    } else {
+                        tracing::warn!(
+                            signal,
+                            "cannot handle the signal: {}",
+                            std::io::Error::last_os_error()
+                        );
+                    }
+                }
+            }
+            Guard { previous }
+        }
+
+        /// QEMU is running as `pid`; a signal that came before it existed stops it at once.
+        pub fn watch(&self, pid: i32) {
+            QEMU_PID.store(pid, Ordering::SeqCst);
+            if RECEIVED.load(Ordering::SeqCst) != 0 {
+                // SAFETY: signalling our own child process.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
+
+        pub fn received(&self) -> Option<i32> {
+            Some(RECEIVED.load(Ordering::SeqCst)).filter(|&s| s != 0)
+        }
+    }
+
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            QEMU_PID.store(0, Ordering::SeqCst);
+            for (signal, old) in &self.previous {
+                // SAFETY: restoring the action sigaction returned.
+                unsafe { libc::sigaction(*signal, old, std::ptr::null_mut()) };
+            }
+        }
+    }
+
+    pub fn name(signal: i32) -> &'static str {
+        match signal {
+            libc::SIGINT => "interrupted (SIGINT)",
+            libc::SIGTERM => "terminated (SIGTERM)",
+            libc::SIGHUP => "hung up (SIGHUP)",
+            _ => "stopped by a signal",
+        }
     }
 }
 
