@@ -238,11 +238,14 @@ fn run_with(
 }
 
 /// The writable shares: the working directory, the cache and the caller's, canonical and
-/// deduplicated, parents first so a child share is mounted on top of its parent.
+/// deduplicated, parents first so a child share is mounted on top of its parent. A working
+/// directory of `/` is not shared: the carrier's root is the host's already (read-only).
 fn shares(cwd: &Path, cache: &Path, extra: &[PathBuf]) -> Result<Vec<Share>> {
     let mut paths = Vec::new();
-    for path in [cwd, cache]
+    let cwd = Some(cwd).filter(|cwd| !is_root(cwd));
+    for path in cwd
         .into_iter()
+        .chain([cache])
         .chain(extra.iter().map(PathBuf::as_path))
     {
         let canonical = std::fs::canonicalize(path)
@@ -269,6 +272,11 @@ fn shares(cwd: &Path, cache: &Path, extra: &[PathBuf]) -> Result<Vec<Share>> {
             tag: format!("rrr{i}"),
         })
         .collect())
+}
+
+/// Whether `path` is the root directory (which the carrier sees read-only, and never shares).
+pub(crate) fn is_root(path: &Path) -> bool {
+    std::fs::canonicalize(path).is_ok_and(|p| p == Path::new("/"))
 }
 
 fn write_executable(path: &Path, contents: &[u8]) -> Result<()> {
@@ -468,6 +476,16 @@ mod tests {
         assert_eq!(paths, [root.as_path(), root.join("a/b").as_path()]);
         assert_eq!(got[0].tag, "rrr0");
         assert_eq!(got[1].tag, "rrr1");
+    }
+
+    #[test]
+    fn a_working_directory_of_root_is_not_shared_but_root_is_refused_as_a_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let got = shares(Path::new("/"), dir.path(), &[]).unwrap();
+        let paths: Vec<&Path> = got.iter().map(|s| s.path.as_path()).collect();
+        assert_eq!(paths, [std::fs::canonicalize(dir.path()).unwrap()]);
+        let err = shares(dir.path(), dir.path(), &["/".into()]).unwrap_err();
+        assert!(format!("{err:#}").contains("cannot share /"), "{err:#}");
     }
 
     #[test]

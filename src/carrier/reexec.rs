@@ -45,7 +45,12 @@ pub fn reexec_in_carrier(handover: Handover) -> Result<i32> {
     let exe = std::fs::read_link("/proc/self/exe").context("cannot find the rrr executable")?;
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
     let cache = crate::cache::cache_dir()?;
-    let mut reach = Reach::new(&cwd, &[cwd.clone(), cache]);
+    // What the carrier shares writable in any case (see `shares`).
+    let always: Vec<PathBuf> = [cwd.clone(), cache]
+        .into_iter()
+        .filter(|dir| !super::is_root(dir))
+        .collect();
+    let mut reach = Reach::new(&cwd, &always);
     let mut cmd = vec![exe.into_os_string()];
     let words = match handover.command_line {
         Some(words) => words,
@@ -114,7 +119,13 @@ impl Reach {
         }
         let lexical = normalize(&self.cwd.join(word));
         // Only what exists can be shared; anything else is not a path (or not one yet).
-        if lexical.symlink_metadata().is_err() {
+        let Ok(meta) = lexical.symlink_metadata() else {
+            return Ok(word.to_owned());
+        };
+        // A bare name is in the working directory, which the carrier sees, unless it is a link
+        // out of it. Other bare names are left alone: they are subcommands and values as often
+        // as files (`rrr run` from `/` must not share `/run`).
+        if !word.as_bytes().contains(&b'/') && !meta.file_type().is_symlink() {
             return Ok(word.to_owned());
         }
         let Ok(canonical) = std::fs::canonicalize(&lexical) else {
@@ -282,6 +293,17 @@ mod tests {
             [std::fs::canonicalize(rig.tmp.path()).unwrap()]
         );
         assert!(reach.writable(Path::new("/nonexistent/run")).is_err());
+    }
+
+    #[test]
+    fn bare_words_from_the_root_directory_stay_words() {
+        let mut reach = Reach::new(Path::new("/"), &[]);
+        let got = words(
+            &mut reach,
+            &["run".as_ref(), "tmp".as_ref(), "/tmp/..".as_ref()],
+        );
+        assert_eq!(got, ["run", "tmp", "/tmp/.."]);
+        assert!(reach.shares.is_empty(), "{:?}", reach.shares);
     }
 
     #[test]
