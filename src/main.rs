@@ -6,6 +6,8 @@
 mod cache;
 mod carrier;
 mod commands;
+mod digest;
+mod machine;
 mod progress;
 
 use clap::{Parser, Subcommand};
@@ -36,7 +38,9 @@ enum Command {
     /// Build root filesystem images.
     #[command(subcommand)]
     Rootfs(commands::rootfs::RootfsCommand),
-    /// Build the kernel and rootfs, boot, and run a stimulus program once.
+    /// Boot the machine to the agent's READY and save it (once per kernel); prints the path.
+    Snapshot(commands::snapshot::Args),
+    /// Build the kernel and rootfs, restore the snapshot (or boot), and run a stimulus once.
     Run(commands::run::Args),
     /// The README's main job: doctor, default kernel, example stimulus, end to end.
     Demo(commands::demo::Args),
@@ -51,6 +55,7 @@ fn main() {
         Command::Carrier(cmd) => commands::carrier::run(cmd),
         Command::Boot(args) => commands::boot::run(args),
         Command::Rootfs(cmd) => commands::rootfs::run(cmd),
+        Command::Snapshot(args) => commands::snapshot::run(args),
         Command::Run(args) => commands::run::run(args),
         Command::Demo(args) => commands::demo::run(args),
     };

@@ -108,20 +108,43 @@ fn quote(word: &OsStr) -> String {
 /// to start), this host itself where it has VT-x/AMD-V. The kernel and rootfs are built first,
 /// on the host, so nothing is compiled under emulation.
 fn rrr_runs_in_one_carrier(name: &str, dirs: &[&str], extra: &[&str]) -> Vec<Run> {
+    let steps: Vec<Step> = dirs.iter().map(|d| Step::Run(d, &[])).collect();
+    rrr_steps_in_one_carrier(name, extra, &steps)
+}
+
+/// One step of [`rrr_steps_in_one_carrier`].
+enum Step<'a> {
+    /// `rrr run` of the stimulus into the named run directory, with these extra arguments.
+    Run(&'a str, &'a [&'a str]),
+    /// A shell line, with `$RRR`, `$KERNEL` and `$ROOTFS` set.
+    Shell(String),
+}
+
+/// [`rrr_runs_in_one_carrier`] with shell lines between the runs; `common` goes to every run.
+fn rrr_steps_in_one_carrier(name: &str, common: &[&str], steps: &[Step]) -> Vec<Run> {
     let _alone = MACHINE.write().unwrap_or_else(|e| e.into_inner());
     let kernel = rrr_prints_path(&["kernel", "build"]);
-    let image = rrr_prints_path(&[
-        "rootfs",
-        "build",
-        "--stimulus",
-        stimulus(name).to_str().unwrap(),
-    ]);
+    let image = rrr_prints_path(&["rootfs", "build"]);
+    let binary = rrr_prints_path(&["rootfs", "stimulus", stimulus(name).to_str().unwrap()]);
     let stimulus = stimulus(name);
     let group = run_dir(&format!("{name}-group"));
-    let dirs: Vec<PathBuf> = dirs.iter().map(|d| group.join(d)).collect();
-    let mut script = String::from("set -e\n");
-    for dir in &dirs {
-        std::fs::create_dir_all(dir).unwrap();
+    let mut script = format!(
+        "set -e\nRRR={}\nKERNEL={}\nROOTFS={}\n",
+        quote(OsStr::new(env!("CARGO_BIN_EXE_rrr"))),
+        quote(kernel.as_os_str()),
+        quote(image.as_os_str())
+    );
+    let mut dirs = Vec::new();
+    for step in steps {
+        let (dir, extra) = match step {
+            Step::Shell(line) => {
+                script += line;
+                script += "\n";
+                continue;
+            }
+            Step::Run(dir, extra) => (group.join(dir), extra),
+        };
+        std::fs::create_dir_all(&dir).unwrap();
         let mut words: Vec<&OsStr> = vec![
             env!("CARGO_BIN_EXE_rrr").as_ref(),
             "run".as_ref(),
@@ -130,33 +153,18 @@ fn rrr_runs_in_one_carrier(name: &str, dirs: &[&str], extra: &[&str]) -> Vec<Run
             kernel.as_os_str(),
             "--rootfs".as_ref(),
             image.as_os_str(),
+            "--stimulus-binary".as_ref(),
+            binary.as_os_str(),
             "--run-dir".as_ref(),
             dir.as_os_str(),
             "--quiet".as_ref(),
         ];
+        words.extend(common.iter().map(OsStr::new));
         words.extend(extra.iter().map(OsStr::new));
-        let words: Vec<String> = words.into_iter().map(quote).collect();
-        script += &format!(
-            "{} >{} 2>{}\n",
-            words.join(" "),
-            quote(dir.join("stdout").as_os_str()),
-            quote(dir.join("stderr").as_os_str())
-        );
+        script += &shell_line(&words, &dir);
+        dirs.push(dir);
     }
-    let script_path = group.join("runs.sh");
-    std::fs::write(&script_path, &script).unwrap();
-
-    let mut cmd = if rrr_vmm::host::KvmKind::detect().is_hardware() {
-        Command::new("sh")
-    } else {
-        let mut carrier = Command::new(env!("CARGO_BIN_EXE_rrr"));
-        carrier
-            .args(["carrier", "run", "--share"])
-            .arg(&group)
-            .args(["--", "sh"]);
-        carrier
-    };
-    let output = cmd.arg(&script_path).output().expect("cannot start rrr");
+    let output = script_in_one_carrier(&group, &script);
     let read = |path: PathBuf| std::fs::read_to_string(path).unwrap_or_default();
     assert!(
         output.status.success(),
@@ -176,6 +184,35 @@ fn rrr_runs_in_one_carrier(name: &str, dirs: &[&str], extra: &[&str]) -> Vec<Run
     dirs.iter()
         .map(|d| Run::load(d, read(d.join("stdout")), read(d.join("stderr"))))
         .collect()
+}
+
+/// Runs the shell script `script` (saved in `group`) in one carrier where this host's KVM is
+/// software-only, or directly on a VT-x/AMD-V host.
+fn script_in_one_carrier(group: &Path, script: &str) -> std::process::Output {
+    let script_path = group.join("script.sh");
+    std::fs::write(&script_path, script).unwrap();
+    let mut cmd = if rrr_vmm::host::KvmKind::detect().is_hardware() {
+        Command::new("sh")
+    } else {
+        let mut carrier = Command::new(env!("CARGO_BIN_EXE_rrr"));
+        carrier
+            .args(["carrier", "run", "--share"])
+            .arg(group)
+            .args(["--", "sh"]);
+        carrier
+    };
+    cmd.arg(&script_path).output().expect("cannot start rrr")
+}
+
+/// One `rrr` command line as a shell line, its stdout and stderr kept in `dir`.
+fn shell_line(words: &[&OsStr], dir: &Path) -> String {
+    let words: Vec<String> = words.iter().map(|w| quote(w)).collect();
+    format!(
+        "{} >{} 2>{}\n",
+        words.join(" "),
+        quote(dir.join("stdout").as_os_str()),
+        quote(dir.join("stderr").as_os_str())
+    )
 }
 
 impl Run {
@@ -532,4 +569,87 @@ fn a_closed_stdout_neither_hangs_the_run_nor_cuts_its_record() {
         .filter(|l| l.contains("lines: line "))
         .count();
     assert_eq!(lines, 300, "console.log is cut short:\n{}", run.context());
+}
+
+#[test]
+fn a_restored_snapshot_runs_exactly_as_a_boot() {
+    // One snapshot per machine, taken at the agent's READY; the stimulus comes after, on its
+    // own disk. A run restored from the snapshot must be the very run that booted straight
+    // through: the same console bytes (the boot log the snapshot kept, then everything after
+    // GO) and the same exit count. sched_timers.c uses timers, the scheduler, the disk and the
+    // console. A private kernel parameter gives this test a snapshot of its own.
+    let marker = format!("rrr.snapshot_test={}", std::process::id());
+    let damage = "printf 'X' | dd of=\"$SNAP\" bs=1 seek=600 conv=notrunc 2>/dev/null";
+    let runs = rrr_steps_in_one_carrier(
+        "sched_timers.c",
+        &["--time-limit", "30", "--append", &marker],
+        &[
+            Step::Run("booted", &["--boot"]),
+            Step::Shell(format!(
+                "SNAP=$(\"$RRR\" snapshot --kernel \"$KERNEL\" --rootfs \"$ROOTFS\" --append {marker} 2>/dev/null)"
+            )),
+            Step::Run("restored-1", &[]),
+            Step::Run("restored-2", &[]),
+            Step::Shell(damage.to_string()),
+            Step::Run("after-damage", &[]),
+            Step::Run("restored-3", &[]),
+        ],
+    );
+    let [booted, restored_1, restored_2, after_damage, restored_3] = &runs[..] else {
+        unreachable!()
+    };
+    let start = |run: &Run| {
+        run.summary["start"]["kind"]
+            .as_str()
+            .unwrap_or("?")
+            .to_owned()
+    };
+    assert_eq!(start(booted), "booted", "{}", booted.context());
+    for run in [restored_1, restored_2, restored_3] {
+        assert_eq!(start(run), "restored", "{}", run.context());
+        let ms = run.summary["start"]["start_ms"]
+            .as_f64()
+            .unwrap_or(f64::MAX);
+        eprintln!("restore took {ms:.1} ms");
+    }
+    // A damaged snapshot is named as such and replaced by a new boot; the run goes on.
+    assert_eq!(
+        start(after_damage),
+        "booted_and_saved",
+        "{}",
+        after_damage.context()
+    );
+    assert!(
+        after_damage.stderr.contains("checksum does not match"),
+        "{}",
+        after_damage.context()
+    );
+    let exits = |run: &Run| run.summary["exits"].as_u64().unwrap_or_default();
+    for run in &runs {
+        let (kind, end) = run.stimulus_end();
+        assert_eq!(kind, "exited", "{}", run.context());
+        assert_eq!(end["status"], 0, "{}", run.context());
+        assert_eq!(
+            (exits(run), &run.summary["virtual_time_ns"]),
+            (exits(booted), &booted.summary["virtual_time_ns"]),
+            "{} made a different number of exits than the boot",
+            run.dir.display()
+        );
+        let differing = run
+            .console
+            .lines()
+            .zip(booted.console.lines())
+            .position(|(x, y)| x != y);
+        assert!(
+            run.console == booted.console,
+            "{} printed another console than the boot (first differing line {differing:?}):\n{}",
+            run.dir.display(),
+            run.context()
+        );
+    }
+    assert!(
+        booted.console.contains("sleeper woke") && booted.console.contains("fsync"),
+        "{}",
+        booted.context()
+    );
 }

@@ -1,8 +1,9 @@
 /* rrr-agent: PID 1 of every rootfs rrr builds.
  *
  * It mounts the pseudo filesystems a syzkaller reproducer expects, tells the VMM it is READY (the
- * snapshot point), waits for GO (which carries the time limit), runs /stimulus, reports how it
- * ended, and powers the machine off. Everything it says to the VMM goes through the control port
+ * snapshot point), waits for GO (which carries the time limit), loads the stimulus from the
+ * stimulus disk (or runs /stimulus from the rootfs when there is none), reports how it ended,
+ * and powers the machine off. Everything it says to the VMM goes through the control port
  * (rrr_protocol.h); everything it says to a human goes to the console.
  *
  * Built with `gcc -O2 -static`. It uses only syscalls a tinyconfig kernel has: no timers beyond
@@ -27,7 +28,9 @@
 
 #include "rrr_protocol.h"
 
-#define STIMULUS "/stimulus"
+#define ROOTFS_STIMULUS "/stimulus"
+#define LOADED_STIMULUS "/run/stimulus"
+#define STIMULUS_DISK "/dev/vdb"
 #define STIMULUS_CWD "/tmp/stimulus-cwd"
 #define ALL_ONES 0xffffffffu
 
@@ -145,9 +148,80 @@ static uint32_t wait_for_go(void)
 	}
 }
 
-/* Returns the pid, or -errno when /stimulus could not be executed. A close-on-exec pipe carries
+/* The stimulus disk is read only after GO and with O_DIRECT, so a snapshot taken at READY holds
+ * nothing of any stimulus: one snapshot serves them all. Returns the path to execute, or NULL
+ * (with errno set) when the disk exists but holds no valid stimulus. Without a stimulus disk
+ * (plain QEMU, an image built with its stimulus inside) it is /stimulus on the rootfs. */
+static const char *load_stimulus(void)
+{
+	int disk = open(STIMULUS_DISK, O_RDONLY | O_DIRECT | O_CLOEXEC);
+	if (disk < 0) {
+		if (errno != ENOENT && errno != ENXIO && errno != ENODEV)
+			say("cannot open %s: %s; running %s", STIMULUS_DISK, strerror(errno),
+			    ROOTFS_STIMULUS);
+		return ROOTFS_STIMULUS;
+	}
+	const size_t block = RRR_STIMULUS_DATA_OFFSET;
+	unsigned char *buf = NULL;
+	if (posix_memalign((void **)&buf, block, block) != 0) {
+		close(disk);
+		errno = ENOMEM;
+		return NULL;
+	}
+	const char *result = NULL;
+	int out = -1;
+	if (pread(disk, buf, block, 0) != (ssize_t)block) {
+		say("cannot read the stimulus disk header: %s", strerror(errno));
+		errno = EIO;
+		goto done;
+	}
+	if (memcmp(buf, RRR_STIMULUS_MAGIC, 8) != 0) {
+		say("the stimulus disk holds no stimulus (no %s header)", RRR_STIMULUS_MAGIC);
+		errno = ENOEXEC;
+		goto done;
+	}
+	uint64_t len;
+	memcpy(&len, buf + 8, sizeof(len));
+	if (len == 0 || len > (uint64_t)RRR_STIMULUS_DISK_BYTES - block) {
+		say("the stimulus disk claims a %llu-byte stimulus", (unsigned long long)len);
+		errno = ENOEXEC;
+		goto done;
+	}
+	out = open(LOADED_STIMULUS, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0755);
+	if (out < 0) {
+		say("cannot create %s: %s", LOADED_STIMULUS, strerror(errno));
+		goto done;
+	}
+	for (uint64_t done = 0; done < len; done += block) {
+		if (pread(disk, buf, block, block + done) != (ssize_t)block) {
+			say("cannot read the stimulus at byte %llu: %s", (unsigned long long)done,
+			    strerror(errno));
+			errno = EIO;
+			goto done;
+		}
+		size_t want = len - done < block ? (size_t)(len - done) : block;
+		if (write(out, buf, want) != (ssize_t)want) {
+			say("cannot write %s: %s", LOADED_STIMULUS, strerror(errno));
+			goto done;
+		}
+	}
+	if (close(out) < 0) {
+		out = -1;
+		goto done;
+	}
+	out = -1;
+	result = LOADED_STIMULUS;
+done:
+	if (out >= 0)
+		close(out);
+	free(buf);
+	close(disk);
+	return result;
+}
+
+/* Returns the pid, or -errno when the stimulus could not be executed. A close-on-exec pipe carries
  * execve's errno back, so "did it start" is known before STARTED is sent. */
-static pid_t spawn_stimulus(void)
+static pid_t spawn_stimulus(const char *path)
 {
 	int pipefd[2];
 	if (pipe2(pipefd, O_CLOEXEC) < 0)
@@ -168,10 +242,10 @@ static pid_t spawn_stimulus(void)
 		sigprocmask(SIG_SETMASK, &none, NULL);
 		if (chdir(STIMULUS_CWD) < 0)
 			(void)chdir("/");
-		char *const argv[] = { STIMULUS, NULL };
+		char *const argv[] = { (char *)path, NULL };
 		char *const envp[] = { "PATH=/sbin:/usr/sbin:/bin:/usr/bin", "HOME=/root", "TERM=linux",
 				       NULL };
-		execve(STIMULUS, argv, envp);
+		execve(path, argv, envp);
 		int err = errno;
 		(void)write(pipefd[1], &err, sizeof(err));
 		_exit(127);
@@ -292,15 +366,21 @@ int main(void)
 		say("ioperm(%#x) failed: %s; cannot talk to the VMM", RRR_CONTROL_PORT, strerror(errno));
 
 	uint32_t limit = wait_for_go();
-	if (limit)
-		say("running %s with a time limit of %u s", STIMULUS, limit);
-	else
-		say("running %s", STIMULUS);
-
-	pid_t pid = spawn_stimulus();
+	const char *stimulus = load_stimulus();
+	pid_t pid;
+	if (!stimulus) {
+		pid = -(errno ? errno : ENOEXEC);
+		stimulus = STIMULUS_DISK;
+	} else {
+		if (limit)
+			say("running %s with a time limit of %u s", stimulus, limit);
+		else
+			say("running %s", stimulus);
+		pid = spawn_stimulus(stimulus);
+	}
 	if (pid < 0) {
 		send(RRR_CMD_SPAWN_FAILED, -pid);
-		say("cannot run %s: %s", STIMULUS, strerror(-pid));
+		say("cannot run %s: %s", stimulus, strerror(-pid));
 	} else {
 		send(RRR_CMD_STARTED, pid);
 		supervise(pid, limit);

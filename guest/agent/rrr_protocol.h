@@ -22,4 +22,11 @@
 #define RRR_GO 0x60
 #define RRR_ARG_MASK 0x00ffffffu
 
+/* The stimulus disk (the second virtio disk): empty until GO; then block 0 holds the magic
+ * "RRRSTIM1" and the program's length (u64, little endian) and the program starts at
+ * RRR_STIMULUS_DATA_OFFSET. Read with O_DIRECT, so nothing of it was cached before GO. */
+#define RRR_STIMULUS_MAGIC "RRRSTIM1"
+#define RRR_STIMULUS_DATA_OFFSET 4096
+#define RRR_STIMULUS_DISK_BYTES 0x4000000
+
 #endif

@@ -46,6 +46,16 @@ mod tests {
         assert_eq!(get("RRR_CONTROL_PORT_LEN"), u32::from(CONTROL_PORT_LEN));
         assert_eq!(get("RRR_GO"), u32::from(GO));
         assert_eq!(get("RRR_ARG_MASK"), ARG_MASK);
+        let magic = std::str::from_utf8(&crate::protocol::STIMULUS_MAGIC).unwrap();
+        assert!(PROTOCOL_H.contains(&format!("#define RRR_STIMULUS_MAGIC \"{magic}\"")));
+        assert_eq!(
+            u64::from(get("RRR_STIMULUS_DATA_OFFSET")),
+            crate::protocol::STIMULUS_DATA_OFFSET
+        );
+        assert_eq!(
+            u64::from(get("RRR_STIMULUS_DISK_BYTES")),
+            crate::protocol::STIMULUS_DISK_BYTES
+        );
         let commands = [
             ("RRR_CMD_READY", Command::Ready),
             ("RRR_CMD_EXITED", Command::Exited),

@@ -52,6 +52,31 @@ impl Command {
 /// stimulus time limit in seconds (0: no limit) in the low 24 bits.
 pub const GO: u8 = 0x60;
 
+/// The stimulus disk: the second virtio disk, blank until READY, then block 0 holds
+/// [`STIMULUS_MAGIC`] and the program's length (u64 LE) and the program follows at
+/// [`STIMULUS_DATA_OFFSET`]. The agent reads it with `O_DIRECT` after GO, so nothing of the
+/// stimulus sits in a snapshot's page cache and one snapshot serves every stimulus.
+pub const STIMULUS_MAGIC: [u8; 8] = *b"RRRSTIM1";
+/// Where the program starts on the stimulus disk (one block: O_DIRECT reads are aligned).
+pub const STIMULUS_DATA_OFFSET: u64 = 4096;
+/// The stimulus disk's fixed capacity: its size is part of the board the snapshot saw.
+pub const STIMULUS_DISK_BYTES: u64 = 64 << 20;
+
+/// Largest stimulus that fits the stimulus disk.
+pub const MAX_STIMULUS_BYTES: u64 = STIMULUS_DISK_BYTES - STIMULUS_DATA_OFFSET;
+
+/// The stimulus disk's contents for `program`: header block, then the program.
+pub fn stimulus_disk_image(program: &[u8]) -> Option<Vec<u8>> {
+    if program.len() as u64 > MAX_STIMULUS_BYTES {
+        return None;
+    }
+    let mut image = vec![0u8; STIMULUS_DATA_OFFSET as usize];
+    image[..8].copy_from_slice(&STIMULUS_MAGIC);
+    image[8..16].copy_from_slice(&(program.len() as u64).to_le_bytes());
+    image.extend_from_slice(program);
+    Some(image)
+}
+
 /// Largest argument that fits in a message.
 pub const ARG_MASK: u32 = 0x00ff_ffff;
 

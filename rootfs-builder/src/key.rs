@@ -15,29 +15,69 @@ pub struct KeyInputs<'a> {
     pub busybox: &'a [u8],
 }
 
-/// Hex sha256 over the inputs. Every field is length-prefixed, so no two different inputs can
-/// run together into the same byte stream.
+/// Hex sha256 over length-prefixed fields, so no two different inputs can run together into
+/// the same byte stream.
+struct Fields(Sha256);
+
+impl Fields {
+    fn new(kind: &str) -> Self {
+        let mut fields = Fields(Sha256::new());
+        fields.add(BUILDER_VERSION.as_bytes());
+        fields.add(kind.as_bytes());
+        fields
+    }
+
+    fn add(&mut self, bytes: &[u8]) {
+        self.0.update((bytes.len() as u64).to_le_bytes());
+        self.0.update(bytes);
+    }
+
+    fn stimulus(&mut self, inputs: &KeyInputs) {
+        self.add(inputs.stimulus_name.as_bytes());
+        self.add(inputs.stimulus_source);
+        self.add(&[u8::from(inputs.m32)]);
+        self.add(&(inputs.extra_cflags.len() as u64).to_le_bytes());
+        for flag in inputs.extra_cflags {
+            self.add(flag.as_bytes());
+        }
+        self.add(inputs.compiler.as_bytes());
+    }
+
+    fn system(&mut self, compiler: &str, busybox: &[u8]) {
+        self.add(compiler.as_bytes());
+        for (name, text) in rrr_guest::agent::SOURCES {
+            self.add(name.as_bytes());
+            self.add(text.as_bytes());
+        }
+        self.add(&Sha256::digest(busybox));
+    }
+
+    fn finish(self) -> String {
+        hex::encode(self.0.finalize())
+    }
+}
+
+/// The key of an image with the stimulus inside.
 pub fn cache_key(inputs: &KeyInputs) -> String {
-    let mut hasher = Sha256::new();
-    let mut field = |bytes: &[u8]| {
-        hasher.update((bytes.len() as u64).to_le_bytes());
-        hasher.update(bytes);
-    };
-    field(BUILDER_VERSION.as_bytes());
-    field(inputs.stimulus_name.as_bytes());
-    field(inputs.stimulus_source);
-    field(&[u8::from(inputs.m32)]);
-    field(&(inputs.extra_cflags.len() as u64).to_le_bytes());
-    for flag in inputs.extra_cflags {
-        field(flag.as_bytes());
-    }
-    field(inputs.compiler.as_bytes());
-    for (name, text) in rrr_guest::agent::SOURCES {
-        field(name.as_bytes());
-        field(text.as_bytes());
-    }
-    field(&Sha256::digest(inputs.busybox));
-    hex::encode(hasher.finalize())
+    let mut fields = Fields::new("image with stimulus");
+    fields.stimulus(inputs);
+    fields.system(inputs.compiler, inputs.busybox);
+    fields.finish()
+}
+
+/// The key of the base image (agent and busybox, no stimulus): shared by every stimulus, and so
+/// by one snapshot per kernel.
+pub fn base_key(compiler: &str, busybox: &[u8]) -> String {
+    let mut fields = Fields::new("base image");
+    fields.system(compiler, busybox);
+    fields.finish()
+}
+
+/// The key of a compiled stimulus on its own.
+pub fn stimulus_key(inputs: &KeyInputs) -> String {
+    let mut fields = Fields::new("stimulus binary");
+    fields.stimulus(inputs);
+    fields.finish()
 }
 
 #[cfg(test)]
@@ -95,5 +135,23 @@ mod tests {
         for variant in &variants {
             assert_ne!(&base.key(), variant);
         }
+        let stimulus_only = |i: &Inputs| {
+            stimulus_key(&KeyInputs {
+                stimulus_name: i.name,
+                stimulus_source: i.source,
+                m32: i.m32,
+                extra_cflags: &i.flags,
+                compiler: i.compiler,
+                busybox: i.busybox,
+            })
+        };
+        let mut other_busybox = base.clone();
+        other_busybox.busybox = b"bb2";
+        assert_eq!(stimulus_only(&base), stimulus_only(&other_busybox));
+        let mut other_source = base.clone();
+        other_source.source = b"int main(){return 1;}";
+        assert_ne!(stimulus_only(&base), stimulus_only(&other_source));
+        assert_ne!(base_key("12.2.0", b"bb"), base_key("12.2.0", b"bb2"));
+        assert_ne!(base_key("12.2.0", b"bb"), base.key());
     }
 }

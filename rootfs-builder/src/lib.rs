@@ -127,7 +127,7 @@ pub fn build(spec: &RootfsSpec, cache_dir: &Path) -> Result<RootfsImage, RootfsE
         &tree,
         &tree::TreeInputs {
             agent: &agent_bin,
-            stimulus: &stimulus_bin,
+            stimulus: Some(&stimulus_bin),
             busybox: &busybox_bytes,
             applets: &applets,
         },
@@ -147,6 +147,134 @@ pub fn build(spec: &RootfsSpec, cache_dir: &Path) -> Result<RootfsImage, RootfsE
         cached: false,
         ..image
     })
+}
+
+/// The base image: the agent and busybox, no stimulus (it comes on the stimulus disk). One per
+/// machine setup, so one snapshot per kernel serves every stimulus. Cached under
+/// `cache_dir/rootfs/base-<key>.qcow2`.
+pub fn build_base(cache_dir: &Path) -> Result<RootfsImage, RootfsError> {
+    let busybox_path = Path::new(busybox::DEFAULT_BUSYBOX);
+    let busybox_bytes = busybox::load(busybox_path)?;
+    let compiler = compiler_version()?;
+    let key = key::base_key(&compiler, &busybox_bytes);
+    let dir = cache_dir.join("rootfs");
+    let path = dir.join(format!("base-{key}.qcow2"));
+    let image = RootfsImage {
+        stimulus_binary: PathBuf::new(),
+        path,
+        key,
+        cached: true,
+    };
+    if image.path.is_file() {
+        return Ok(image);
+    }
+    std::fs::create_dir_all(&dir)
+        .map_err(RootfsError::io(format!("cannot create {}", dir.display())))?;
+    let work = scratch_dir(&dir)?;
+    let work = work.path();
+    let agent_bin = work.join("agent");
+    compile::compile_agent(work, &agent_bin)?;
+    let tree = work.join("tree");
+    std::fs::create_dir(&tree).map_err(RootfsError::io("cannot create the rootfs tree"))?;
+    let applets = busybox::applets(busybox_path)?;
+    let paths = tree::assemble(
+        &tree,
+        &tree::TreeInputs {
+            agent: &agent_bin,
+            stimulus: None,
+            busybox: &busybox_bytes,
+            applets: &applets,
+        },
+    )?;
+    let content = file_bytes(&[&agent_bin])? + busybox_bytes.len() as u64;
+    let size = image::size_mib(content);
+    let raw = work.join("rootfs.ext4");
+    image::make_ext4(&tree, &paths, &raw, size, work)?;
+    let qcow2 = work.join("rootfs.qcow2");
+    image::to_qcow2(&raw, &qcow2)?;
+    rename(&qcow2, &image.path)?;
+    tracing::info!(image = %image.path.display(), size_mib = size, "base rootfs image built");
+    Ok(RootfsImage {
+        cached: false,
+        ..image
+    })
+}
+
+/// A stimulus compiled on its own, for the stimulus disk.
+#[derive(Debug, Clone)]
+pub struct StimulusBinary {
+    /// The static executable, with symbols.
+    pub path: PathBuf,
+    pub key: String,
+    pub cached: bool,
+}
+
+/// Compiles (or finds in the cache) the stimulus of `spec`, under
+/// `cache_dir/stimuli/<key>`.
+pub fn build_stimulus(spec: &RootfsSpec, cache_dir: &Path) -> Result<StimulusBinary, RootfsError> {
+    let source =
+        std::fs::read(&spec.stimulus).map_err(|error| RootfsError::StimulusUnreadable {
+            path: spec.stimulus.clone(),
+            error,
+        })?;
+    let stimulus_name = spec
+        .stimulus
+        .file_name()
+        .filter(|_| spec.stimulus.extension().is_some_and(|ext| ext == "c"))
+        .ok_or_else(|| RootfsError::StimulusNotC {
+            path: spec.stimulus.clone(),
+        })?
+        .to_string_lossy()
+        .into_owned();
+    let compiler = compiler_version()?;
+    let key = key::stimulus_key(&key::KeyInputs {
+        stimulus_name: &stimulus_name,
+        stimulus_source: &source,
+        m32: spec.m32,
+        extra_cflags: &spec.extra_cflags,
+        compiler: &compiler,
+        busybox: &[],
+    });
+    let dir = cache_dir.join("stimuli");
+    let binary = StimulusBinary {
+        path: dir.join(&key),
+        key,
+        cached: true,
+    };
+    if binary.path.is_file() {
+        return Ok(binary);
+    }
+    std::fs::create_dir_all(&dir)
+        .map_err(RootfsError::io(format!("cannot create {}", dir.display())))?;
+    let work = scratch_dir(&dir)?;
+    let out = work.path().join("stimulus");
+    compile::compile_stimulus(
+        &compile::StimulusBuild {
+            source: &spec.stimulus,
+            m32: spec.m32,
+            extra_cflags: &spec.extra_cflags,
+            seed: &binary.key,
+        },
+        work.path(),
+        &out,
+    )?;
+    rename(&out, &binary.path)?;
+    Ok(StimulusBinary {
+        cached: false,
+        ..binary
+    })
+}
+
+/// A scratch directory beside the final place: a crash or a parallel build never leaves a
+/// half-written file under a final name.
+fn scratch_dir(dir: &Path) -> Result<tempfile::TempDir, RootfsError> {
+    tempfile::Builder::new()
+        .prefix(".build-")
+        .tempdir_in(dir)
+        .map_err(RootfsError::io(format!(
+            "cannot create a build directory in {}",
+            dir.display()
+        )))
 }
 
 /// gcc's version is part of the key: a new compiler makes a different stimulus binary.

@@ -46,7 +46,8 @@ const ETC_FILES: &[(&str, &str)] = &[
 /// The inputs of the tree, already built.
 pub struct TreeInputs<'a> {
     pub agent: &'a Path,
-    pub stimulus: &'a Path,
+    /// Baked in as `/stimulus`; `None` for the base image, whose stimulus comes on its own disk.
+    pub stimulus: Option<&'a Path>,
     pub busybox: &'a [u8],
     pub applets: &'a [PathBuf],
 }
@@ -57,7 +58,9 @@ pub fn assemble(root: &Path, inputs: &TreeInputs) -> Result<Vec<PathBuf>, Rootfs
         make_dir(root, dir, *mode)?;
     }
     copy_exec(inputs.agent, &root.join("init"))?;
-    copy_exec(inputs.stimulus, &root.join("stimulus"))?;
+    if let Some(stimulus) = inputs.stimulus {
+        copy_exec(stimulus, &root.join("stimulus"))?;
+    }
     write_file(&root.join("bin/busybox"), inputs.busybox, 0o755)?;
     link(root, "sbin/init", "/init")?;
     for (path, text) in ETC_FILES {
@@ -184,7 +187,7 @@ mod tests {
             &root,
             &TreeInputs {
                 agent: &agent,
-                stimulus: &stimulus,
+                stimulus: Some(&stimulus),
                 busybox: b"bb",
                 applets: &applets,
             },

@@ -37,7 +37,7 @@ pub fn run(args: Args) -> Result<i32> {
     }
 
     eprintln!(
-        "==> rrr run {} (rootfs, boot, GO, verdict)",
+        "==> rrr run {} (rootfs, boot or snapshot restore, GO, verdict)",
         stimulus.display()
     );
     // As the user would type it: the carrier re-executes these words, not `rrr demo`.

@@ -7,3 +7,4 @@ pub mod doctor;
 pub mod kernel;
 pub mod rootfs;
 pub mod run;
+pub mod snapshot;

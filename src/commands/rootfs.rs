@@ -6,15 +6,28 @@ use anyhow::{Context, Result};
 
 #[derive(clap::Subcommand)]
 pub enum RootfsCommand {
-    /// Build a qcow2 rootfs that runs a C stimulus program; prints the image path on stdout.
+    /// Build a qcow2 rootfs: the base image every machine boots (no --stimulus), or one with a
+    /// C stimulus program inside (for plain QEMU); prints the image path on stdout.
     Build(BuildArgs),
+    /// Compile a stimulus for the stimulus disk (as `rrr run` does); prints the binary's path.
+    Stimulus(StimulusArgs),
+}
+
+#[derive(clap::Args)]
+pub struct StimulusArgs {
+    /// The stimulus, a C source file.
+    pub stimulus: PathBuf,
+    /// Build it as a 32-bit program (needs gcc-multilib).
+    #[arg(long)]
+    pub m32: bool,
 }
 
 #[derive(clap::Args)]
 pub struct BuildArgs {
-    /// The stimulus, a C source file (built like a syzkaller reproducer: gcc -O2 -g -static).
+    /// The stimulus, a C source file (built like a syzkaller reproducer: gcc -O2 -g -static),
+    /// installed as /stimulus; without it, the base image.
     #[arg(long, value_name = "PROG.c")]
-    pub stimulus: PathBuf,
+    pub stimulus: Option<PathBuf>,
     /// Also copy the image here.
     #[arg(long, value_name = "IMAGE.qcow2")]
     pub out: Option<PathBuf>,
@@ -29,16 +42,22 @@ pub struct BuildArgs {
 pub fn run(cmd: RootfsCommand) -> Result<i32> {
     match cmd {
         RootfsCommand::Build(args) => build(args),
+        RootfsCommand::Stimulus(args) => {
+            println!("{}", ensure_stimulus(&args.stimulus, args.m32)?.display());
+            Ok(0)
+        }
     }
 }
 
 fn build(args: BuildArgs) -> Result<i32> {
-    let spec = rrr_rootfs::RootfsSpec {
-        stimulus: args.stimulus,
-        m32: args.m32,
-        extra_cflags: args.cflags,
+    let image = match args.stimulus {
+        Some(stimulus) => build_spec(&rrr_rootfs::RootfsSpec {
+            stimulus,
+            m32: args.m32,
+            extra_cflags: args.cflags,
+        })?,
+        None => ensure_base_rootfs()?,
     };
-    let image = build_spec(&spec)?;
     let path = match args.out {
         Some(out) => {
             std::fs::copy(&image, &out)
@@ -51,13 +70,31 @@ fn build(args: BuildArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// The cached rootfs image for a stimulus, built if needed. Used by `rrr run`.
-pub fn ensure_rootfs(stimulus: &Path, m32: bool) -> Result<PathBuf> {
-    build_spec(&rrr_rootfs::RootfsSpec {
-        stimulus: stimulus.to_path_buf(),
-        m32,
-        extra_cflags: Vec::new(),
-    })
+/// The base rootfs (agent and busybox, no stimulus) every machine boots, built if needed.
+pub fn ensure_base_rootfs() -> Result<PathBuf> {
+    let cache = crate::cache::cache_dir()?;
+    let spinner = crate::progress::spinner("building the base rootfs");
+    let result = rrr_rootfs::build_base(&cache);
+    spinner.finish_and_clear();
+    Ok(result.context("cannot build the base rootfs")?.path)
+}
+
+/// The stimulus compiled for the stimulus disk, built if needed. Used by `rrr run`.
+pub fn ensure_stimulus(stimulus: &Path, m32: bool) -> Result<PathBuf> {
+    let cache = crate::cache::cache_dir()?;
+    let spinner = crate::progress::spinner(format!("compiling {}", stimulus.display()));
+    let result = rrr_rootfs::build_stimulus(
+        &rrr_rootfs::RootfsSpec {
+            stimulus: stimulus.to_path_buf(),
+            m32,
+            extra_cflags: Vec::new(),
+        },
+        &cache,
+    );
+    spinner.finish_and_clear();
+    Ok(result
+        .with_context(|| format!("cannot compile the stimulus {}", stimulus.display()))?
+        .path)
 }
 
 fn build_spec(spec: &rrr_rootfs::RootfsSpec) -> Result<PathBuf> {

@@ -19,15 +19,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use rrr_guest::protocol::Command as AgentCommand;
 use rrr_reports::{CrashDetector, CrashReport};
-use rrr_vmm::builder::{self, MmioDeviceFactory};
-use rrr_vmm::bus::SharedDevice;
-use rrr_vmm::config::{Timeout, VmConfig};
+use rrr_vmm::config::Timeout;
 use rrr_vmm::devices::control::ControlEvent;
-use rrr_vmm::devices::virtio::block::Block;
-use rrr_vmm::devices::virtio::disk::open_qcow2_overlay;
-use rrr_vmm::devices::virtio::mmio::MmioTransport;
+use rrr_vmm::devices::virtio::disk::MediumSlot;
 use rrr_vmm::host::KvmKind;
-use rrr_vmm::run_loop::{self, RunEnd, RunError, RunOutcome};
+use rrr_vmm::run_loop::{self, RunEnd, RunError, RunOutcome, Stopped, Until};
+
+use crate::machine::{AtReady, MachineSpec, StartKind, StartMode, Started};
 use serde::{Deserialize, Serialize};
 
 /// Host time allowed for the boot and the agent's setup, on top of the stimulus' time limit. A
@@ -70,15 +68,22 @@ pub struct Args {
     /// Where to keep the console and the summary (default: a new directory under the cache).
     #[arg(long, env = RUN_DIR_ENV, hide_env = true)]
     pub run_dir: Option<PathBuf>,
-    /// A root filesystem image already built for this stimulus (`rrr rootfs build` makes one).
+    /// Boot the kernel instead of restoring the cached snapshot (no snapshot is used or made).
+    #[arg(long)]
+    pub boot: bool,
+    /// The base root filesystem image, already built (`rrr rootfs build` makes one).
     #[arg(long, hide = true, env = ROOTFS_ENV)]
     pub rootfs: Option<PathBuf>,
+    /// The stimulus, already compiled (`rrr rootfs stimulus` makes one).
+    #[arg(long, hide = true, env = STIMULUS_BINARY_ENV)]
+    pub stimulus_binary: Option<PathBuf>,
 }
 
 /// What `rrr run` hands its copy inside the carrier, besides its command line: what it already
 /// built or chose on the host, so nothing is built (or chosen differently) under emulation.
 const KERNEL_ENV: &str = "RRR_RUN_KERNEL";
 const ROOTFS_ENV: &str = "RRR_RUN_ROOTFS";
+const STIMULUS_BINARY_ENV: &str = "RRR_RUN_STIMULUS_BINARY";
 const RUN_DIR_ENV: &str = "RRR_RUN_DIR";
 
 /// How the stimulus ended, as the guest agent reported it.
@@ -146,6 +151,9 @@ pub struct RunSummary {
     pub virtual_time_ns: u64,
     pub host_secs: f64,
     pub console: PathBuf,
+    /// How the guest got to READY: booted, or restored from which snapshot, and how long it
+    /// took.
+    pub start: Option<crate::machine::StartReport>,
 }
 
 pub fn run(args: Args) -> Result<i32> {
@@ -184,7 +192,11 @@ fn run_as(args: Args, command_line: Option<Vec<OsString>>) -> Result<i32> {
     rrr_vmm::arch::x86_64::kernel::check_kernel(&kernel)?;
     let rootfs = match &args.rootfs {
         Some(image) => image.clone(),
-        None => super::rootfs::ensure_rootfs(&args.stimulus, args.m32)?,
+        None => super::rootfs::ensure_base_rootfs()?,
+    };
+    let stimulus_binary = match &args.stimulus_binary {
+        Some(binary) => binary.clone(),
+        None => super::rootfs::ensure_stimulus(&args.stimulus, args.m32)?,
     };
     let run_dir = match &args.run_dir {
         Some(dir) => dir.clone(),
@@ -196,11 +208,19 @@ fn run_as(args: Args, command_line: Option<Vec<OsString>>) -> Result<i32> {
     let kind = KvmKind::detect();
     if !kind.is_hardware() && !args.direct && !crate::carrier::inside_carrier() {
         tracing::info!("host KVM: {kind}; --direct would run on it anyway");
+        // Digests are memoized in the cache; computing them here, natively, spares the carrier
+        // from hashing the kernel under emulation.
+        crate::digest::file_sha256(&kernel)?;
+        crate::digest::file_sha256(&rootfs)?;
         let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
         let handover = crate::carrier::Handover {
             env: vec![
                 (KERNEL_ENV.into(), absolute(&kernel).into()),
                 (ROOTFS_ENV.into(), absolute(&rootfs).into()),
+                (
+                    STIMULUS_BINARY_ENV.into(),
+                    absolute(&stimulus_binary).into(),
+                ),
                 (RUN_DIR_ENV.into(), absolute(&run_dir).into()),
             ],
             writable: vec![run_dir.clone()],
@@ -213,7 +233,7 @@ fn run_as(args: Args, command_line: Option<Vec<OsString>>) -> Result<i32> {
         );
         return Ok(code);
     }
-    let summary = run_vm(&args, &kernel, &rootfs, &run_dir)?;
+    let summary = run_vm(&args, &kernel, &rootfs, &stimulus_binary, &run_dir)?;
     print_summary(&summary);
     Ok(0)
 }
@@ -232,49 +252,82 @@ fn new_run_dir(stimulus: &Path) -> Result<PathBuf> {
         .join(format!("{stem}-{stamp}-{}", std::process::id())))
 }
 
-fn block_device(rootfs: &Path) -> Result<MmioDeviceFactory> {
-    let disk = open_qcow2_overlay(rootfs)
-        .with_context(|| format!("cannot open the root filesystem image {}", rootfs.display()))?;
-    Ok(Box::new(move |slot, mem| -> SharedDevice {
-        Arc::new(Mutex::new(MmioTransport::new(
-            Box::new(Block::new(disk)),
-            mem.clone(),
-            slot.irq,
-        )))
-    }))
-}
-
-fn run_vm(args: &Args, kernel: &Path, rootfs: &Path, run_dir: &Path) -> Result<RunSummary> {
+fn run_vm(
+    args: &Args,
+    kernel: &Path,
+    rootfs: &Path,
+    stimulus_binary: &Path,
+    run_dir: &Path,
+) -> Result<RunSummary> {
     let console_path = run_dir.join("console.log");
     let detector = Arc::new(Mutex::new(CrashDetector::new()));
     let control = console::ControlSlot::default();
+    let log = File::create(&console_path)
+        .with_context(|| format!("cannot create {}", console_path.display()))?;
     let console = console::ConsoleTee {
         terminal: (!args.quiet).then(std::io::stdout),
-        log: File::create(&console_path)
-            .with_context(|| format!("cannot create {}", console_path.display()))?,
+        log: log
+            .try_clone()
+            .with_context(|| format!("cannot reopen {}", console_path.display()))?,
         detector: detector.clone(),
         control: control.clone(),
     };
 
-    let mut config = VmConfig::new(kernel);
-    config.mem_mib = args.mem;
+    let spec = MachineSpec {
+        kernel: kernel.to_owned(),
+        rootfs: rootfs.to_owned(),
+        mem_mib: args.mem,
+        append: args.append.clone(),
+    };
+    let mut config = spec.vm_config();
     config.stimulus_time_limit_secs = args.time_limit;
-    config.append = ["root=/dev/vda", "rw", "rootfstype=ext4", "init=/init"]
-        .map(String::from)
-        .to_vec();
-    config.append.extend(args.append.iter().cloned());
     let host_limit = args
         .timeout
         .unwrap_or(u64::from(args.time_limit) + BOOT_ALLOWANCE_SECS);
     config
         .timeouts
         .push(Timeout::Host(Duration::from_secs(host_limit)));
-
-    let mut vmm = builder::build_vm(config, Box::new(console), vec![block_device(rootfs)?])
-        .context("cannot build the VM")?;
-    // Nothing reaches the console before the VM runs, so the split cannot be missed.
-    let _ = control.set(vmm.devices.control.clone());
-    let result = run_loop::run(&mut vmm, None);
+    let stimulus_slot = MediumSlot::new();
+    let disks = spec.disks(&stimulus_slot)?;
+    let mode = if args.boot {
+        StartMode::Boot
+    } else {
+        StartMode::Snapshot
+    };
+    let started =
+        crate::machine::start(&spec, config, Box::new(console), disks, mode, &console_path)?;
+    let (vmm, result, start_report) = match started {
+        Started::AtReady(at_ready) => {
+            if at_ready.report.kind == StartKind::Restored {
+                // The restored guest's console starts at READY: the log and the crash detector
+                // get the boot log the snapshot kept, so both read as after a boot.
+                (&log)
+                    .write_all(&at_ready.boot_console)
+                    .with_context(|| format!("cannot write {}", console_path.display()))?;
+                rrr_vmm::bus::lock(&detector).feed(&at_ready.boot_console);
+            }
+            if !args.quiet {
+                eprintln!("rrr: {}", at_ready.report);
+            }
+            crate::machine::insert_stimulus(&stimulus_slot, stimulus_binary)?;
+            // The VM stands at READY: from here on the tee asks the control port where the
+            // split between boot and stimulus falls.
+            let _ = control.set(at_ready.vmm.devices.control.clone());
+            let AtReady {
+                mut vmm,
+                state,
+                report,
+                ..
+            } = *at_ready;
+            let result = match run_loop::run_until(&mut vmm, state, None, Until::End) {
+                Ok(Stopped::Ended(outcome)) => Ok(outcome),
+                Ok(Stopped::Ready(_)) => unreachable!("a run until the end does not stop at READY"),
+                Err(err) => Err(err),
+            };
+            (vmm, result, Some(report))
+        }
+        Started::EndedBeforeReady { vmm, result } => (*vmm, result, None),
+    };
     let _ = std::io::stdout().flush();
     let (crash, boot_reports) = {
         let detector = rrr_vmm::bus::lock(&detector);
@@ -282,13 +335,14 @@ fn run_vm(args: &Args, kernel: &Path, rootfs: &Path, run_dir: &Path) -> Result<R
     };
 
     let (vm_end, stats, host_secs, events) = match result {
-        Ok(RunOutcome {
-            end,
-            stats,
-            host_elapsed,
-            control_events,
-            ..
-        }) => {
+        Ok(outcome) => {
+            let RunOutcome {
+                end,
+                stats,
+                host_elapsed,
+                control_events,
+                ..
+            } = *outcome;
             let end = match end {
                 RunEnd::HostTimeout => format!(
                     "stopped after {host_limit} s of host time: the guest made no progress the agent could report (a stimulus spinning without system calls, or a hung kernel)"
@@ -304,7 +358,7 @@ fn run_vm(args: &Args, kernel: &Path, rootfs: &Path, run_dir: &Path) -> Result<R
                 format!("fault: {}", fault.kind),
                 fault.stats,
                 0.0,
-                fault.control_events,
+                rrr_vmm::bus::lock(&vmm.devices.control).take_events(),
             )
         }
         Err(other) => return Err(other).context("the VM stopped with an error"),
@@ -323,6 +377,7 @@ fn run_vm(args: &Args, kernel: &Path, rootfs: &Path, run_dir: &Path) -> Result<R
         virtual_time_ns: stats.virtual_time.as_nanos(),
         host_secs,
         console: console_path,
+        start: start_report,
     };
     if let Some(report) = &crash {
         std::fs::write(run_dir.join("crash.txt"), &report.text)
@@ -411,6 +466,9 @@ fn write_summary(out: &mut impl Write, summary: &RunSummary) -> std::io::Result<
         summary.virtual_time_ns as f64 / 1e9,
         summary.host_secs
     )?;
+    if let Some(start) = &summary.start {
+        writeln!(out, "rrr: start: {start}")?;
+    }
     writeln!(out, "rrr: console saved to {}", summary.console.display())?;
     out.flush()
 }

@@ -13,16 +13,15 @@ use crate::arch::x86_64::boot_params::{self, BootParamsError, InitrdPlacement};
 use crate::arch::x86_64::cpuid::{self, CpuidEntry};
 use crate::arch::x86_64::kernel::{self, KernelError, LoadedKernel};
 use crate::arch::x86_64::layout::{MMIO_DEVICE_SIZE, VIRTIO_MMIO_START};
-use crate::bus::{Bus, BusError, BusKind, SharedDevice};
+use crate::bus::{lock, Bus, BusError, BusKind, SharedDevice};
 use crate::config::VmConfig;
 use crate::description::VmDescription;
-use crate::devices::control::ControlPort;
-use crate::devices::legacy::cmos::{self, Cmos};
-use crate::devices::legacy::debug_port::{self, DebugPort};
-use crate::devices::legacy::i8042::{self, I8042};
-use crate::devices::legacy::pic::{self, PicPair};
-use crate::devices::legacy::pit::{self, Pit};
-use crate::devices::legacy::serial::{self, Serial};
+use crate::devices::control::{ControlPort, ControlState};
+use crate::devices::legacy::serial::SerialState;
+use crate::devices::legacy::{
+    BoardDevice, Cmos, DebugPort, PicPair, Pit, Serial, BOARD_PORTS, I8042,
+};
+use crate::devices::virtio::mmio::{MmioTransport, MmioTransportState};
 use crate::host::KvmKind;
 use crate::irq::IsaIrq;
 use crate::vstate::kvm::{KvmError, KvmHandle};
@@ -55,8 +54,8 @@ pub enum BuildError {
 /// ISA lines free for virtio-mmio devices on our board, starting at `irq::isa::VIRTIO_FIRST`.
 const VIRTIO_IRQS: [u8; 6] = [5, 6, 7, 9, 10, 11];
 
-/// The legacy devices, kept typed for the run loop (which asks the PIC what to inject and the
-/// PIT when it fires) next to their places on the PIO bus.
+/// The board's registry of legacy devices, kept typed for the run loop (which asks the PIC what
+/// to inject and the PIT when it fires) and for snapshots, next to their places on the PIO bus.
 pub struct LegacyDevices {
     pub pic: Arc<Mutex<PicPair>>,
     pub pit: Arc<Mutex<Pit>>,
@@ -64,6 +63,41 @@ pub struct LegacyDevices {
     pub cmos: Arc<Mutex<Cmos>>,
     pub i8042: Arc<Mutex<I8042>>,
     pub control: Arc<Mutex<ControlPort>>,
+}
+
+/// The legacy devices' snapshot state. The PIC, PIT, CMOS and i8042 hold no host handle, so
+/// they are their own state; the UART leaves its host writer out, the control port its
+/// per-run time limit.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LegacyState {
+    pub pic: PicPair,
+    pub pit: Pit,
+    pub serial: SerialState,
+    pub cmos: Cmos,
+    pub i8042: I8042,
+    pub control: ControlState,
+}
+
+impl LegacyDevices {
+    pub fn save(&self) -> LegacyState {
+        LegacyState {
+            pic: lock(&self.pic).clone(),
+            pit: lock(&self.pit).clone(),
+            serial: lock(&self.serial).save(),
+            cmos: lock(&self.cmos).clone(),
+            i8042: lock(&self.i8042).clone(),
+            control: lock(&self.control).save(),
+        }
+    }
+
+    pub fn restore(&self, state: &LegacyState) {
+        *lock(&self.pic) = state.pic.clone();
+        *lock(&self.pit) = state.pit.clone();
+        lock(&self.serial).restore_state(&state.serial);
+        *lock(&self.cmos) = state.cmos.clone();
+        *lock(&self.i8042) = state.i8042.clone();
+        lock(&self.control).restore_state(&state.control);
+    }
 }
 
 /// Where a virtio-mmio device sits: its register window and its interrupt line.
@@ -87,12 +121,13 @@ impl MmioSlot {
 }
 
 /// Makes a virtio-mmio device once its slot is known; it may keep a handle to guest memory.
-pub type MmioDeviceFactory = Box<dyn FnOnce(MmioSlot, &GuestMemoryMmap) -> SharedDevice>;
+pub type MmioDeviceFactory = Box<dyn FnOnce(MmioSlot, &GuestMemoryMmap) -> MmioTransport>;
 
-/// The MMIO bus and the slots handed out on it so far.
+/// The MMIO bus, the slots handed out on it so far and, typed, the transport in each.
 pub struct MmioDevices {
     pub bus: Bus,
     pub slots: Vec<MmioSlot>,
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 impl MmioDevices {
@@ -100,7 +135,28 @@ impl MmioDevices {
         MmioDevices {
             bus: Bus::new(BusKind::Mmio),
             slots: Vec::new(),
+            transports: Vec::new(),
         }
+    }
+
+    pub fn save(&self) -> Vec<MmioTransportState> {
+        self.transports.iter().map(|t| lock(t).save()).collect()
+    }
+
+    /// Puts saved states back into transports built by the same factories, in slot order.
+    pub fn restore(&self, states: &[MmioTransportState]) -> Result<(), RestoreError> {
+        if states.len() != self.transports.len() {
+            return Err(RestoreError::DeviceCount {
+                saved: states.len(),
+                built: self.transports.len(),
+            });
+        }
+        for (slot, (transport, state)) in self.transports.iter().zip(states).enumerate() {
+            lock(transport)
+                .restore(state)
+                .map_err(|source| RestoreError::Virtio { slot, source })?;
+        }
+        Ok(())
     }
 
     /// Places the next device in the next window, on the next free line.
@@ -118,9 +174,10 @@ impl MmioDevices {
             len: MMIO_DEVICE_SIZE,
             irq: IsaIrq::new(line).expect("virtio lines are ISA lines"),
         };
-        let device = factory(slot, mem);
+        let transport = Arc::new(Mutex::new(factory(slot, mem)));
+        self.transports.push(transport.clone());
         self.bus
-            .insert(slot.base, slot.len, device)
+            .insert(slot.base, slot.len, transport)
             .map_err(|source| BuildError::Bus {
                 bus: BusKind::Mmio,
                 source,
@@ -160,15 +217,8 @@ pub fn cpu_model(kvm: &KvmHandle) -> Result<CpuId, BuildError> {
     cpuid::filter(&supported).map_err(BuildError::Cpuid)
 }
 
-fn insert(bus: &mut Bus, base: u64, len: u64, device: SharedDevice) -> Result<(), BuildError> {
-    bus.insert(base, len, device)
-        .map_err(|source| BuildError::Bus {
-            bus: BusKind::Pio,
-            source,
-        })
-}
-
-/// Puts the PC platform devices on the port-I/O bus.
+/// Puts the PC platform devices on the port-I/O bus, each at the ranges
+/// [`BOARD_PORTS`] gives it.
 pub fn attach_legacy_devices(
     pio: &mut Bus,
     console: Box<dyn Write + Send>,
@@ -184,40 +234,23 @@ pub fn attach_legacy_devices(
             config.stimulus_time_limit_secs,
         ))),
     };
-    let pic: SharedDevice = devices.pic.clone();
-    insert(pio, pic::PIC_MASTER_BASE, pic::PIC_PORT_LEN, pic.clone())?;
-    insert(pio, pic::PIC_SLAVE_BASE, pic::PIC_PORT_LEN, pic.clone())?;
-    insert(pio, pic::ELCR_BASE, pic::ELCR_PORT_LEN, pic)?;
-    let pit: SharedDevice = devices.pit.clone();
-    insert(pio, pit::PIT_BASE, pit::PIT_PORT_LEN, pit.clone())?;
-    insert(pio, pit::PORT_B, pit::PORT_B_LEN, pit)?;
-    insert(
-        pio,
-        serial::COM1_BASE,
-        serial::SERIAL_PORT_LEN,
-        devices.serial.clone(),
-    )?;
-    insert(
-        pio,
-        cmos::CMOS_BASE,
-        cmos::CMOS_PORT_LEN,
-        devices.cmos.clone(),
-    )?;
-    insert(
-        pio,
-        debug_port::DEBUG_PORT,
-        debug_port::DEBUG_PORT_LEN,
-        Arc::new(Mutex::new(DebugPort::new())),
-    )?;
-    let i8042: SharedDevice = devices.i8042.clone();
-    insert(pio, i8042::I8042_DATA, i8042::I8042_PORT_LEN, i8042.clone())?;
-    insert(pio, i8042::I8042_COMMAND, i8042::I8042_PORT_LEN, i8042)?;
-    insert(
-        pio,
-        u64::from(rrr_guest::protocol::CONTROL_PORT),
-        u64::from(rrr_guest::protocol::CONTROL_PORT_LEN),
-        devices.control.clone(),
-    )?;
+    let debug_port: SharedDevice = Arc::new(Mutex::new(DebugPort::new()));
+    for range in BOARD_PORTS {
+        let device: SharedDevice = match range.owner {
+            BoardDevice::Pic => devices.pic.clone(),
+            BoardDevice::Pit => devices.pit.clone(),
+            BoardDevice::I8042 => devices.i8042.clone(),
+            BoardDevice::Cmos => devices.cmos.clone(),
+            BoardDevice::DebugPort => debug_port.clone(),
+            BoardDevice::Serial => devices.serial.clone(),
+            BoardDevice::Control => devices.control.clone(),
+        };
+        pio.insert(range.base, range.len, device)
+            .map_err(|source| BuildError::Bus {
+                bus: BusKind::Pio,
+                source,
+            })?;
+    }
     Ok(devices)
 }
 
@@ -263,7 +296,7 @@ pub fn build_vm(
     let kind = KvmKind::detect();
     let vm = Vm::create(&kvm)?;
     let mem = memory::create_guest_memory(config.mem_bytes())?;
-    vm.register_memory(&mem)?;
+    vm.register_memory(&mem, config.dirty_log)?;
     let kernel = kernel::load_kernel(&mem, &config.kernel, config.mem_bytes())?;
 
     let mut pio = Bus::new(BusKind::Pio);
@@ -312,6 +345,101 @@ pub fn build_vm(
     })
 }
 
+/// Why a saved machine cannot be put back into the VM being built.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error("the snapshot was taken on another CPU model ({0}); take a new snapshot on this machine (`rrr snapshot`)")]
+    CpuModel(String),
+    #[error(
+        "the snapshot does not match this VM: {0}; take a new snapshot for it (`rrr snapshot`)"
+    )]
+    Board(String),
+    #[error("the snapshot holds {saved} virtio devices, this VM has {built}")]
+    DeviceCount { saved: usize, built: usize },
+    #[error("virtio device {slot}: {source}")]
+    Virtio {
+        slot: usize,
+        source: crate::devices::virtio::VirtioStateError,
+    },
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    VcpuState(#[from] crate::vstate::vcpu_state::VcpuStateError),
+}
+
+/// Builds a VM with the same steps as [`build_vm`], minus loading a kernel and writing boot
+/// structures, on guest memory mapped from a snapshot, then puts every device and the vCPU
+/// back as saved. `saved` is what [`build_vm`] described when the snapshot's VM was built: the
+/// CPU model and the board must come out the same, or nothing is restored.
+pub fn restore_vm(
+    config: VmConfig,
+    console: Box<dyn Write + Send>,
+    mmio_devices: Vec<MmioDeviceFactory>,
+    mem: GuestMemoryMmap,
+    saved: &VmDescription,
+    machine: &crate::persist::MachineState,
+) -> Result<Vmm, RestoreError> {
+    let kvm = KvmHandle::open().map_err(BuildError::from)?;
+    let kind = KvmKind::detect();
+    let cpuid = cpu_model(&kvm)?;
+    let entries: Vec<CpuidEntry> = cpuid.as_slice().iter().map(CpuidEntry::from).collect();
+    let this = VmDescription {
+        cpuid: entries,
+        cmdline: String::new(),
+        mem_bytes: config.mem_bytes(),
+        quantum_ns: config.quantum_ns,
+        epoch_unix_secs: config.epoch_unix_secs,
+        kvm: kind.to_string(),
+        kernel_entry: saved.kernel_entry,
+        initrd_size: saved.initrd_size,
+    };
+    if this.cpuid != saved.cpuid {
+        let why = saved.difference(&this).unwrap_or_default();
+        return Err(RestoreError::CpuModel(why));
+    }
+    let vm = Vm::create(&kvm).map_err(BuildError::from)?;
+    vm.register_memory(&mem, config.dirty_log)
+        .map_err(BuildError::from)?;
+
+    let mut pio = Bus::new(BusKind::Pio);
+    let devices = attach_legacy_devices(&mut pio, console, &config)?;
+    let mut mmio = MmioDevices::new();
+    for factory in mmio_devices {
+        mmio.attach(&mem, factory)?;
+    }
+    let this = VmDescription {
+        cmdline: compose_cmdline(&config, &kind, &mmio),
+        ..this
+    };
+    if let Some(why) = saved.difference(&this) {
+        return Err(RestoreError::Board(why));
+    }
+    mmio.restore(&machine.virtio)?;
+    devices.restore(&machine.devices);
+
+    let mut vcpu = Vcpu::create(&vm)?;
+    vcpu.set_cpuid(&cpuid)?;
+    vcpu.restore_state(&machine.vcpu)?;
+    tracing::info!(
+        mem_mib = config.mem_mib,
+        exits = machine.run.stats.exits,
+        "VM restored"
+    );
+    Ok(Vmm {
+        vcpu,
+        vm,
+        kvm,
+        mem,
+        pio,
+        mmio,
+        devices,
+        description: saved.clone(),
+        config,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -321,8 +449,7 @@ mod tests {
         let mem = memory::create_guest_memory(64 << 20).unwrap();
         let mut mmio = MmioDevices::new();
         for _ in 0..VIRTIO_IRQS.len() {
-            mmio.attach(&mem, Box::new(|_, _| Arc::new(Mutex::new(Dummy))))
-                .unwrap();
+            mmio.attach(&mem, dummy()).unwrap();
         }
         assert_eq!(mmio.slots[1].base, VIRTIO_MMIO_START + 0x1000);
         assert_eq!(mmio.slots[3].irq.line(), 9);
@@ -330,9 +457,7 @@ mod tests {
             mmio.cmdline_entries()[0],
             "virtio_mmio.device=4K@0xd0000000:5"
         );
-        let err = mmio
-            .attach(&mem, Box::new(|_, _| Arc::new(Mutex::new(Dummy))))
-            .unwrap_err();
+        let err = mmio.attach(&mem, dummy()).unwrap_err();
         assert!(matches!(err, BuildError::NoVirtioIrq(_)));
     }
 
@@ -349,11 +474,38 @@ mod tests {
         assert!(compose_cmdline(&config, &sw, &MmioDevices::new()).contains("popcnt"));
     }
 
-    struct Dummy;
-    impl crate::bus::BusDevice for Dummy {
-        fn read(&mut self, _: &mut crate::bus::DeviceContext<'_>, _: u64, _: u64, d: &mut [u8]) {
-            d.fill(0);
+    /// A transport over a blank read-only disk: enough to occupy a slot.
+    fn dummy() -> MmioDeviceFactory {
+        struct Blank;
+        impl crate::devices::virtio::disk::DiskBackend for Blank {
+            fn capacity_bytes(&self) -> u64 {
+                4096
+            }
+            fn read_at(
+                &mut self,
+                _: u64,
+                buf: &mut [u8],
+            ) -> Result<(), crate::devices::virtio::disk::DiskError> {
+                buf.fill(0);
+                Ok(())
+            }
+            fn write_at(
+                &mut self,
+                _: u64,
+                _: &[u8],
+            ) -> Result<(), crate::devices::virtio::disk::DiskError> {
+                Err(crate::devices::virtio::disk::DiskError::ReadOnly)
+            }
+            fn flush(&mut self) -> Result<(), crate::devices::virtio::disk::DiskError> {
+                Ok(())
+            }
         }
-        fn write(&mut self, _: &mut crate::bus::DeviceContext<'_>, _: u64, _: u64, _: &[u8]) {}
+        Box::new(|slot, mem| {
+            MmioTransport::new(
+                Box::new(crate::devices::virtio::Block::new(Box::new(Blank))),
+                mem.clone(),
+                slot.irq,
+            )
+        })
     }
 }

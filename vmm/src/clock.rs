@@ -4,7 +4,19 @@
 //! deadline when the guest halts, so the same sequence of exits always sees the same times.
 
 /// A point in virtual time, in nanoseconds since the VM was created.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub struct VirtualTime(pub u64);
 
 impl VirtualTime {
@@ -28,7 +40,7 @@ impl VirtualTime {
 }
 
 /// The VM's clock, owned by the run loop and lent to devices as a [`VirtualTime`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VirtualClock {
     now: VirtualTime,
     quantum_ns: u64,

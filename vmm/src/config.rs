@@ -47,6 +47,9 @@ pub struct VmConfig {
     pub quantum_ns: u64,
     /// Time limit handed to the guest agent with GO (0: none).
     pub stimulus_time_limit_secs: u32,
+    /// Register guest RAM with `KVM_MEM_LOG_DIRTY_PAGES`, so the pages the guest writes can be
+    /// listed ([`crate::vstate::vm::Vm::take_dirty_pages`]); for the recorder.
+    pub dirty_log: bool,
 }
 
 impl VmConfig {
@@ -62,6 +65,7 @@ impl VmConfig {
             epoch_unix_secs: DEFAULT_EPOCH_UNIX_SECS,
             quantum_ns: DEFAULT_QUANTUM_NS,
             stimulus_time_limit_secs: 0,
+            dirty_log: false,
         }
     }
 

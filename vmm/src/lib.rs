@@ -16,6 +16,7 @@ pub mod description;
 pub mod devices;
 pub mod host;
 pub mod irq;
+pub mod persist;
 pub mod run_loop;
 pub mod stall;
 pub mod vstate;

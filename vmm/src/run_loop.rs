@@ -58,7 +58,7 @@ impl fmt::Display for RunEnd {
 }
 
 /// Counters of one run.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RunStats {
     /// Synchronous exits: the VM's notion of progress, identical on identical runs.
     pub exits: u64,
@@ -152,9 +152,6 @@ pub struct Fault {
     pub stats: RunStats,
     pub cpu: Option<CpuSnapshot>,
     pub description: VmDescription,
-    /// What the guest agent said before the fault: a fault after the stimulus started is the
-    /// stimulus's doing, and only these events tell that apart from a fault during boot.
-    pub control_events: Vec<(VirtualTime, ControlEvent)>,
 }
 
 impl fmt::Display for Fault {
@@ -189,6 +186,8 @@ pub enum RunError {
     },
     #[error("starting the host-time watchdog failed: {0}")]
     Watchdog(std::io::Error),
+    #[error("stopping the vCPU at READY failed: {0}")]
+    Quiesce(crate::vstate::vcpu_state::VcpuStateError),
 }
 
 /// What one `KVM_RUN` came back with, once the run page borrow is over.
@@ -210,6 +209,45 @@ enum Step {
 /// at synchronous exits.
 pub type InputReceiver = Receiver<Vec<u8>>;
 
+/// The run loop's own part of the machine: the clock, the counters, and console input taken
+/// from the host but not yet given to the guest. It is part of a snapshot; a run resumes from
+/// it exactly where the snapshot was taken.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RunState {
+    pub clock: VirtualClock,
+    pub stats: RunStats,
+    pub pending_input: Vec<u8>,
+}
+
+impl RunState {
+    /// The state of a VM that has not run yet.
+    pub fn new(quantum_ns: u64) -> Self {
+        RunState {
+            clock: VirtualClock::new(quantum_ns),
+            stats: RunStats::default(),
+            pending_input: Vec::new(),
+        }
+    }
+}
+
+/// How far [`run_until`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Until {
+    /// Until the guest agent reports READY (the snapshot point), with the READY exit fully
+    /// handled and its instruction completed, so the whole VM can be saved.
+    Ready,
+    /// Until the VM ends (power off, reboot, fault, a time limit).
+    End,
+}
+
+/// Where [`run_until`] stopped.
+#[derive(Debug)]
+pub enum Stopped {
+    /// At READY; resume with [`run_until`] and this state.
+    Ready(RunState),
+    Ended(Box<RunOutcome>),
+}
+
 struct Runner<'a> {
     vmm: &'a mut Vmm,
     clock: VirtualClock,
@@ -220,25 +258,43 @@ struct Runner<'a> {
     watchdog: Option<Watchdog>,
     stalls: StallTracker,
     virtual_limit: Option<VirtualTime>,
+    stop_at_ready: bool,
 }
 
-/// Runs the VM until it powers off, reboots, faults, or a time limit passes.
+/// Runs the VM from the start until it powers off, reboots, faults, or a time limit passes.
 pub fn run(vmm: &mut Vmm, input: Option<InputReceiver>) -> Result<RunOutcome, RunError> {
+    let state = RunState::new(vmm.config.quantum_ns);
+    match run_until(vmm, state, input, Until::End)? {
+        Stopped::Ended(outcome) => Ok(*outcome),
+        Stopped::Ready(_) => unreachable!("a run until the end does not stop at READY"),
+    }
+}
+
+/// Runs the VM from `state` (a new one, or where a snapshot or an earlier call left it).
+/// Console input is only taken in the run until the end.
+pub fn run_until(
+    vmm: &mut Vmm,
+    state: RunState,
+    input: Option<InputReceiver>,
+    until: Until,
+) -> Result<Stopped, RunError> {
     let started = Instant::now();
     let kicker = VcpuKicker::for_current_thread()?;
     let watchdog = Some(Watchdog::start(vmm.config.host_timeout(), kicker))
         .transpose()
         .map_err(RunError::Watchdog)?;
+    let stop_at_ready = until == Until::Ready && !lock(&vmm.devices.control).ready_seen();
     let mut runner = Runner {
-        clock: VirtualClock::new(vmm.config.quantum_ns),
+        clock: state.clock,
         virtual_limit: vmm.config.virtual_timeout(),
         vmm,
         irqs: IrqLines::new(),
-        stats: RunStats::default(),
+        stats: state.stats,
         input,
-        pending_input: VecDeque::new(),
+        pending_input: state.pending_input.into(),
         watchdog,
         stalls: StallTracker::new(),
+        stop_at_ready,
     };
     let end = runner.run_until_end();
     runner.stats.virtual_time = runner.clock.now();
@@ -246,7 +302,17 @@ pub fn run(vmm: &mut Vmm, input: Option<InputReceiver>) -> Result<RunOutcome, Ru
     let stats = runner.stats;
     let vmm = runner.vmm;
     match end {
-        Ok(end) => Ok(RunOutcome {
+        Ok(None) => {
+            vmm.vcpu
+                .complete_pending_exit()
+                .map_err(RunError::Quiesce)?;
+            Ok(Stopped::Ready(RunState {
+                clock: runner.clock,
+                stats,
+                pending_input: runner.pending_input.into(),
+            }))
+        }
+        Ok(Some(end)) => Ok(Stopped::Ended(Box::new(RunOutcome {
             stopped_at: matches!(end, RunEnd::HostTimeout | RunEnd::VirtualTimeout)
                 .then(|| vmm.vcpu.snapshot(&vmm.mem).ok())
                 .flatten(),
@@ -255,11 +321,10 @@ pub fn run(vmm: &mut Vmm, input: Option<InputReceiver>) -> Result<RunOutcome, Ru
             host_elapsed: started.elapsed(),
             description: vmm.description.clone(),
             control_events: lock(&vmm.devices.control).take_events(),
-        }),
+        }))),
         Err(RunError::Fault(mut fault)) => {
             fault.stats = stats;
             fault.cpu = vmm.vcpu.snapshot(&vmm.mem).ok();
-            fault.control_events = lock(&vmm.devices.control).take_events();
             Err(RunError::Fault(fault))
         }
         Err(other) => Err(other),
@@ -274,7 +339,6 @@ impl Runner<'_> {
             stats: self.stats,
             cpu: None,
             description: self.vmm.description.clone(),
-            control_events: Vec::new(),
         }))
     }
 
@@ -282,10 +346,14 @@ impl Runner<'_> {
         self.watchdog.as_ref().is_some_and(Watchdog::expired)
     }
 
-    fn run_until_end(&mut self) -> Result<RunEnd, RunError> {
+    /// Returns `None` when it stopped at READY.
+    fn run_until_end(&mut self) -> Result<Option<RunEnd>, RunError> {
         loop {
+            if self.stop_at_ready && lock(&self.vmm.devices.control).ready_seen() {
+                return Ok(None);
+            }
             if self.host_timed_out() {
-                return Ok(RunEnd::HostTimeout);
+                return Ok(Some(RunEnd::HostTimeout));
             }
             let step = self.enter()?;
             let end = match step {
@@ -327,7 +395,7 @@ impl Runner<'_> {
                 Step::Fault(kind) => return Err(self.fault(kind)),
             };
             if let Some(end) = end {
-                return Ok(end);
+                return Ok(Some(end));
             }
         }
     }

@@ -17,6 +17,16 @@ pub enum ControlEvent {
 }
 
 /// The control device at [`rrr_guest::protocol::CONTROL_PORT`].
+/// The conversation so far. The time limit is not part of it: it belongs to the stimulus run
+/// after the snapshot, not to the snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ControlState {
+    ready_seen: bool,
+    go_held: bool,
+    /// (virtual time, raw word) of every message received.
+    events: Vec<(VirtualTime, u32)>,
+}
+
 #[derive(Debug, Clone)]
 pub struct ControlPort {
     time_limit_secs: u32,
@@ -42,6 +52,32 @@ impl ControlPort {
 
     /// While held, the agent's GO requests read 0 and it keeps asking (e.g. until a snapshot
     /// has been taken).
+    pub fn save(&self) -> ControlState {
+        ControlState {
+            ready_seen: self.ready_seen,
+            go_held: self.go_held,
+            events: self
+                .events
+                .iter()
+                .map(|(at, ControlEvent::Message(m))| (*at, m.encode()))
+                .collect(),
+        }
+    }
+
+    /// Puts the saved conversation back; this run's stimulus time limit stays. Words that do
+    /// not decode are dropped: only decoded messages were ever kept.
+    pub fn restore_state(&mut self, state: &ControlState) {
+        self.ready_seen = state.ready_seen;
+        self.go_held = state.go_held;
+        self.events = state
+            .events
+            .iter()
+            .filter_map(|(at, word)| {
+                Some((*at, ControlEvent::Message(Message::decode(*word).ok()?)))
+            })
+            .collect();
+    }
+
     pub fn hold_go(&mut self, hold: bool) {
         self.go_held = hold;
     }

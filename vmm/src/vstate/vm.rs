@@ -15,6 +15,11 @@ const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
+    #[error("KVM_GET_DIRTY_LOG on memory slot {slot} failed: {source}")]
+    DirtyLog {
+        slot: u32,
+        source: kvm_ioctls::Error,
+    },
     #[error("KVM_CREATE_VM failed: {0}")]
     Create(kvm_ioctls::Error),
     #[error("KVM_SET_TSS_ADDR failed: {0}")]
@@ -42,8 +47,9 @@ impl Vm {
         Ok(Vm { fd })
     }
 
-    /// Hands every region of guest RAM to KVM, one slot each.
-    pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    /// Hands every region of guest RAM to KVM, one slot each, with dirty-page logging on
+    /// when `dirty_log` is set.
+    pub fn register_memory(&self, mem: &GuestMemoryMmap, dirty_log: bool) -> Result<(), VmError> {
         for (slot, region) in mem.iter().enumerate() {
             let slot = slot as u32;
             let guest = region.start_addr().0;
@@ -51,7 +57,11 @@ impl Vm {
             let host = region.as_ptr() as u64;
             let desc = kvm_userspace_memory_region {
                 slot,
-                flags: 0,
+                flags: if dirty_log {
+                    kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
                 guest_phys_addr: guest,
                 memory_size: size,
                 userspace_addr: host,
@@ -69,5 +79,30 @@ impl Vm {
             })?;
         }
         Ok(())
+    }
+
+    /// The guest-physical page numbers written since the last call (the log is cleared by
+    /// reading it). Memory must have been registered with dirty logging.
+    pub fn take_dirty_pages(&self, mem: &GuestMemoryMmap) -> Result<Vec<u64>, VmError> {
+        let mut pages = Vec::new();
+        for (slot, region) in mem.iter().enumerate() {
+            let bitmap = self
+                .fd
+                .get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(|source| VmError::DirtyLog {
+                    slot: slot as u32,
+                    source,
+                })?;
+            let first = region.start_addr().0 >> 12;
+            for (word_index, word) in bitmap.iter().enumerate() {
+                let mut bits = *word;
+                while bits != 0 {
+                    let bit = bits.trailing_zeros() as u64;
+                    pages.push(first + word_index as u64 * 64 + bit);
+                    bits &= bits - 1;
+                }
+            }
+        }
+        Ok(pages)
     }
 }

@@ -5,9 +5,8 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::regs::{X86_CR0_PG, X86_CR4_PAE};
+use super::regs::{EFER_LMA, X86_CR0_PG, X86_CR4_PAE};
 
-const EFER_LMA: u64 = 1 << 10;
 const CR4_LA57: u64 = 1 << 12;
 const PRESENT: u64 = 1;
 const PAGE_SIZE_BIT: u64 = 1 << 7;
@@ -109,7 +108,7 @@ impl PagingMode {
 mod tests {
     use super::*;
 
-    const CR0_PG_PE: u64 = X86_CR0_PG | 1;
+    const CR0_PG_PE: u64 = X86_CR0_PG | crate::arch::x86_64::regs::X86_CR0_PE;
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap()
@@ -132,7 +131,7 @@ mod tests {
             cr0: CR0_PG_PE,
             cr3: 0x1000,
             cr4: X86_CR4_PAE,
-            efer: EFER_LMA | (1 << 8),
+            efer: EFER_LMA | crate::arch::x86_64::regs::EFER_LME,
         }
     }
 

@@ -115,7 +115,8 @@ fn from_bcd(value: u8) -> u8 {
 }
 
 /// The MC146818 RTC with its CMOS RAM.
-#[derive(Debug, Clone)]
+/// Pure state: the CMOS is its own snapshot state (see [`crate::persist::Persist`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Cmos {
     epoch_unix_secs: i64,
     /// Seconds the guest moved the clock by, relative to epoch + virtual time.
@@ -123,6 +124,7 @@ pub struct Cmos {
     /// While register B's SET bit is up the clock stands still at this time.
     frozen_secs: Option<i64>,
     index: u8,
+    #[serde(with = "crate::persist::byte_array")]
     ram: [u8; RAM_SIZE],
 }
 

@@ -55,7 +55,7 @@ const OUTPUT_PORT_RESET: u8 = 0x01;
 const OUTPUT_PORT_A20: u8 = 0x02;
 
 /// What the next data-port write is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Pending {
     None,
     CommandByte,
@@ -63,7 +63,8 @@ enum Pending {
 }
 
 /// The i8042 at ports 0x60 and 0x64.
-#[derive(Debug, Clone)]
+/// Pure state: the controller is its own snapshot state (see [`crate::persist::Persist`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct I8042 {
     command_byte: u8,
     output: Option<u8>,

@@ -20,41 +20,98 @@ pub use serial::Serial;
 
 use rrr_guest::protocol::{CONTROL_PORT, CONTROL_PORT_LEN};
 
+/// Which of the board's devices decodes a port range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BoardDevice {
+    Pic,
+    Pit,
+    I8042,
+    Cmos,
+    DebugPort,
+    Serial,
+    Control,
+}
+
 /// One port range the board decodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortRange {
     pub base: u64,
     pub len: u64,
-    pub device: &'static str,
+    pub owner: BoardDevice,
+    pub name: &'static str,
 }
 
-const fn range(base: u64, len: u64, device: &'static str) -> PortRange {
-    PortRange { base, len, device }
+const fn range(base: u64, len: u64, owner: BoardDevice, name: &'static str) -> PortRange {
+    PortRange {
+        base,
+        len,
+        owner,
+        name,
+    }
 }
 
-/// Every port-I/O range of our board, in address order. Anything else is open bus.
+/// Every port-I/O range of our board, in address order: the one list the builder places
+/// devices from. Anything else is open bus.
 pub const BOARD_PORTS: &[PortRange] = &[
-    range(pic::PIC_MASTER_BASE, pic::PIC_PORT_LEN, "8259 master"),
-    range(pit::PIT_BASE, pit::PIT_PORT_LEN, "8254 PIT"),
-    range(i8042::I8042_DATA, i8042::I8042_PORT_LEN, "i8042 data"),
-    range(pit::PORT_B, pit::PORT_B_LEN, "port B (PIT gate 2, speaker)"),
+    range(
+        pic::PIC_MASTER_BASE,
+        pic::PIC_PORT_LEN,
+        BoardDevice::Pic,
+        "8259 master",
+    ),
+    range(
+        pit::PIT_BASE,
+        pit::PIT_PORT_LEN,
+        BoardDevice::Pit,
+        "8254 PIT",
+    ),
+    range(
+        i8042::I8042_DATA,
+        i8042::I8042_PORT_LEN,
+        BoardDevice::I8042,
+        "i8042 data",
+    ),
+    range(
+        pit::PORT_B,
+        pit::PORT_B_LEN,
+        BoardDevice::Pit,
+        "port B (PIT gate 2, speaker)",
+    ),
     range(
         i8042::I8042_COMMAND,
         i8042::I8042_PORT_LEN,
+        BoardDevice::I8042,
         "i8042 status/command",
     ),
-    range(cmos::CMOS_BASE, cmos::CMOS_PORT_LEN, "MC146818 RTC/CMOS"),
+    range(
+        cmos::CMOS_BASE,
+        cmos::CMOS_PORT_LEN,
+        BoardDevice::Cmos,
+        "MC146818 RTC/CMOS",
+    ),
     range(
         debug_port::DEBUG_PORT,
         debug_port::DEBUG_PORT_LEN,
+        BoardDevice::DebugPort,
         "POST code sink",
     ),
-    range(pic::PIC_SLAVE_BASE, pic::PIC_PORT_LEN, "8259 slave"),
-    range(serial::COM1_BASE, serial::SERIAL_PORT_LEN, "16550A COM1"),
-    range(pic::ELCR_BASE, pic::ELCR_PORT_LEN, "ELCR"),
+    range(
+        pic::PIC_SLAVE_BASE,
+        pic::PIC_PORT_LEN,
+        BoardDevice::Pic,
+        "8259 slave",
+    ),
+    range(
+        serial::COM1_BASE,
+        serial::SERIAL_PORT_LEN,
+        BoardDevice::Serial,
+        "16550A COM1",
+    ),
+    range(pic::ELCR_BASE, pic::ELCR_PORT_LEN, BoardDevice::Pic, "ELCR"),
     range(
         CONTROL_PORT as u64,
         CONTROL_PORT_LEN as u64,
+        BoardDevice::Control,
         "rrr control port",
     ),
 ];

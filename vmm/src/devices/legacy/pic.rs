@@ -40,7 +40,7 @@ const SLAVE_ELCR_MASK: u8 = 0xde;
 const SPURIOUS_LINE: u8 = 7;
 
 /// Where a chip is in its initialization sequence: which ICW the next data-port write is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum InitState {
     Ready,
     Icw2,
@@ -49,7 +49,7 @@ enum InitState {
 }
 
 /// One 8259A.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 struct Chip {
     /// Interrupt request register.
     irr: u8,
@@ -300,7 +300,8 @@ impl Chip {
 }
 
 /// The master/slave 8259A pair and the ELCR of a PC.
-#[derive(Debug, Clone)]
+/// Pure state: the pair is its own snapshot state (see [`crate::persist::Persist`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct PicPair {
     master: Chip,
     slave: Chip,

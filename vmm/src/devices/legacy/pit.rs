@@ -56,7 +56,7 @@ fn nanos_for(ticks: u64) -> u64 {
 }
 
 /// How the counter's 16 bits are read and written (control word bits 5-4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Access {
     Low,
     High,
@@ -73,7 +73,7 @@ impl Access {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 struct Channel {
     /// Counting mode 0-5.
     mode: u8,
@@ -329,7 +329,8 @@ impl Channel {
 }
 
 /// The 8254 with its three channels and port 0x61.
-#[derive(Debug, Clone)]
+/// Pure state: the PIT is its own snapshot state (see [`crate::persist::Persist`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Pit {
     channels: [Channel; 3],
     /// The guest-written bits of port 0x61.

@@ -86,6 +86,22 @@ const MSR_DCD: u8 = 0x80;
 /// A host terminal is always "connected".
 const MSR_CONNECTED: u8 = MSR_DCD | MSR_DSR | MSR_CTS;
 
+/// The UART's registers and receive FIFO: everything but the host writer its output goes to.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialState {
+    input: Vec<u8>,
+    ier: u8,
+    lcr: u8,
+    mcr: u8,
+    msr: u8,
+    scr: u8,
+    divisor_low: u8,
+    divisor_high: u8,
+    fifo_enabled: bool,
+    line_errors: u8,
+    thr_empty_interrupt: bool,
+}
+
 /// The 16550A behind COM1.
 pub struct Serial {
     output: Box<dyn Write + Send>,
@@ -124,6 +140,37 @@ impl Serial {
             thr_empty_interrupt: false,
             output_failed: false,
         }
+    }
+
+    pub fn save(&self) -> SerialState {
+        SerialState {
+            input: self.input.iter().copied().collect(),
+            ier: self.ier,
+            lcr: self.lcr,
+            mcr: self.mcr,
+            msr: self.msr,
+            scr: self.scr,
+            divisor_low: self.divisor_low,
+            divisor_high: self.divisor_high,
+            fifo_enabled: self.fifo_enabled,
+            line_errors: self.line_errors,
+            thr_empty_interrupt: self.thr_empty_interrupt,
+        }
+    }
+
+    /// Puts the saved registers and FIFO back; the output keeps going to this UART's writer.
+    pub fn restore_state(&mut self, state: &SerialState) {
+        self.input = state.input.iter().copied().collect();
+        self.ier = state.ier;
+        self.lcr = state.lcr;
+        self.mcr = state.mcr;
+        self.msr = state.msr;
+        self.scr = state.scr;
+        self.divisor_low = state.divisor_low;
+        self.divisor_high = state.divisor_high;
+        self.fifo_enabled = state.fifo_enabled;
+        self.line_errors = state.line_errors;
+        self.thr_empty_interrupt = state.thr_empty_interrupt;
     }
 
     /// Queues bytes for the guest to read. Past [`INPUT_QUEUE_LIMIT`] bytes are dropped (and

@@ -16,7 +16,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-use super::VirtioDevice;
+use super::{VirtioDevice, VirtioDeviceState, VirtioStateError};
 use crate::bus::{BusDevice, DeviceContext};
 use crate::irq::{IrqLines, IsaIrq};
 
@@ -35,6 +35,66 @@ const NO_SHM: u32 = u32::MAX;
 /// The Linux command-line entry that declares a device (`VIRTIO_MMIO_CMDLINE_DEVICES`).
 pub fn cmdline_entry(base: u64, irq: IsaIrq) -> String {
     format!("virtio_mmio.device=4K@{base:#x}:{}", irq.line())
+}
+
+/// One virtqueue as the driver configured it (mirrors `virtio_queue::QueueState`, which has no
+/// serde support).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+impl From<virtio_queue::QueueState> for QueueSnapshot {
+    fn from(q: virtio_queue::QueueState) -> Self {
+        QueueSnapshot {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl From<&QueueSnapshot> for virtio_queue::QueueState {
+    fn from(q: &QueueSnapshot) -> Self {
+        virtio_queue::QueueState {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+/// The transport's registers, its queues and the device behind it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MmioTransportState {
+    pub queues: Vec<QueueSnapshot>,
+    pub queue_sel: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub status: u32,
+    pub interrupt_status: u32,
+    pub device: VirtioDeviceState,
 }
 
 pub struct MmioTransport {
@@ -77,9 +137,51 @@ impl MmioTransport {
         }
     }
 
-    /// The device behind the transport (the snapshot code reaches the disk overlay this way).
+    /// The device behind the transport.
     pub fn device(&self) -> &dyn VirtioDevice {
         self.device.as_ref()
+    }
+
+    pub fn save(&self) -> MmioTransportState {
+        MmioTransportState {
+            queues: self.queues.iter().map(|q| q.state().into()).collect(),
+            queue_sel: self.queue_sel,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            status: self.status,
+            interrupt_status: self.interrupt_status,
+            device: self.device.save_state(),
+        }
+    }
+
+    /// Puts a saved state back into a transport built the same way (same device, same slot).
+    /// Nothing is changed unless all of it fits.
+    pub fn restore(&mut self, state: &MmioTransportState) -> Result<(), VirtioStateError> {
+        if state.queues.len() != self.queues.len() {
+            return Err(VirtioStateError::QueueCount {
+                saved: state.queues.len(),
+                this: self.queues.len(),
+            });
+        }
+        let queues = state
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(queue, q)| {
+                Queue::try_from(virtio_queue::QueueState::from(q))
+                    .map_err(|source| VirtioStateError::Queue { queue, source })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.device.restore_state(&state.device)?;
+        self.queues = queues;
+        self.queue_sel = state.queue_sel;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.status = state.status;
+        self.interrupt_status = state.interrupt_status;
+        Ok(())
     }
 
     pub fn status(&self) -> u32 {
@@ -389,6 +491,14 @@ mod tests {
             Ok(true)
         }
         fn reset(&mut self) {}
+        fn save_state(&self) -> VirtioDeviceState {
+            VirtioDeviceState::Block {
+                disk: crate::devices::virtio::disk::DiskState::Unchanged,
+            }
+        }
+        fn restore_state(&mut self, _: &VirtioDeviceState) -> Result<(), VirtioStateError> {
+            Ok(())
+        }
     }
 
     fn driver() -> Driver {

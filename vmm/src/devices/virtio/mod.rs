@@ -51,4 +51,32 @@ pub trait VirtioDevice: Send {
     ) -> Result<bool, VirtioError>;
     /// The driver reset the device (status 0).
     fn reset(&mut self);
+    /// The device's own state for a snapshot (the transport saves the queues).
+    fn save_state(&self) -> VirtioDeviceState;
+    /// Puts back a saved state into a device built the same way.
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), VirtioStateError>;
+}
+
+/// A virtio device's own state in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum VirtioDeviceState {
+    Block { disk: disk::DiskState },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioStateError {
+    #[error("the saved state is for a {saved} device, this one is {this}")]
+    WrongDevice {
+        saved: &'static str,
+        this: &'static str,
+    },
+    #[error("the saved state has {saved} virtqueues, the device has {this}")]
+    QueueCount { saved: usize, this: usize },
+    #[error("virtqueue {queue}: the saved state is invalid: {source}")]
+    Queue {
+        queue: usize,
+        source: virtio_queue::Error,
+    },
+    #[error(transparent)]
+    Disk(#[from] disk::DiskError),
 }

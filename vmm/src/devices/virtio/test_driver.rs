@@ -39,8 +39,13 @@ pub struct Driver {
 
 impl Driver {
     pub fn new(device: Box<dyn VirtioDevice>) -> Self {
+        Self::with_memory(device, MEM_SIZE)
+    }
+
+    /// A driver whose guest has `mem_size` bytes of RAM (allocated as it is touched).
+    pub fn with_memory(device: Box<dyn VirtioDevice>, mem_size: u64) -> Self {
         let mem =
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)]).unwrap();
         Driver {
             transport: MmioTransport::new(device, mem.clone(), IRQ),
             mem,

@@ -15,7 +15,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::disk::DiskBackend;
-use super::{VirtioDevice, VirtioError};
+use super::{VirtioDevice, VirtioDeviceState, VirtioError, VirtioStateError};
 pub use request::RequestError;
 
 pub const QUEUE_SIZE: u16 = 256;
@@ -79,14 +79,16 @@ impl Block {
                 e.status().unwrap_or(0)
             }
         };
-        // `parse` checked that the status byte is in guest memory.
-        match mem.write_obj(status, chain.status_addr()) {
-            Ok(()) => written + 1,
+        // `parse` checked that the status byte is in guest memory. The used length is 32 bits:
+        // a guest that asked for more than that is told the most it can be told.
+        let used = match mem.write_obj(status, chain.status_addr()) {
+            Ok(()) => written.saturating_add(1),
             Err(e) => {
                 tracing::warn!(head, "virtio-blk: status byte unwritable: {e}");
                 written
             }
-        }
+        };
+        u32::try_from(used).unwrap_or(u32::MAX)
     }
 
     fn log_once(&mut self, head: u16, e: &RequestError) {
@@ -158,6 +160,18 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) {}
+
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Block {
+            disk: self.disk.save_state(),
+        }
+    }
+
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), VirtioStateError> {
+        let VirtioDeviceState::Block { disk } = state;
+        self.disk.restore_state(disk)?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -116,15 +116,17 @@ impl Chain {
     }
 
     /// Carries out the request. Returns the number of bytes written into guest memory before
-    /// the status byte, and the error that ended the request, if any.
+    /// the status byte, and the error that ended the request, if any. A chain's buffers can
+    /// add up past 4 GiB (each descriptor may be almost 4 GiB long), so the count is kept in 64
+    /// bits and the caller saturates it to the used ring's 32.
     pub fn execute(
         &self,
         disk: &mut dyn DiskBackend,
         capacity: u64,
         mem: &GuestMemoryMmap,
         scratch: &mut [u8],
-    ) -> (u32, Result<(), RequestError>) {
-        let mut written = 0u32;
+    ) -> (u64, Result<(), RequestError>) {
+        let mut written = 0u64;
         let result = self.execute_inner(disk, capacity, mem, scratch, &mut written);
         (written, result)
     }
@@ -135,7 +137,7 @@ impl Chain {
         capacity: u64,
         mem: &GuestMemoryMmap,
         scratch: &mut [u8],
-        written: &mut u32,
+        written: &mut u64,
     ) -> Result<(), RequestError> {
         let (header, data) = self
             .descriptors
@@ -155,11 +157,11 @@ impl Chain {
                 let offset = check_data(data, kind, true, sector, capacity, mem)?;
                 let mut pos = offset;
                 for d in data {
-                    *written += copy_to_guest(mem, d, scratch, |buf| {
+                    *written += u64::from(copy_to_guest(mem, d, scratch, |buf| {
                         disk.read_at(pos, buf)?;
                         pos += buf.len() as u64;
                         Ok(())
-                    })?;
+                    })?);
                 }
                 Ok(())
             }
@@ -188,7 +190,7 @@ impl Chain {
                     let n = rest.len().min(d.len() as usize);
                     mem.write_slice(&rest[..n], d.addr())
                         .map_err(|source| memory_error(d.addr(), source))?;
-                    *written += n as u32;
+                    *written += n as u64;
                     rest = &rest[n..];
                 }
                 Ok(())

@@ -5,6 +5,7 @@
 //! snapshot code saves. That keeps a recording's disk state inside the recording and lets any
 //! number of runs share one base image.
 
+mod medium;
 mod overlay;
 mod qcow2;
 mod sniff;
@@ -13,6 +14,7 @@ pub(crate) mod test_images;
 
 use std::path::{Path, PathBuf};
 
+pub use medium::{Medium, MediumSlot};
 pub use overlay::{Overlay, OVERLAY_BLOCK_SIZE};
 pub use qcow2::Qcow2Image;
 
@@ -26,6 +28,30 @@ pub trait DiskBackend: Send {
     fn read_only(&self) -> bool {
         false
     }
+    /// What the guest changed on this disk, for a snapshot. The base contents are not part of
+    /// it: they are identified by the snapshot's identity instead.
+    fn save_state(&self) -> DiskState {
+        DiskState::Unchanged
+    }
+    /// Puts back what [`DiskBackend::save_state`] returned, on a backend opened on the same
+    /// base.
+    fn restore_state(&mut self, state: &DiskState) -> Result<(), DiskError> {
+        match state {
+            DiskState::Unchanged => Ok(()),
+            DiskState::Overlay { .. } => Err(DiskError::StateMismatch {
+                what: "a copy-on-write overlay was saved for a disk that has none",
+            }),
+        }
+    }
+}
+
+/// A disk's guest-written state in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum DiskState {
+    /// Nothing the guest can change (a read-only medium).
+    Unchanged,
+    /// The overlay's blocks, as (disk byte offset, contents), in disk order.
+    Overlay { blocks: Vec<(u64, Vec<u8>)> },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +89,8 @@ pub enum DiskError {
     },
     #[error("the disk is read-only")]
     ReadOnly,
+    #[error("the saved disk state does not fit this disk: {what}")]
+    StateMismatch { what: &'static str },
 }
 
 /// Opens `path` as a read-only qcow2 base image under a fresh, empty in-memory overlay.

@@ -114,6 +114,28 @@ impl DiskBackend for Overlay {
     }
 
     /// Nothing to persist: the overlay lives in memory until a snapshot saves it.
+    fn save_state(&self) -> super::DiskState {
+        super::DiskState::Overlay {
+            blocks: self
+                .dirty_blocks()
+                .map(|(offset, data)| (offset, data.to_vec()))
+                .collect(),
+        }
+    }
+
+    fn restore_state(&mut self, state: &super::DiskState) -> Result<(), DiskError> {
+        let super::DiskState::Overlay { blocks } = state else {
+            return Err(DiskError::StateMismatch {
+                what: "no overlay was saved for a disk that has one",
+            });
+        };
+        self.blocks.clear();
+        for (offset, data) in blocks {
+            self.insert_block(*offset, data)?;
+        }
+        Ok(())
+    }
+
     fn flush(&mut self) -> Result<(), DiskError> {
         Ok(())
     }

@@ -49,9 +49,50 @@ pub struct Qcow2Image {
     size: u64,
     cluster_bits: u32,
     l1: Vec<u64>,
-    /// L2 tables are loaded on first use and kept: the base image is immutable and the tables
-    /// are small next to the data they map (one 8-byte entry per cluster).
-    l2_cache: HashMap<usize, Vec<u64>>,
+    /// L2 tables loaded so far, keyed by their offset in the file (an image whose L1 entries
+    /// all point at one table holds it once), least recently used evicted past
+    /// [`L2_CACHE_BYTES`].
+    l2_cache: L2Cache,
+}
+
+/// How much memory loaded L2 tables may take: 32 MiB maps 256 GiB of disk at the default 64 KiB
+/// clusters, and bounds what a hostile image can make us hold.
+const L2_CACHE_BYTES: usize = 32 << 20;
+
+#[derive(Default)]
+struct L2Cache {
+    tables: HashMap<u64, (u64, Vec<u64>)>,
+    clock: u64,
+    bytes: usize,
+}
+
+impl L2Cache {
+    fn get(&mut self, offset: u64) -> Option<&[u64]> {
+        self.clock += 1;
+        let clock = self.clock;
+        self.tables.get_mut(&offset).map(|(used, table)| {
+            *used = clock;
+            &table[..]
+        })
+    }
+
+    fn insert(&mut self, offset: u64, table: Vec<u64>) {
+        let size = table.len() * 8;
+        while self.bytes + size > L2_CACHE_BYTES && !self.tables.is_empty() {
+            let oldest = self
+                .tables
+                .iter()
+                .min_by_key(|(_, (used, _))| *used)
+                .map(|(offset, _)| *offset)
+                .expect("not empty");
+            if let Some((_, evicted)) = self.tables.remove(&oldest) {
+                self.bytes -= evicted.len() * 8;
+            }
+        }
+        self.clock += 1;
+        self.bytes += size;
+        self.tables.insert(offset, (self.clock, table));
+    }
 }
 
 /// Where the bytes of one guest cluster come from.
@@ -132,7 +173,7 @@ impl Qcow2Image {
             size: header.size,
             cluster_bits: header.cluster_bits,
             l1,
-            l2_cache: HashMap::new(),
+            l2_cache: L2Cache::default(),
         })
     }
 
@@ -155,11 +196,15 @@ impl Qcow2Image {
         if l2_offset == 0 {
             return Ok(Mapping::Zero);
         }
-        if !self.l2_cache.contains_key(&l1_index) {
-            let table = self.load_l2(l2_offset)?;
-            self.l2_cache.insert(l1_index, table);
-        }
-        let entry = self.l2_cache[&l1_index][l2_index];
+        let entry = match self.l2_cache.get(l2_offset) {
+            Some(table) => table[l2_index],
+            None => {
+                let table = self.load_l2(l2_offset)?;
+                let entry = table[l2_index];
+                self.l2_cache.insert(l2_offset, table);
+                entry
+            }
+        };
         if entry & L2_COMPRESSED != 0 {
             return Err(DiskError::Unsupported {
                 path: self.path.clone(),
@@ -558,5 +603,26 @@ mod tests {
         // Claim a disk far larger than the L1 table can map.
         let err = open_patched(24, &(1u64 << 50).to_be_bytes());
         assert!(err.to_string().contains("L1 table has"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod l2_cache_tests {
+    use super::*;
+
+    #[test]
+    fn the_l2_cache_holds_a_shared_table_once_and_stays_bounded() {
+        let mut cache = L2Cache::default();
+        let table = || vec![0u64; 8192]; // 64 KiB, one table at the default cluster size
+        cache.insert(0x30000, table());
+        // L1 entries aliasing one table find it by its file offset.
+        assert!(cache.get(0x30000).is_some());
+        assert_eq!(cache.bytes, 8192 * 8);
+        for i in 0..10_000u64 {
+            cache.insert(0x100000 + i * 0x10000, table());
+            assert!(cache.bytes <= L2_CACHE_BYTES);
+        }
+        assert_eq!(cache.tables.len(), L2_CACHE_BYTES / (8192 * 8));
+        assert!(cache.get(0x30000).is_none(), "the oldest table was evicted");
     }
 }
