@@ -6,6 +6,7 @@
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::RwLock;
@@ -50,14 +51,19 @@ fn rrr_run(name: &str, extra: &[&str]) -> Run {
 
 /// `rrr run` of `stimulus`, with its run directory named after `name`.
 fn rrr_run_with(name: &str, stimulus: &Path, extra: &[&str]) -> Run {
+    rrr_run_in(&run_dir(name), stimulus, extra)
+}
+
+/// `rrr run` of `stimulus` with the run directory `dir`.
+fn rrr_run_in(dir: &Path, stimulus: &Path, extra: &[&str]) -> Run {
     let _shared = MACHINE.read().unwrap_or_else(|e| e.into_inner());
-    let dir = run_dir(name);
+    let name = stimulus.display();
     let output = Command::new(env!("CARGO_BIN_EXE_rrr"))
         .arg("run")
         .arg(stimulus)
         .arg("--quiet")
         .arg("--run-dir")
-        .arg(&dir)
+        .arg(dir)
         .args(extra)
         .output()
         .expect("cannot start rrr");
@@ -68,7 +74,7 @@ fn rrr_run_with(name: &str, stimulus: &Path, extra: &[&str]) -> Run {
         "rrr run {name} failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
         output.status
     );
-    Run::load(&dir, stdout, stderr)
+    Run::load(dir, stdout, stderr)
 }
 
 /// The last line a host-side `rrr` command printed on stdout (a built kernel's or image's path).
@@ -255,9 +261,20 @@ impl Run {
 }
 
 #[test]
-fn exit_status_three_is_reported() {
-    let run = rrr_run(
-        "exit3.c",
+fn exit_status_three_is_reported_for_a_stimulus_and_run_directory_in_tmp() {
+    // Users download reproducers to /tmp, which the carrier mounts its own tmpfs over: both
+    // the stimulus and the run directory live there, as the user would have them.
+    let tmp = tempfile::Builder::new()
+        .prefix("rrr-run-test")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let stimulus_dir = tmp.path().join("x");
+    std::fs::create_dir(&stimulus_dir).unwrap();
+    let in_tmp = stimulus_dir.join("exit3.c");
+    std::fs::copy(stimulus("exit3.c"), &in_tmp).unwrap();
+    let run = rrr_run_in(
+        &tmp.path().join("run"),
+        &in_tmp,
         &[
             "--time-limit",
             "20",
@@ -503,6 +520,85 @@ fn a_stimulus_that_never_exits_ends_at_its_time_limit() {
         "{}",
         run.context()
     );
+}
+
+#[test]
+fn a_fault_after_the_stimulus_started_says_it_started() {
+    // The stimulus masks the timer at the PIC and sleeps: the guest idles with nothing left to
+    // wake it, and the VMM ends the run with a fault. The agent had said the stimulus started,
+    // so the verdict must be "unfinished", not "never started".
+    let run = rrr_run("mask_timer.c", &["--time-limit", "20"]);
+    assert!(
+        run.console.contains("mask_timer: masking the PIC"),
+        "{}",
+        run.context()
+    );
+    let vm_end = run.summary["vm_end"].as_str().unwrap_or_default();
+    assert!(vm_end.starts_with("fault: "), "{}", run.context());
+    assert_eq!(run.stimulus_end().0, "unfinished", "{}", run.context());
+}
+
+#[test]
+fn a_closed_stdout_neither_hangs_the_run_nor_cuts_its_record() {
+    // `rrr run lines.c | head -n 1`: the reader of stdout leaves after one line. The run must
+    // still end, with the whole console in console.log and a summary.
+    let _shared = MACHINE.read().unwrap_or_else(|e| e.into_inner());
+    let dir = run_dir("closed-stdout");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rrr"))
+        .arg("run")
+        .arg(stimulus("lines.c"))
+        .arg("--run-dir")
+        .arg(&dir)
+        .args(["--time-limit", "30"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        // Its own process group, so a hung run can be killed with its carrier.
+        .process_group(0)
+        .spawn()
+        .expect("cannot start rrr");
+    let stdout = child.stdout.take().unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut first).unwrap();
+    // The reader is dropped here: stdout is now a pipe without a reader.
+    assert!(!first.is_empty(), "rrr printed nothing on stdout");
+    let stderr = child.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut { stderr }, &mut text);
+        text
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(400);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            // SAFETY: signalling the process group we created.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            let _ = child.wait();
+            panic!(
+                "rrr run with a closed stdout hung; stderr:\n{}",
+                stderr.join().unwrap()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let stderr = stderr.join().unwrap();
+    assert!(status.success(), "rrr run failed ({status}):\n{stderr}");
+    let run = Run::load(&dir, String::new(), stderr);
+    let (kind, end) = run.stimulus_end();
+    assert_eq!(
+        (kind, &end["status"]),
+        ("exited", &json!(0)),
+        "{}",
+        run.context()
+    );
+    let lines = run
+        .console
+        .lines()
+        .filter(|l| l.contains("lines: line "))
+        .count();
+    assert_eq!(lines, 300, "console.log is cut short:\n{}", run.context());
 }
 
 #[test]

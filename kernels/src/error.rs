@@ -53,6 +53,12 @@ pub enum KernelError {
 
     #[error("the kernel build failed; full log: {log}\n{errors}")]
     BuildFailed { log: PathBuf, errors: String },
+
+    #[error(
+        "the built {vmlinux} has no DWARF (.debug_info), which the tracer needs; \
+         check that the config keeps CONFIG_DEBUG_INFO_DWARF5=y{detail}"
+    )]
+    NoDwarf { vmlinux: PathBuf, detail: String },
 }
 
 impl KernelError {

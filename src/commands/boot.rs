@@ -135,7 +135,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     }
     if !kind.is_hardware() && !args.direct && !crate::carrier::inside_carrier() {
         tracing::info!("host KVM: {kind}; --direct would boot on it anyway");
-        return crate::carrier::reexec_in_carrier(&crate::carrier::CarrierOptions::default());
+        return crate::carrier::reexec_in_carrier(crate::carrier::Handover::default());
     }
 
     let mut config = VmConfig::new(kernel);

@@ -9,6 +9,7 @@
 
 mod console;
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use rrr_guest::protocol::Command as AgentCommand;
+use rrr_reports::{CrashDetector, CrashReport};
 use rrr_vmm::config::Timeout;
-use rrr_vmm::crash::{CrashDetector, CrashReport};
 use rrr_vmm::devices::control::ControlEvent;
 use rrr_vmm::devices::virtio::disk::MediumSlot;
 use rrr_vmm::host::KvmKind;
@@ -39,7 +40,7 @@ pub struct Args {
     pub stimulus: PathBuf,
     /// A kernel build directory (as printed by `rrr kernel build`) or a vmlinux; default: rrr's
     /// default kernel, built and cached on first use.
-    #[arg(long)]
+    #[arg(long, env = KERNEL_ENV, hide_env = true)]
     pub kernel: Option<PathBuf>,
     /// Seconds the stimulus may run before the agent kills it.
     #[arg(long, default_value_t = 30)]
@@ -65,19 +66,25 @@ pub struct Args {
     #[arg(long, short)]
     pub quiet: bool,
     /// Where to keep the console and the summary (default: a new directory under the cache).
-    #[arg(long)]
+    #[arg(long, env = RUN_DIR_ENV, hide_env = true)]
     pub run_dir: Option<PathBuf>,
     /// Boot the kernel instead of restoring the cached snapshot (no snapshot is used or made).
     #[arg(long)]
     pub boot: bool,
-    /// The base root filesystem image, already built (used when rrr moves itself into the
-    /// carrier).
-    #[arg(long, hide = true)]
+    /// The base root filesystem image, already built (`rrr rootfs build` makes one).
+    #[arg(long, hide = true, env = ROOTFS_ENV)]
     pub rootfs: Option<PathBuf>,
-    /// The stimulus, already compiled (used when rrr moves itself into the carrier).
-    #[arg(long, hide = true)]
+    /// The stimulus, already compiled (`rrr rootfs stimulus` makes one).
+    #[arg(long, hide = true, env = STIMULUS_BINARY_ENV)]
     pub stimulus_binary: Option<PathBuf>,
 }
+
+/// What `rrr run` hands its copy inside the carrier, besides its command line: what it already
+/// built or chose on the host, so nothing is built (or chosen differently) under emulation.
+const KERNEL_ENV: &str = "RRR_RUN_KERNEL";
+const ROOTFS_ENV: &str = "RRR_RUN_ROOTFS";
+const STIMULUS_BINARY_ENV: &str = "RRR_RUN_STIMULUS_BINARY";
+const RUN_DIR_ENV: &str = "RRR_RUN_DIR";
 
 /// How the stimulus ended, as the guest agent reported it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,6 +157,27 @@ pub struct RunSummary {
 }
 
 pub fn run(args: Args) -> Result<i32> {
+    run_as(args, None)
+}
+
+/// `rrr run` from `words` (what would follow `rrr run` on a command line), for commands that run
+/// a stimulus on the user's behalf: in the carrier, these words are what runs.
+pub fn run_words(words: &[OsString]) -> Result<i32> {
+    #[derive(clap::Parser)]
+    #[command(name = "rrr run")]
+    struct Line {
+        #[command(flatten)]
+        args: Args,
+    }
+    let argv = std::iter::once(OsString::from("rrr run")).chain(words.iter().cloned());
+    let line = <Line as clap::Parser>::try_parse_from(argv)?;
+    let mut command_line = vec![OsString::from("run")];
+    command_line.extend(words.iter().cloned());
+    run_as(line.args, Some(command_line))
+}
+
+/// `command_line`: what the carrier runs, when not this process's own command line.
+fn run_as(args: Args, command_line: Option<Vec<OsString>>) -> Result<i32> {
     let started = Instant::now();
     if !args.stimulus.is_file() {
         bail!(
@@ -179,8 +207,26 @@ pub fn run(args: Args) -> Result<i32> {
 
     let kind = KvmKind::detect();
     if !kind.is_hardware() && !args.direct && !crate::carrier::inside_carrier() {
-        eprintln!("rrr: this host's KVM is {kind}; running the VM inside the carrier");
-        let code = run_inside_carrier(&args, &kernel, &rootfs, &stimulus_binary, &run_dir)?;
+        tracing::info!("host KVM: {kind}; --direct would run on it anyway");
+        // Digests are memoized in the cache; computing them here, natively, spares the carrier
+        // from hashing the kernel under emulation.
+        crate::digest::file_sha256(&kernel)?;
+        crate::digest::file_sha256(&rootfs)?;
+        let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+        let handover = crate::carrier::Handover {
+            env: vec![
+                (KERNEL_ENV.into(), absolute(&kernel).into()),
+                (ROOTFS_ENV.into(), absolute(&rootfs).into()),
+                (
+                    STIMULUS_BINARY_ENV.into(),
+                    absolute(&stimulus_binary).into(),
+                ),
+                (RUN_DIR_ENV.into(), absolute(&run_dir).into()),
+            ],
+            writable: vec![run_dir.clone()],
+            command_line,
+        };
+        let code = crate::carrier::reexec_in_carrier(handover)?;
         eprintln!(
             "rrr: total wall time {:.1} s (builds, carrier and VM)",
             started.elapsed().as_secs_f64()
@@ -190,61 +236,6 @@ pub fn run(args: Args) -> Result<i32> {
     let summary = run_vm(&args, &kernel, &rootfs, &stimulus_binary, &run_dir)?;
     print_summary(&summary);
     Ok(0)
-}
-
-/// Reruns this command in the carrier with everything already built, so nothing is compiled
-/// under emulation.
-fn run_inside_carrier(
-    args: &Args,
-    kernel: &Path,
-    rootfs: &Path,
-    stimulus_binary: &Path,
-    run_dir: &Path,
-) -> Result<i32> {
-    // Digests are memoized in the cache; computing them here, natively, spares the carrier
-    // from hashing the kernel under emulation.
-    crate::digest::file_sha256(kernel)?;
-    crate::digest::file_sha256(rootfs)?;
-    let exe = std::env::current_exe().context("cannot find the rrr executable")?;
-    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
-    let mut cmd: Vec<std::ffi::OsString> = vec![
-        exe.into(),
-        "run".into(),
-        absolute(&args.stimulus).into(),
-        "--kernel".into(),
-        absolute(kernel).into(),
-        "--rootfs".into(),
-        absolute(rootfs).into(),
-        "--stimulus-binary".into(),
-        absolute(stimulus_binary).into(),
-        "--run-dir".into(),
-        absolute(run_dir).into(),
-        "--time-limit".into(),
-        args.time_limit.to_string().into(),
-        "--mem".into(),
-        args.mem.to_string().into(),
-    ];
-    if let Some(timeout) = args.timeout {
-        cmd.extend(["--timeout".into(), timeout.to_string().into()]);
-    }
-    if let Some(append) = &args.append {
-        cmd.extend(["--append".into(), append.into()]);
-    }
-    if args.quiet {
-        cmd.push("--quiet".into());
-    }
-    if args.boot {
-        cmd.push("--boot".into());
-    }
-    let mut opts = crate::carrier::CarrierOptions::default();
-    for path in [kernel, rootfs, stimulus_binary, run_dir] {
-        if let Some(dir) = path.parent() {
-            opts.shares.push(absolute(dir));
-        }
-    }
-    opts.shares.sort();
-    opts.shares.dedup();
-    crate::carrier::run_in_carrier(&cmd, &opts)
 }
 
 fn new_run_dir(stimulus: &Path) -> Result<PathBuf> {
@@ -362,6 +353,7 @@ fn run_vm(
         }
         Err(RunError::Fault(fault)) => {
             eprintln!("rrr: {fault}");
+            let fault = *fault;
             (
                 format!("fault: {}", fault.kind),
                 fault.stats,
@@ -436,36 +428,49 @@ fn boot_reports_text(reports: &[CrashReport]) -> String {
     texts.join("\n\n") + "\n"
 }
 
+/// The verdict on stdout. A closed stdout (`rrr run x.c | head -n 1`) is no error: everything is
+/// in the run directory already.
 fn print_summary(summary: &RunSummary) {
-    println!();
-    println!("rrr: stimulus {}", summary.stimulus_end);
+    let _ = write_summary(&mut std::io::stdout().lock(), summary);
+}
+
+fn write_summary(out: &mut impl Write, summary: &RunSummary) -> std::io::Result<()> {
+    writeln!(out)?;
+    writeln!(out, "rrr: stimulus {}", summary.stimulus_end)?;
     match &summary.crash_title {
-        Some(title) => println!("rrr: kernel crashed: {title}"),
-        None if summary.stimulus_end == StimulusEnd::NeverStarted => {
-            println!("rrr: kernel: the stimulus never ran, so it caused no crash report")
-        }
-        None => println!("rrr: kernel: no crash report after the stimulus started"),
+        Some(title) => writeln!(out, "rrr: kernel crashed: {title}")?,
+        None if summary.stimulus_end == StimulusEnd::NeverStarted => writeln!(
+            out,
+            "rrr: kernel: the stimulus never ran, so it caused no crash report"
+        )?,
+        None => writeln!(
+            out,
+            "rrr: kernel: no crash report after the stimulus started"
+        )?,
     }
     if !summary.boot_reports.is_empty() {
         let saved = summary.console.with_file_name(BOOT_REPORTS_FILE);
-        println!(
+        writeln!(
+            out,
             "rrr: the kernel already reported during boot, before the stimulus started: {}; \
              the verdict above is about the stimulus (boot reports saved to {})",
             summary.boot_reports.join(", "),
             saved.display()
-        );
+        )?;
     }
-    println!(
+    writeln!(
+        out,
         "rrr: VM {} after {} exits, {:.3} s virtual, {:.1} s host",
         summary.vm_end,
         summary.exits,
         summary.virtual_time_ns as f64 / 1e9,
         summary.host_secs
-    );
+    )?;
     if let Some(start) = &summary.start {
-        println!("rrr: start: {start}");
+        writeln!(out, "rrr: start: {start}")?;
     }
-    println!("rrr: console saved to {}", summary.console.display());
+    writeln!(out, "rrr: console saved to {}", summary.console.display())?;
+    out.flush()
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ const BOOT_LIMIT_SECS: u64 = 240;
 pub struct Args {
     /// A kernel build directory (as printed by `rrr kernel build`) or a vmlinux; default: rrr's
     /// default kernel.
-    #[arg(long)]
+    #[arg(long, env = KERNEL_ENV, hide_env = true)]
     pub kernel: Option<PathBuf>,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = super::run::DEFAULT_MEM_MIB)]
@@ -31,10 +31,15 @@ pub struct Args {
     /// Run on this host's /dev/kvm even if it is software-only (no carrier).
     #[arg(long)]
     pub direct: bool,
-    /// The base rootfs image, already built (used when rrr moves itself into the carrier).
-    #[arg(long, hide = true)]
+    /// The base rootfs image, already built (`rrr rootfs build` makes one).
+    #[arg(long, hide = true, env = ROOTFS_ENV)]
     pub rootfs: Option<PathBuf>,
 }
+
+/// What `rrr snapshot` hands its copy inside the carrier, besides its command line: the kernel
+/// and image it found or built on the host.
+const KERNEL_ENV: &str = "RRR_SNAPSHOT_KERNEL";
+const ROOTFS_ENV: &str = "RRR_SNAPSHOT_ROOTFS";
 
 pub fn run(args: Args) -> Result<i32> {
     let kernel = match &args.kernel {
@@ -48,8 +53,8 @@ pub fn run(args: Args) -> Result<i32> {
     };
     let kind = KvmKind::detect();
     if !kind.is_hardware() && !args.direct && !crate::carrier::inside_carrier() {
-        eprintln!("rrr: this host's KVM is {kind}; taking the snapshot inside the carrier");
-        return snapshot_inside_carrier(&args, &kernel, &rootfs);
+        tracing::info!("host KVM: {kind}; --direct would take the snapshot on it anyway");
+        return snapshot_inside_carrier(&kernel, &rootfs);
     }
     let spec = MachineSpec {
         kernel,
@@ -142,31 +147,18 @@ fn ensure_snapshot(spec: &MachineSpec) -> Result<PathBuf> {
     Ok(at_ready.report.snapshot.unwrap_or(path))
 }
 
-fn snapshot_inside_carrier(args: &Args, kernel: &Path, rootfs: &Path) -> Result<i32> {
+/// Reruns this command in the carrier, handing over the kernel and image found on the host.
+fn snapshot_inside_carrier(kernel: &Path, rootfs: &Path) -> Result<i32> {
+    // Digests are memoized in the cache; computing them here, natively, spares the carrier
+    // from hashing the kernel under emulation.
     crate::digest::file_sha256(kernel)?;
     crate::digest::file_sha256(rootfs)?;
-    let exe = std::env::current_exe().context("cannot find the rrr executable")?;
     let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
-    let mut cmd: Vec<std::ffi::OsString> = vec![
-        exe.into(),
-        "snapshot".into(),
-        "--kernel".into(),
-        absolute(kernel).into(),
-        "--rootfs".into(),
-        absolute(rootfs).into(),
-        "--mem".into(),
-        args.mem.to_string().into(),
-    ];
-    if let Some(append) = &args.append {
-        cmd.extend(["--append".into(), append.into()]);
-    }
-    let mut opts = crate::carrier::CarrierOptions::default();
-    for path in [kernel, rootfs] {
-        if let Some(dir) = path.parent() {
-            opts.shares.push(absolute(dir));
-        }
-    }
-    opts.shares.sort();
-    opts.shares.dedup();
-    crate::carrier::run_in_carrier(&cmd, &opts)
+    crate::carrier::reexec_in_carrier(crate::carrier::Handover {
+        env: vec![
+            (KERNEL_ENV.into(), absolute(kernel).into()),
+            (ROOTFS_ENV.into(), absolute(rootfs).into()),
+        ],
+        ..Default::default()
+    })
 }
