@@ -51,6 +51,12 @@ pub enum KernelError {
     #[error("Kconfig did not keep options rrr asked for:\n{report}")]
     OptionsDropped { report: String },
 
+    #[error(
+        "cannot add rrr's progress counter to {path}: {reason}; rrr needs \
+         `void notrace __sanitizer_cov_trace_pc(void)` as Linux 5.x/6.x define it"
+    )]
+    ProgressPatch { path: PathBuf, reason: String },
+
     #[error("the kernel build failed; full log: {log}\n{errors}")]
     BuildFailed { log: PathBuf, errors: String },
 }

@@ -9,6 +9,7 @@ pub mod config;
 mod error;
 pub mod fragments;
 mod make;
+pub mod progress;
 pub mod source;
 pub mod store;
 
@@ -121,6 +122,12 @@ impl Prepared {
     }
 }
 
+/// Whether the build gets rrr's progress counter (`progress`): every guest kernel, never the
+/// carrier, which runs on real (nested) AMD-V and is not recorded.
+fn has_progress_counter(spec: &KernelSpec) -> bool {
+    spec.flavor == Flavor::Guest
+}
+
 /// rrr's own fragments for a flavor, before the caller's.
 fn own_fragments(spec: &KernelSpec) -> Vec<&'static str> {
     match (spec.flavor, &spec.base_config) {
@@ -178,6 +185,14 @@ pub fn cached(spec: &KernelSpec, cache_dir: &Path) -> Result<Option<KernelBuild>
         }
         Source::Tree(_) => source::resolve(&spec.source, cache_dir, &|_| {})?,
     };
+    let source = if has_progress_counter(spec) {
+        ResolvedSource {
+            identity: progress::patched_identity(&source.identity),
+            ..source
+        }
+    } else {
+        source
+    };
     let prepared = prepare(spec, source)?;
     let hash = prepared.inputs(spec.flavor).hash();
     Ok(Store::new(cache_dir)
@@ -196,7 +211,10 @@ pub fn build(
         tracing::info!(dir = %hit.dir.display(), "kernel cache hit");
         return Ok(hit);
     }
-    let source = source::resolve(&spec.source, cache_dir, progress)?;
+    let mut source = source::resolve(&spec.source, cache_dir, progress)?;
+    if has_progress_counter(spec) {
+        source = progress::patched_source(&source, cache_dir, progress)?;
+    }
     let prepared = prepare(spec, source)?;
     let inputs_hash = prepared.inputs(spec.flavor).hash();
     let store = Store::new(cache_dir);
