@@ -48,6 +48,7 @@ pub fn run(args: Args) -> Result<i32> {
         mem: super::run::DEFAULT_MEM_MIB,
         append: None,
         m32: false,
+        seed: 0,
         direct: false,
         quiet: args.quiet,
         run_dir: None,

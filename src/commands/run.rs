@@ -22,11 +22,13 @@ use rrr_vmm::bus::SharedDevice;
 use rrr_vmm::config::{Timeout, VmConfig};
 use rrr_vmm::crash::{CrashDetector, CrashReport};
 use rrr_vmm::devices::control::ControlEvent;
+use rrr_vmm::devices::progress::ProgressCounts;
 use rrr_vmm::devices::virtio::block::Block;
 use rrr_vmm::devices::virtio::disk::open_qcow2_overlay;
 use rrr_vmm::devices::virtio::mmio::MmioTransport;
 use rrr_vmm::host::KvmKind;
 use rrr_vmm::run_loop::{self, RunEnd, RunError, RunOutcome};
+use rrr_vmm::stall::LandmarkCounts;
 use serde::{Deserialize, Serialize};
 
 /// Host time allowed for the boot and the agent's setup, on top of the stimulus' time limit. A
@@ -60,6 +62,10 @@ pub struct Args {
     /// Build the stimulus as a 32-bit program.
     #[arg(long)]
     pub m32: bool,
+    /// The boot entropy, as a number: the kernel's random numbers (getrandom, ASLR) are the same
+    /// on every run with the same seed and differ with another.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     /// Run on this host's /dev/kvm even if it is software-only (no carrier).
     #[arg(long)]
     pub direct: bool,
@@ -137,6 +143,18 @@ pub struct RunSummary {
     /// the one input that can make two runs of the same stimulus differ.
     #[serde(default)]
     pub landmarks: u64,
+    /// The same by cause: spin-waits (cheap to replay) and loops with changing state (not).
+    #[serde(default)]
+    pub landmarks_by_kind: LandmarkCounts,
+    /// Exits that were progress-port writes of instrumented code (`vmm::devices::progress`).
+    #[serde(default)]
+    pub progress_exits: u64,
+    /// Progress-port writes by source: the kernel's KCOV hook and the stimulus's runtime.
+    #[serde(default)]
+    pub progress: ProgressCounts,
+    /// The boot entropy seed (`--seed`).
+    #[serde(default)]
+    pub seed: u64,
     pub virtual_time_ns: u64,
     pub host_secs: f64,
     pub console: PathBuf,
@@ -200,6 +218,8 @@ fn run_inside_carrier(args: &Args, kernel: &Path, rootfs: &Path, run_dir: &Path)
         args.time_limit.to_string().into(),
         "--mem".into(),
         args.mem.to_string().into(),
+        "--seed".into(),
+        args.seed.to_string().into(),
     ];
     if let Some(timeout) = args.timeout {
         cmd.extend(["--timeout".into(), timeout.to_string().into()]);
@@ -262,6 +282,7 @@ fn run_vm(args: &Args, kernel: &Path, rootfs: &Path, run_dir: &Path) -> Result<R
     let mut config = VmConfig::new(kernel);
     config.mem_mib = args.mem;
     config.stimulus_time_limit_secs = args.time_limit;
+    config.rng_seed = rrr_vmm::config::rng_seed(args.seed);
     config.append = ["root=/dev/vda", "rw", "rootfstype=ext4", "init=/init"]
         .map(String::from)
         .to_vec();
@@ -322,6 +343,10 @@ fn run_vm(args: &Args, kernel: &Path, rootfs: &Path, run_dir: &Path) -> Result<R
         vm_end,
         exits: stats.exits,
         landmarks: stats.landmarks,
+        landmarks_by_kind: stats.landmark_kinds,
+        progress_exits: stats.progress_exits,
+        progress: stats.progress,
+        seed: args.seed,
         virtual_time_ns: stats.virtual_time.as_nanos(),
         host_secs,
         console: console_path,
@@ -400,6 +425,16 @@ fn print_summary(summary: &RunSummary) {
         summary.exits,
         summary.virtual_time_ns as f64 / 1e9,
         summary.host_secs
+    );
+    println!(
+        "rrr: {} progress exits ({} kernel, {} user); {} landmarks ({} spin-wait, {} changing state); seed {}",
+        summary.progress_exits,
+        summary.progress.kernel,
+        summary.progress.user,
+        summary.landmarks,
+        summary.landmarks_by_kind.spin_wait,
+        summary.landmarks_by_kind.changing_state,
+        summary.seed
     );
     println!("rrr: console saved to {}", summary.console.display());
 }

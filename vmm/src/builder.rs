@@ -23,6 +23,7 @@ use crate::devices::legacy::i8042::{self, I8042};
 use crate::devices::legacy::pic::{self, PicPair};
 use crate::devices::legacy::pit::{self, Pit};
 use crate::devices::legacy::serial::{self, Serial};
+use crate::devices::progress::ProgressPort;
 use crate::host::KvmKind;
 use crate::irq::IsaIrq;
 use crate::vstate::kvm::{KvmError, KvmHandle};
@@ -64,6 +65,7 @@ pub struct LegacyDevices {
     pub cmos: Arc<Mutex<Cmos>>,
     pub i8042: Arc<Mutex<I8042>>,
     pub control: Arc<Mutex<ControlPort>>,
+    pub progress: Arc<Mutex<ProgressPort>>,
 }
 
 /// Where a virtio-mmio device sits: its register window and its interrupt line.
@@ -183,6 +185,7 @@ pub fn attach_legacy_devices(
         control: Arc::new(Mutex::new(ControlPort::new(
             config.stimulus_time_limit_secs,
         ))),
+        progress: Arc::new(Mutex::new(ProgressPort::new(config.block_ns))),
     };
     let pic: SharedDevice = devices.pic.clone();
     insert(pio, pic::PIC_MASTER_BASE, pic::PIC_PORT_LEN, pic.clone())?;
@@ -218,6 +221,12 @@ pub fn attach_legacy_devices(
         u64::from(rrr_guest::protocol::CONTROL_PORT_LEN),
         devices.control.clone(),
     )?;
+    insert(
+        pio,
+        u64::from(rrr_guest::protocol::PROGRESS_PORT),
+        u64::from(rrr_guest::protocol::PROGRESS_PORT_LEN),
+        devices.progress.clone(),
+    )?;
     Ok(devices)
 }
 
@@ -250,6 +259,7 @@ pub fn configure_boot(
         .map(|path| boot_params::load_initrd(mem, path, kernel.end, ram_end))
         .transpose()?;
     boot_params::write_boot_params(mem, cmdline.len(), initrd, ram_end)?;
+    boot_params::write_rng_seed(mem, &config.rng_seed)?;
     Ok(initrd)
 }
 

@@ -18,7 +18,7 @@ pub use pic::PicPair;
 pub use pit::Pit;
 pub use serial::Serial;
 
-use rrr_guest::protocol::{CONTROL_PORT, CONTROL_PORT_LEN};
+use rrr_guest::protocol::{CONTROL_PORT, CONTROL_PORT_LEN, PROGRESS_PORT, PROGRESS_PORT_LEN};
 
 /// One port range the board decodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +56,11 @@ pub const BOARD_PORTS: &[PortRange] = &[
         CONTROL_PORT as u64,
         CONTROL_PORT_LEN as u64,
         "rrr control port",
+    ),
+    range(
+        PROGRESS_PORT as u64,
+        PROGRESS_PORT_LEN as u64,
+        "rrr progress port",
     ),
 ];
 
