@@ -49,6 +49,7 @@ pub fn run(args: Args) -> Result<i32> {
         append: None,
         m32: false,
         seed: 0,
+        progress_interval: rrr_guest::protocol::PROGRESS_INTERVAL,
         direct: false,
         quiet: args.quiet,
         run_dir: None,

@@ -66,6 +66,10 @@ pub struct Args {
     /// on every run with the same seed and differ with another.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Basic blocks per progress exit the kernel was built with (only for measuring kernels
+    /// built with another interval than rrr's).
+    #[arg(long, hide = true, default_value_t = rrr_guest::protocol::PROGRESS_INTERVAL)]
+    pub progress_interval: u64,
     /// Run on this host's /dev/kvm even if it is software-only (no carrier).
     #[arg(long)]
     pub direct: bool,
@@ -220,6 +224,8 @@ fn run_inside_carrier(args: &Args, kernel: &Path, rootfs: &Path, run_dir: &Path)
         args.mem.to_string().into(),
         "--seed".into(),
         args.seed.to_string().into(),
+        "--progress-interval".into(),
+        args.progress_interval.to_string().into(),
     ];
     if let Some(timeout) = args.timeout {
         cmd.extend(["--timeout".into(), timeout.to_string().into()]);
@@ -283,6 +289,7 @@ fn run_vm(args: &Args, kernel: &Path, rootfs: &Path, run_dir: &Path) -> Result<R
     config.mem_mib = args.mem;
     config.stimulus_time_limit_secs = args.time_limit;
     config.rng_seed = rrr_vmm::config::rng_seed(args.seed);
+    config.progress_interval = args.progress_interval;
     config.append = ["root=/dev/vda", "rw", "rootfstype=ext4", "init=/init"]
         .map(String::from)
         .to_vec();

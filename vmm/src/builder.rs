@@ -185,7 +185,10 @@ pub fn attach_legacy_devices(
         control: Arc::new(Mutex::new(ControlPort::new(
             config.stimulus_time_limit_secs,
         ))),
-        progress: Arc::new(Mutex::new(ProgressPort::new(config.block_ns))),
+        progress: Arc::new(Mutex::new(ProgressPort::new(
+            config.progress_interval,
+            config.block_ns,
+        ))),
     };
     let pic: SharedDevice = devices.pic.clone();
     insert(pio, pic::PIC_MASTER_BASE, pic::PIC_PORT_LEN, pic.clone())?;

@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use rrr_guest::protocol::PROGRESS_INTERVAL;
+
 use crate::clock::VirtualTime;
 
 /// Virtual time per synchronous exit, in nanoseconds.
@@ -58,6 +60,9 @@ pub struct VmConfig {
     pub quantum_ns: u64,
     /// Virtual nanoseconds per instrumented basic block (see [`DEFAULT_BLOCK_NS`]).
     pub block_ns: u64,
+    /// Blocks per progress write the guest was built with: [`PROGRESS_INTERVAL`] for everything
+    /// rrr builds; another value only to measure kernels built with another interval.
+    pub progress_interval: u64,
     /// Entropy handed to the kernel at boot (`setup_data` `SETUP_RNG_SEED`), so its random
     /// numbers are ready at once and the same on every run with the same seed.
     pub rng_seed: [u8; RNG_SEED_LEN],
@@ -78,6 +83,7 @@ impl VmConfig {
             epoch_unix_secs: DEFAULT_EPOCH_UNIX_SECS,
             quantum_ns: DEFAULT_QUANTUM_NS,
             block_ns: DEFAULT_BLOCK_NS,
+            progress_interval: PROGRESS_INTERVAL,
             rng_seed: rng_seed(0),
             stimulus_time_limit_secs: 0,
         }

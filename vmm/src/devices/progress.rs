@@ -1,8 +1,8 @@
 //! The progress port: where instrumented guest code reports that it ran
-//! [`PROGRESS_INTERVAL`] more basic blocks (DESIGN.md, "A software progress counter").
+//! [`PROGRESS_INTERVAL`](rrr_guest::protocol::PROGRESS_INTERVAL) more basic blocks (DESIGN.md, "A software progress counter").
 //!
 //! The kernel's KCOV hook and the stimulus's trace-pc runtime each write one byte here every
-//! [`PROGRESS_INTERVAL`] blocks. The write is a synchronous exit at a point that replays itself;
+//! [`PROGRESS_INTERVAL`](rrr_guest::protocol::PROGRESS_INTERVAL) blocks. The write is a synchronous exit at a point that replays itself;
 //! the run loop then advances virtual time by what that much code costs
 //! ([`ProgressPort::take_elapsed`]) instead of the plain per-exit quantum, so virtual time follows
 //! executed code, like QEMU's icount, and timer interrupts reach code that makes no other exit.
@@ -12,7 +12,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use rrr_guest::protocol::{PROGRESS_FROM_KERNEL, PROGRESS_FROM_USER, PROGRESS_INTERVAL};
+use rrr_guest::protocol::{PROGRESS_FROM_KERNEL, PROGRESS_FROM_USER};
 
 use crate::bus::{BusDevice, DeviceContext};
 
@@ -44,10 +44,11 @@ pub struct ProgressPort {
 }
 
 impl ProgressPort {
-    /// `block_ns`: virtual nanoseconds per basic block.
-    pub fn new(block_ns: u64) -> Self {
+    /// `interval`: basic blocks per write (the guest's [`PROGRESS_INTERVAL`](rrr_guest::protocol::PROGRESS_INTERVAL)); `block_ns`:
+    /// virtual nanoseconds per block.
+    pub fn new(interval: u64, block_ns: u64) -> Self {
         ProgressPort {
-            write_ns: block_ns.saturating_mul(PROGRESS_INTERVAL),
+            write_ns: block_ns.saturating_mul(interval),
             pending_ns: None,
             counts: ProgressCounts::default(),
         }
@@ -85,6 +86,7 @@ mod tests {
     use super::*;
     use crate::clock::VirtualTime;
     use crate::irq::IrqLines;
+    use rrr_guest::protocol::PROGRESS_INTERVAL;
 
     fn out(port: &mut ProgressPort, data: &[u8]) {
         let mut irqs = IrqLines::new();
@@ -98,7 +100,7 @@ mod tests {
 
     #[test]
     fn a_write_stands_for_an_interval_of_blocks_once() {
-        let mut port = ProgressPort::new(3);
+        let mut port = ProgressPort::new(PROGRESS_INTERVAL, 3);
         assert_eq!(port.take_elapsed(), None);
         out(&mut port, &[PROGRESS_FROM_KERNEL]);
         assert_eq!(port.take_elapsed(), Some(3 * PROGRESS_INTERVAL));
@@ -111,7 +113,7 @@ mod tests {
 
     #[test]
     fn counts_are_sorted_by_the_guests_word_but_cost_the_same() {
-        let mut port = ProgressPort::new(1);
+        let mut port = ProgressPort::new(PROGRESS_INTERVAL, 1);
         out(&mut port, &[PROGRESS_FROM_KERNEL]);
         out(&mut port, &[PROGRESS_FROM_USER]);
         out(&mut port, &[0x99, 0x99, 0x99, 0x99]);
@@ -129,7 +131,7 @@ mod tests {
 
     #[test]
     fn reads_are_open_bus_and_a_huge_cost_saturates() {
-        let mut port = ProgressPort::new(u64::MAX);
+        let mut port = ProgressPort::new(PROGRESS_INTERVAL, u64::MAX);
         let mut irqs = IrqLines::new();
         let mut cx = DeviceContext {
             now: VirtualTime::ZERO,
