@@ -425,8 +425,9 @@ fn a_missing_stimulus_is_a_clear_error() {
 
 #[test]
 fn a_stimulus_that_never_exits_ends_at_its_time_limit() {
-    // The stimulus spins in user mode with no exits to the VMM; the stall watchdog's landmarks
-    // keep the guest's timer ticking, so the agent's limit passes and it kills the stimulus.
+    // The stimulus spins in user mode with no system call for long stretches; its progress
+    // exits (the trace-pc runtime) keep the guest's timer ticking, so the agent's limit passes
+    // and it kills the stimulus.
     let run = rrr_run("spin_forever.c", &["--time-limit", "3", "--timeout", "200"]);
     let (kind, end) = run.stimulus_end();
     assert_eq!(kind, "timed_out", "{}", run.context());
@@ -505,7 +506,7 @@ fn assert_same_run_without_landmarks(first: &Run, second: &Run) {
 
 #[test]
 fn cpu_bound_threads_are_preempted_at_the_same_points() {
-    // Two threads compute for about a second of guest time with no system call: only the
+    // Two threads compute for about two seconds of guest time with no system call: only the
     // progress counter (their trace-pc runtime) makes exits, so only it lets the timer preempt
     // them. Without it they would run on stall-watchdog landmarks, which are host-timed.
     let runs = rrr_runs_in_one_carrier(

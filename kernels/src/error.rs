@@ -52,10 +52,10 @@ pub enum KernelError {
     OptionsDropped { report: String },
 
     #[error(
-        "cannot add rrr's progress counter to {path}: {reason}; rrr needs \
-         `void notrace __sanitizer_cov_trace_pc(void)` as Linux 5.x/6.x define it"
+        "cannot apply rrr's guest-kernel patch to {path}: {reason}; rrr's patches \
+         (kernels/src/patches.rs) expect that file as Linux 6.x has it"
     )]
-    ProgressPatch { path: PathBuf, reason: String },
+    Patch { path: PathBuf, reason: String },
 
     #[error("the kernel build failed; full log: {log}\n{errors}")]
     BuildFailed { log: PathBuf, errors: String },

@@ -9,7 +9,7 @@ pub mod config;
 mod error;
 pub mod fragments;
 mod make;
-pub mod progress;
+pub mod patches;
 pub mod source;
 pub mod store;
 
@@ -122,8 +122,8 @@ impl Prepared {
     }
 }
 
-/// Whether the build gets rrr's progress counter (`progress`): every guest kernel, never the
-/// carrier, which runs on real (nested) AMD-V and is not recorded.
+/// Whether the build gets rrr's patches (`patches`: the progress counter, no TSC): every guest
+/// kernel, never the carrier, which runs on real (nested) AMD-V and is not recorded.
 fn has_progress_counter(spec: &KernelSpec) -> bool {
     spec.flavor == Flavor::Guest
 }
@@ -187,7 +187,7 @@ pub fn cached(spec: &KernelSpec, cache_dir: &Path) -> Result<Option<KernelBuild>
     };
     let source = if has_progress_counter(spec) {
         ResolvedSource {
-            identity: progress::patched_identity(&source.identity),
+            identity: patches::patched_identity(&source.identity),
             ..source
         }
     } else {
@@ -213,7 +213,7 @@ pub fn build(
     }
     let mut source = source::resolve(&spec.source, cache_dir, progress)?;
     if has_progress_counter(spec) {
-        source = progress::patched_source(&source, cache_dir, progress)?;
+        source = patches::patched_source(&source, cache_dir, progress)?;
     }
     let prepared = prepare(spec, source)?;
     let inputs_hash = prepared.inputs(spec.flavor).hash();

@@ -35,9 +35,16 @@ use serde::{Deserialize, Serialize};
 pub const RUNAWAY_AFTER: Duration = Duration::from_secs(2);
 
 /// vCPU CPU time between two samples of one state that makes it a spin-wait: a guest that ran
-/// this long (hundreds of thousands of instructions even under emulation) and came back to the
-/// same registers loops without changing anything.
-pub const SPIN_EVIDENCE: Duration = Duration::from_millis(2);
+/// this long (millions of instructions even under emulation) and came back to the same registers
+/// loops without changing anything.
+///
+/// Long, because inside the carrier the thread's CPU time is the carrier kernel's view: when the
+/// host starves the carrier's vCPU, the carrier's clock still moves and charges the time to our
+/// thread (measured 2026-11-30: 2 ms let a loaded machine produce 2 "spin-wait" landmarks in a
+/// run of `cpu_threads.c`, whose code makes a progress exit every 65536 blocks). Host starvation
+/// of 50 ms is rarer, and with every kernel and stimulus block counted a real spin-wait is rare
+/// too, so waiting longer for one costs little.
+pub const SPIN_EVIDENCE: Duration = Duration::from_millis(50);
 
 /// Exits between two stalls below which the second continues the first (an interrupt handler
 /// ran in between, then the guest went back to the same loop).
@@ -180,13 +187,18 @@ mod tests {
         }
     }
 
+    /// [`SPIN_EVIDENCE`] in milliseconds.
+    fn evidence_ms() -> u64 {
+        SPIN_EVIDENCE.as_millis() as u64
+    }
+
     #[test]
     fn a_repeated_state_is_a_spin_wait() {
         let mut tracker = StallTracker::new();
         assert_eq!(tracker.observe(7, sample(0x10, 1, 0)), Verdict::Wait);
         assert_eq!(tracker.observe(7, sample(0x14, 1, TICK)), Verdict::Wait);
         assert_eq!(
-            tracker.observe(7, sample(0x10, 1, TICK * 2)),
+            tracker.observe(7, sample(0x10, 1, evidence_ms())),
             Verdict::Landmark(LandmarkCause::Spinning)
         );
         // The same RIP with other registers is progress, not a spin.
@@ -198,12 +210,16 @@ mod tests {
     fn a_starved_guest_is_not_a_spinning_one() {
         // The host gave the vCPU no CPU between samples: the same registers prove nothing.
         let mut tracker = StallTracker::new();
+        let short = evidence_ms() - 1;
         assert_eq!(tracker.observe(7, sample(0x10, 1, 100)), Verdict::Wait);
         assert_eq!(tracker.observe(7, sample(0x10, 1, 100)), Verdict::Wait);
-        assert_eq!(tracker.observe(7, sample(0x10, 1, 101)), Verdict::Wait);
+        assert_eq!(
+            tracker.observe(7, sample(0x10, 1, 100 + short)),
+            Verdict::Wait
+        );
         // Once it has run, the same state is a spin, measured from its first sighting.
         assert_eq!(
-            tracker.observe(7, sample(0x10, 1, 102)),
+            tracker.observe(7, sample(0x10, 1, 100 + evidence_ms())),
             Verdict::Landmark(LandmarkCause::Spinning)
         );
         // Starved for longer than the grace period in wall time is still no runaway.

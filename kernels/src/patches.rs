@@ -1,21 +1,28 @@
-//! The progress counter in the guest kernel: a build-time patch to `kernel/kcov.c`.
+//! rrr's build-time patches to the guest kernel, applied to a private copy of the source tree.
 //!
-//! With `CONFIG_KCOV_INSTRUMENT_ALL`, gcc calls `__sanitizer_cov_trace_pc()` at every basic block
-//! of instrumented code. The patch makes that function count its calls and write one byte to
-//! rrr's progress port every [`PROGRESS_INTERVAL`] of them: a synchronous VM exit at a point that
-//! replays itself, where the VMM can advance virtual time and inject timer interrupts
-//! (DESIGN.md, "A software progress counter instead of a PMU"). KCOV's own behaviour is kept:
-//! the count comes first, then the original body runs unchanged.
+//! 1. **The progress counter** (`kernel/kcov.c`). With `CONFIG_KCOV_INSTRUMENT_ALL`, gcc calls
+//!    `__sanitizer_cov_trace_pc()` at every basic block of instrumented code. The patch makes
+//!    that function count its calls and write one byte to rrr's progress port every
+//!    [`PROGRESS_INTERVAL`] of them: a synchronous VM exit at a point that replays itself, where
+//!    the VMM can advance virtual time and inject timer interrupts (DESIGN.md, "A software
+//!    progress counter instead of a PMU"). KCOV's own behaviour is kept: the count comes first,
+//!    then the original body runs unchanged.
+//! 2. **No TSC behind the cleared CPUID bit** (`asm/timex.h`, `asm/tsc.h`). x86-64 kernels read
+//!    the TSC in `random_get_entropy()` and `get_cycles()` even when `clearcpuid=tsc` took the
+//!    feature away, because `CONFIG_X86_TSC` is always set there; the random pool then mixes host
+//!    time at every interrupt and two runs print different random bytes. The patch makes both
+//!    respect the feature bit, so they fall back to the (jiffies) clocksource.
 //!
-//! Why at build time rather than by the VMM rewriting the function in guest memory at load:
-//! every kernel rrr runs is built by this driver from source (the default one and syzbot's), so
-//! the compiler places the counter, nothing has to decode or relocate the function's first
-//! instructions (which change with every compiler and config), and the patch is part of the
-//! source identity, hence of the build's cache key.
+//! Why at build time rather than by the VMM rewriting code in guest memory at load: every kernel
+//! rrr runs is built by this driver from source (the default one and syzbot's), so the compiler
+//! places the counter, nothing has to decode or relocate instructions (which change with every
+//! compiler and config), and the patches are part of the source identity, hence of the build's
+//! cache key.
 //!
-//! The source tree is shared (the carrier kernel builds from the same tree, out of tree), so it is
-//! never written to: the patched tree is a hard-linked copy under the cache with its own
-//! `kernel/kcov.c`, made once and named by the original identity and the patch.
+//! The source tree is shared (the carrier kernel builds from the same tree, out of tree, and
+//! gets no patch), so it is never written to: the patched tree is a hard-linked copy under the
+//! cache with its own copies of the patched files, made once and named by the original identity
+//! and the patches.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -26,7 +33,7 @@ use sha2::{Digest, Sha256};
 use crate::error::KernelError;
 use crate::source::{run_capture, ResolvedSource};
 
-/// The file the patch rewrites, relative to the source tree.
+/// The file the progress counter goes into, relative to the source tree.
 pub const KCOV_C: &str = "kernel/kcov.c";
 /// The function head the count is inserted after.
 const ANCHOR: &str = "void notrace __sanitizer_cov_trace_pc(void)\n{\n";
@@ -64,39 +71,71 @@ static __always_inline void rrr_progress_tick(void)
 /// The line placed first in the function body.
 const CALL: &str = "\trrr_progress_tick();\n";
 
+/// The TSC test both `random_get_entropy()` and `get_cycles()` make in Linux 5.18 to 6.12.
+const TSC_TEST: &str =
+    "\tif (!IS_ENABLED(CONFIG_X86_TSC) &&\n\t    !cpu_feature_enabled(X86_FEATURE_TSC))\n";
+/// What it becomes.
+const TSC_TEST_PATCHED: &str = "\t/* rrr: no TSC once clearcpuid=tsc cleared it (host time is not replayable). */\n\tif (!cpu_feature_enabled(X86_FEATURE_TSC))\n";
+
+/// One rewrite: `find` must occur exactly once in `file`, and becomes `replace`.
+struct Patch {
+    file: &'static str,
+    find: String,
+    replace: String,
+}
+
+fn patches() -> Vec<Patch> {
+    vec![
+        Patch {
+            file: KCOV_C,
+            find: ANCHOR.into(),
+            replace: format!("{}{ANCHOR}{CALL}", helper()),
+        },
+        Patch {
+            file: "arch/x86/include/asm/timex.h",
+            find: TSC_TEST.into(),
+            replace: TSC_TEST_PATCHED.into(),
+        },
+        Patch {
+            file: "arch/x86/include/asm/tsc.h",
+            find: TSC_TEST.into(),
+            replace: TSC_TEST_PATCHED.into(),
+        },
+    ]
+}
+
+impl Patch {
+    /// `original` patched, or why this kernel's file cannot take the patch.
+    fn apply(&self, original: &str) -> Result<String, String> {
+        if original.contains(&self.replace) {
+            return Err("it is already patched".into());
+        }
+        match original.matches(self.find.as_str()).count() {
+            1 => Ok(original.replacen(self.find.as_str(), &self.replace, 1)),
+            0 => Err(format!("no `{}` in it", self.find.trim())),
+            _ => Err(format!("`{}` appears more than once", self.find.trim())),
+        }
+    }
+}
+
 /// `kcov.c` with the counter, or why this kernel's `kcov.c` cannot take it.
 pub fn patch_kcov(original: &str) -> Result<String, String> {
-    if original.contains("rrr_progress_tick") {
-        return Err("it already contains rrr's progress counter".into());
-    }
-    let mut found = original.match_indices(ANCHOR);
-    let (at, _) = found
-        .next()
-        .ok_or_else(|| format!("no `{}` in it", ANCHOR.trim_end()))?;
-    if found.next().is_some() {
-        return Err(format!("`{}` appears more than once", ANCHOR.trim_end()));
-    }
-    let body = at + ANCHOR.len();
-    Ok([
-        &original[..at],
-        &helper(),
-        &original[at..body],
-        CALL,
-        &original[body..],
-    ]
-    .concat())
+    patches()[0].apply(original)
 }
 
-/// What the patch adds to a source identity: changes whenever the inserted code does.
+/// What the patches add to a source identity: changes whenever any patch does.
 pub fn identity_suffix() -> String {
     let mut hasher = Sha256::new();
-    hasher.update(helper().as_bytes());
-    hasher.update(ANCHOR.as_bytes());
-    hasher.update(CALL.as_bytes());
-    format!("+rrr-progress:{}", &hex::encode(hasher.finalize())[..16])
+    for patch in patches() {
+        for part in [patch.file, &patch.find, &patch.replace] {
+            hasher.update((part.len() as u64).to_le_bytes());
+            hasher.update(part.as_bytes());
+        }
+    }
+    format!("+rrr-patches:{}", &hex::encode(hasher.finalize())[..16])
 }
 
-/// The identity of `identity` with the patch applied.
+/// The identity of `identity` with the patches applied.
 pub fn patched_identity(identity: &str) -> String {
     format!("{identity}{}", identity_suffix())
 }
@@ -112,7 +151,7 @@ pub fn patched_source(
     let sources = cache_dir.join("sources");
     let dir = sources.join(format!("patched-{}", &name[..16]));
     if !dir.join(MARKER).is_file() {
-        progress("patching kernel/kcov.c (rrr's progress counter)");
+        progress("patching a copy of the source (rrr's progress counter, no TSC)");
         make_patched_copy(&source.dir, &sources, &dir, &identity)?;
     }
     Ok(ResolvedSource { dir, identity })
@@ -124,20 +163,28 @@ fn make_patched_copy(
     dest: &Path,
     identity: &str,
 ) -> Result<(), KernelError> {
-    let kcov = src.join(KCOV_C);
-    let original = std::fs::read_to_string(&kcov).map_err(KernelError::io(&kcov))?;
-    let patched = patch_kcov(&original).map_err(|reason| KernelError::ProgressPatch {
-        path: kcov.clone(),
-        reason,
-    })?;
+    let mut patched = Vec::new();
+    for patch in patches() {
+        let path = src.join(patch.file);
+        let original = std::fs::read_to_string(&path).map_err(KernelError::io(&path))?;
+        let text = patch
+            .apply(&original)
+            .map_err(|reason| KernelError::Patch {
+                path: path.clone(),
+                reason,
+            })?;
+        patched.push((patch.file, text));
+    }
     std::fs::create_dir_all(parent).map_err(KernelError::io(parent))?;
     let tmp = parent.join(format!(".patch-{}", crate::store::unique_suffix()));
     let result = (|| {
         copy_tree(src, &tmp)?;
-        // The copy's kcov.c is a hard link to the shared tree's: unlink it before writing.
-        let target = tmp.join(KCOV_C);
-        std::fs::remove_file(&target).map_err(KernelError::io(&target))?;
-        std::fs::write(&target, patched).map_err(KernelError::io(&target))?;
+        for (file, text) in &patched {
+            // The copy's file is a hard link to the shared tree's: unlink it before writing.
+            let target = tmp.join(file);
+            std::fs::remove_file(&target).map_err(KernelError::io(&target))?;
+            std::fs::write(&target, text).map_err(KernelError::io(&target))?;
+        }
         let marker = tmp.join(MARKER);
         std::fs::write(&marker, format!("{identity}\n")).map_err(KernelError::io(&marker))?;
         if dest.exists() {
@@ -233,10 +280,26 @@ mod tests {
     fn the_identity_names_the_patch() {
         let id = patched_identity("debian:linux-source-6.12=1");
         assert!(
-            id.starts_with("debian:linux-source-6.12=1+rrr-progress:"),
+            id.starts_with("debian:linux-source-6.12=1+rrr-patches:"),
             "{id}"
         );
         assert_eq!(id, patched_identity("debian:linux-source-6.12=1"));
+    }
+
+    /// The TSC test as Linux 6.12's `asm/timex.h` has it.
+    const TIMEX_612: &str = "static inline unsigned long random_get_entropy(void)\n{\n\
+        \tif (!IS_ENABLED(CONFIG_X86_TSC) &&\n\t    !cpu_feature_enabled(X86_FEATURE_TSC))\n\
+        \t\treturn random_get_entropy_fallback();\n\treturn rdtsc();\n}\n";
+
+    #[test]
+    fn the_tsc_is_read_only_while_its_feature_bit_is_set() {
+        let patch = &patches()[1];
+        let patched = patch.apply(TIMEX_612).unwrap();
+        assert!(!patched.contains("IS_ENABLED(CONFIG_X86_TSC)"), "{patched}");
+        assert!(patched.contains(
+            "\tif (!cpu_feature_enabled(X86_FEATURE_TSC))\n\t\treturn random_get_entropy_fallback();"
+        ));
+        assert!(patch.apply(&patched).unwrap_err().contains("already"));
     }
 
     #[test]
@@ -244,7 +307,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("linux");
         std::fs::create_dir_all(src.join("kernel")).unwrap();
+        std::fs::create_dir_all(src.join("arch/x86/include/asm")).unwrap();
         std::fs::write(src.join(KCOV_C), KCOV_612).unwrap();
+        std::fs::write(src.join("arch/x86/include/asm/timex.h"), TIMEX_612).unwrap();
+        std::fs::write(src.join("arch/x86/include/asm/tsc.h"), TIMEX_612).unwrap();
         std::fs::write(src.join("Makefile"), "all:\n").unwrap();
         let source = ResolvedSource {
             dir: src.clone(),
@@ -256,6 +322,12 @@ mod tests {
         assert_eq!(std::fs::read_to_string(src.join(KCOV_C)).unwrap(), KCOV_612);
         let text = std::fs::read_to_string(kcov_path(&patched.dir)).unwrap();
         assert!(text.contains("rrr_progress_tick();"));
+        let timex = std::fs::read_to_string(patched.dir.join("arch/x86/include/asm/timex.h"));
+        assert!(timex.unwrap().contains("rrr: no TSC"));
+        assert_eq!(
+            std::fs::read_to_string(src.join("arch/x86/include/asm/timex.h")).unwrap(),
+            TIMEX_612
+        );
         assert!(patched.dir.join("Makefile").is_file());
         // A second call finds the copy.
         let again = patched_source(&source, dir.path(), &|_| panic!("copied twice")).unwrap();
