@@ -35,6 +35,11 @@ pub struct MachineSpec {
     pub mem_mib: u64,
     /// Extra kernel parameters from the user, after rrr's own.
     pub append: Option<String>,
+    /// The boot entropy seed (`setup_data` `SETUP_RNG_SEED`): part of the snapshot, since the
+    /// kernel took it at boot.
+    pub seed: u64,
+    /// Basic blocks per progress exit the guest was built for.
+    pub progress_interval: u64,
 }
 
 impl MachineSpec {
@@ -44,6 +49,8 @@ impl MachineSpec {
         config.mem_mib = self.mem_mib;
         config.append = MACHINE_PARAMS.map(String::from).to_vec();
         config.append.extend(self.append.iter().cloned());
+        config.rng_seed = rrr_vmm::config::rng_seed(self.seed);
+        config.progress_interval = self.progress_interval;
         config
     }
 
@@ -94,9 +101,13 @@ impl MachineSpec {
         field(expected.kernel_sha256.as_bytes());
         field(expected.rootfs_sha256.as_bytes());
         field(&expected.mem_bytes.to_le_bytes());
-        for param in self.vm_config().append {
+        let config = self.vm_config();
+        for param in &config.append {
             field(param.as_bytes());
         }
+        field(&config.rng_seed);
+        field(&config.progress_interval.to_le_bytes());
+        field(&config.quantum_ns.to_le_bytes());
         for entry in cpu.as_slice() {
             field(format!("{entry:?}").as_bytes());
         }

@@ -503,8 +503,9 @@ fn a_missing_stimulus_is_a_clear_error() {
 
 #[test]
 fn a_stimulus_that_never_exits_ends_at_its_time_limit() {
-    // The stimulus spins in user mode with no exits to the VMM; the stall watchdog's landmarks
-    // keep the guest's timer ticking, so the agent's limit passes and it kills the stimulus.
+    // The stimulus spins in user mode with no system call for long stretches; its progress
+    // exits (the trace-pc runtime) keep the guest's timer ticking, so the agent's limit passes
+    // and it kills the stimulus.
     let run = rrr_run("spin_forever.c", &["--time-limit", "3", "--timeout", "200"]);
     let (kind, end) = run.stimulus_end();
     assert_eq!(kind, "timed_out", "{}", run.context());
@@ -682,4 +683,145 @@ fn a_restored_snapshot_runs_exactly_as_a_boot() {
         "{}",
         booted.context()
     );
+}
+
+/// Exits, virtual time and landmarks of a run, for comparing runs.
+fn timeline(run: &Run) -> (u64, u64, u64) {
+    let number = |key: &str| run.summary[key].as_u64().unwrap_or(u64::MAX);
+    (
+        number("exits"),
+        number("virtual_time_ns"),
+        number("landmarks"),
+    )
+}
+
+/// Asserts that two runs made the same exits and printed the same console, with no landmark.
+fn assert_same_run_without_landmarks(first: &Run, second: &Run) {
+    eprintln!(
+        "{}: exits {} and {}, progress exits {} and {} ({} and {}), host seconds {} and {}",
+        first.summary["stimulus"],
+        first.summary["exits"],
+        second.summary["exits"],
+        first.summary["progress_exits"],
+        second.summary["progress_exits"],
+        first.summary["progress"],
+        second.summary["progress"],
+        first.summary["host_secs"],
+        second.summary["host_secs"]
+    );
+    for run in [first, second] {
+        assert_eq!(
+            run.summary["landmarks"],
+            0,
+            "a host-timed landmark happened:\n{}",
+            run.context()
+        );
+        assert_eq!(
+            run.summary["landmarks_by_kind"],
+            json!({"spin_wait": 0, "changing_state": 0}),
+            "{}",
+            run.context()
+        );
+        assert!(
+            run.summary["progress"]["kernel"].as_u64() > Some(0),
+            "the kernel made no progress exit (is its KCOV hook in?):\n{}",
+            run.context()
+        );
+    }
+    assert_eq!(
+        timeline(first),
+        timeline(second),
+        "two runs made different exits:\n{}\n---\n{}",
+        first.context(),
+        second.context()
+    );
+    assert_eq!(
+        first.console,
+        second.console,
+        "two runs printed different consoles:\n{}\n---\n{}",
+        first.context(),
+        second.context()
+    );
+}
+
+#[test]
+fn cpu_bound_threads_are_preempted_at_the_same_points() {
+    // Two threads compute for about two seconds of guest time with no system call: only the
+    // progress counter (their trace-pc runtime) makes exits, so only it lets the timer preempt
+    // them. Without it they would run on stall-watchdog landmarks, which are host-timed.
+    let runs = rrr_runs_in_one_carrier(
+        "cpu_threads.c",
+        &["first", "second"],
+        &["--time-limit", "60"],
+    );
+    let [first, second] = &runs[..] else {
+        unreachable!()
+    };
+    for run in &runs {
+        let (kind, end) = run.stimulus_end();
+        assert_eq!(kind, "exited", "{}", run.context());
+        assert_eq!(end["status"], 0, "{}", run.context());
+        assert!(
+            run.summary["progress"]["user"].as_u64() > Some(1000),
+            "the stimulus made (almost) no progress exits:\n{}",
+            run.context()
+        );
+    }
+    // The threads must really have been switched between while they computed.
+    let switches = first
+        .console
+        .lines()
+        .find_map(|l| l.strip_prefix("cpu_threads: "))
+        .and_then(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(
+        switches >= 10,
+        "the threads were hardly preempted:\n{}",
+        first.context()
+    );
+    assert_same_run_without_landmarks(first, second);
+}
+
+#[test]
+fn getrandom_is_ready_at_once_and_follows_the_seed() {
+    // The boot seed (SETUP_RNG_SEED) makes the kernel's crng ready before init: getrandom()
+    // does not wait in the jitter-entropy loop (a timer spin that needed landmarks), and prints
+    // the same bytes and addresses on every run with one seed, other ones with another seed.
+    let runs = rrr_steps_in_one_carrier(
+        "getrandom.c",
+        &["--time-limit", "30"],
+        &[
+            Step::Run("first", &[]),
+            Step::Run("second", &[]),
+            Step::Run("other-seed", &["--seed", "1"]),
+        ],
+    );
+    let [first, second, other] = &runs[..] else {
+        unreachable!()
+    };
+    let printed = |run: &Run| -> Vec<String> {
+        run.console
+            .lines()
+            .filter(|l| l.starts_with("getrandom: "))
+            .map(str::to_owned)
+            .collect()
+    };
+    for run in &runs {
+        assert_eq!(run.stimulus_end().0, "exited", "{}", run.context());
+        let lines = printed(run);
+        assert!(
+            lines.len() == 2 && lines[0].starts_with("getrandom: crng ready: "),
+            "{}",
+            run.context()
+        );
+    }
+    assert_same_run_without_landmarks(first, second);
+    assert_eq!(first.summary["seed"], 0);
+    assert_eq!(other.summary["seed"], 1);
+    let (mine, theirs) = (printed(first), printed(other));
+    assert_ne!(
+        mine[0], theirs[0],
+        "another seed gave the same random bytes"
+    );
+    assert_ne!(mine[1], theirs[1], "another seed gave the same addresses");
 }

@@ -9,6 +9,7 @@ pub mod config;
 mod error;
 pub mod fragments;
 mod make;
+pub mod patches;
 pub mod source;
 pub mod store;
 
@@ -45,6 +46,8 @@ pub enum Stage {
     Wait,
     /// Unpacking the Debian source tarball (once per source version).
     Extract,
+    /// Copying the source and applying rrr's guest patches (once per source version).
+    Patch,
     /// `tinyconfig` (or the base config), the fragments, `olddefconfig` and the check.
     Configure,
     /// Compiling the kernel's objects.
@@ -60,6 +63,7 @@ impl Stage {
         match self {
             Stage::Wait => "wait for another rrr building it",
             Stage::Extract => "extract source",
+            Stage::Patch => "patch source",
             Stage::Configure => "config",
             Stage::Compile => "compile",
             Stage::Link => "link",
@@ -160,6 +164,12 @@ impl Prepared {
     }
 }
 
+/// Whether the build gets rrr's patches (`patches`: the progress counter, no TSC): every guest
+/// kernel, never the carrier, which runs on real (nested) AMD-V and is not recorded.
+fn has_progress_counter(spec: &KernelSpec) -> bool {
+    spec.flavor == Flavor::Guest
+}
+
 /// rrr's own fragments for a flavor, before the caller's.
 fn own_fragments(spec: &KernelSpec) -> Vec<&'static str> {
     match (spec.flavor, &spec.base_config) {
@@ -217,6 +227,14 @@ pub fn cached(spec: &KernelSpec, cache_dir: &Path) -> Result<Option<KernelBuild>
         }
         Source::Tree(_) => source::resolve(&spec.source, cache_dir, &|_| {})?,
     };
+    let source = if has_progress_counter(spec) {
+        ResolvedSource {
+            identity: patches::patched_identity(&source.identity),
+            ..source
+        }
+    } else {
+        source
+    };
     let prepared = prepare(spec, source)?;
     let hash = prepared.inputs(spec.flavor).hash();
     Ok(Store::new(cache_dir)
@@ -235,7 +253,10 @@ pub fn build(
         tracing::info!(dir = %hit.dir.display(), "kernel cache hit");
         return Ok(hit);
     }
-    let source = source::resolve(&spec.source, cache_dir, progress)?;
+    let mut source = source::resolve(&spec.source, cache_dir, progress)?;
+    if has_progress_counter(spec) {
+        source = patches::patched_source(&source, cache_dir, progress)?;
+    }
     let prepared = prepare(spec, source)?;
     let inputs_hash = prepared.inputs(spec.flavor).hash();
     let store = Store::new(cache_dir);

@@ -21,9 +21,11 @@ use rrr_guest::protocol::Command as AgentCommand;
 use rrr_reports::{CrashDetector, CrashReport};
 use rrr_vmm::config::Timeout;
 use rrr_vmm::devices::control::ControlEvent;
+use rrr_vmm::devices::progress::ProgressCounts;
 use rrr_vmm::devices::virtio::disk::MediumSlot;
 use rrr_vmm::host::KvmKind;
 use rrr_vmm::run_loop::{self, RunEnd, RunError, RunOutcome, Stopped, Until};
+use rrr_vmm::stall::LandmarkCounts;
 
 use crate::machine::{AtReady, MachineSpec, StartKind, StartMode, Started};
 use serde::{Deserialize, Serialize};
@@ -59,6 +61,14 @@ pub struct Args {
     /// Build the stimulus as a 32-bit program.
     #[arg(long)]
     pub m32: bool,
+    /// The boot entropy, as a number: the kernel's random numbers (getrandom, ASLR) are the same
+    /// on every run with the same seed and differ with another.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Basic blocks per progress exit the kernel was built with (only for measuring kernels
+    /// built with another interval than rrr's).
+    #[arg(long, hide = true, default_value_t = rrr_guest::protocol::PROGRESS_INTERVAL)]
+    pub progress_interval: u64,
     /// Run on this host's /dev/kvm even if it is software-only (no carrier).
     #[arg(long)]
     pub direct: bool,
@@ -148,6 +158,18 @@ pub struct RunSummary {
     /// the one input that can make two runs of the same stimulus differ.
     #[serde(default)]
     pub landmarks: u64,
+    /// The same by cause: spin-waits (cheap to replay) and loops with changing state (not).
+    #[serde(default)]
+    pub landmarks_by_kind: LandmarkCounts,
+    /// Exits that were progress-port writes of instrumented code (`vmm::devices::progress`).
+    #[serde(default)]
+    pub progress_exits: u64,
+    /// Progress-port writes by source: the kernel's KCOV hook and the stimulus's runtime.
+    #[serde(default)]
+    pub progress: ProgressCounts,
+    /// The boot entropy seed (`--seed`).
+    #[serde(default)]
+    pub seed: u64,
     pub virtual_time_ns: u64,
     pub host_secs: f64,
     pub console: PathBuf,
@@ -278,6 +300,8 @@ fn run_vm(
         rootfs: rootfs.to_owned(),
         mem_mib: args.mem,
         append: args.append.clone(),
+        seed: args.seed,
+        progress_interval: args.progress_interval,
     };
     let mut config = spec.vm_config();
     config.stimulus_time_limit_secs = args.time_limit;
@@ -374,6 +398,10 @@ fn run_vm(
         vm_end,
         exits: stats.exits,
         landmarks: stats.landmarks,
+        landmarks_by_kind: stats.landmark_kinds,
+        progress_exits: stats.progress_exits,
+        progress: stats.progress,
+        seed: args.seed,
         virtual_time_ns: stats.virtual_time.as_nanos(),
         host_secs,
         console: console_path,
@@ -465,6 +493,17 @@ fn write_summary(out: &mut impl Write, summary: &RunSummary) -> std::io::Result<
         summary.exits,
         summary.virtual_time_ns as f64 / 1e9,
         summary.host_secs
+    )?;
+    writeln!(
+        out,
+        "rrr: {} progress exits ({} kernel, {} user); {} landmarks ({} spin-wait, {} changing state); seed {}",
+        summary.progress_exits,
+        summary.progress.kernel,
+        summary.progress.user,
+        summary.landmarks,
+        summary.landmarks_by_kind.spin_wait,
+        summary.landmarks_by_kind.changing_state,
+        summary.seed
     )?;
     if let Some(start) = &summary.start {
         writeln!(out, "rrr: start: {start}")?;

@@ -28,6 +28,12 @@ pub struct Args {
     /// Extra kernel parameters, after rrr's own (they are part of the snapshot's key).
     #[arg(long, value_name = "ARGS")]
     pub append: Option<String>,
+    /// The boot entropy seed (part of the snapshot: the kernel takes it at boot).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Basic blocks per progress exit the kernel was built with.
+    #[arg(long, hide = true, default_value_t = rrr_guest::protocol::PROGRESS_INTERVAL)]
+    pub progress_interval: u64,
     /// Run on this host's /dev/kvm even if it is software-only (no carrier).
     #[arg(long)]
     pub direct: bool,
@@ -61,6 +67,8 @@ pub fn run(args: Args) -> Result<i32> {
         rootfs,
         mem_mib: args.mem,
         append: args.append.clone(),
+        seed: args.seed,
+        progress_interval: args.progress_interval,
     };
     let path = ensure_snapshot(&spec)?;
     println!("{}", path.display());
