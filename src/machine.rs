@@ -285,19 +285,7 @@ pub fn start(
     let boot_console = std::fs::read(console_log)
         .with_context(|| format!("cannot read back {}", console_log.display()))?;
     let Some((path, expected)) = snapshot else {
-        return Ok(Started::AtReady(Box::new(AtReady {
-            vmm,
-            state,
-            report: StartReport {
-                kind: StartKind::Booted,
-                snapshot: None,
-                start_ms: boot_ms,
-                save_ms: None,
-                snapshot_file_bytes: None,
-                snapshot_disk_bytes: None,
-            },
-            boot_console,
-        })));
+        return Ok(booted(vmm, state, boot_ms, boot_console));
     };
     let identity = SnapshotIdentity {
         rrr_version: expected.rrr_version.clone(),
@@ -318,19 +306,7 @@ pub fn start(
                 "rrr: warning: {:#}; going on without a snapshot (the next run boots again)",
                 snapshot_error(err, &path)
             );
-            return Ok(Started::AtReady(Box::new(AtReady {
-                vmm,
-                state,
-                report: StartReport {
-                    kind: StartKind::Booted,
-                    snapshot: None,
-                    start_ms: boot_ms,
-                    save_ms: None,
-                    snapshot_file_bytes: None,
-                    snapshot_disk_bytes: None,
-                },
-                boot_console,
-            })));
+            return Ok(booted(vmm, state, boot_ms, boot_console));
         }
     };
     // Its checksums were computed from the guest's own memory as it was written.
@@ -389,6 +365,23 @@ pub fn mark_verified(path: &Path) {
         // Best effort: without the marker the next restore checks the file again.
         let _ = std::fs::write(verified_marker(path), stamp);
     }
+}
+
+/// A VM booted to READY with no snapshot made.
+fn booted(vmm: Vmm, state: RunState, boot_ms: f64, boot_console: Vec<u8>) -> Started {
+    Started::AtReady(Box::new(AtReady {
+        vmm,
+        state,
+        report: StartReport {
+            kind: StartKind::Booted,
+            snapshot: None,
+            start_ms: boot_ms,
+            save_ms: None,
+            snapshot_file_bytes: None,
+            snapshot_disk_bytes: None,
+        },
+        boot_console,
+    }))
 }
 
 fn snapshot_error(err: SnapshotError, path: &Path) -> anyhow::Error {
