@@ -82,6 +82,7 @@ impl Client {
         self
     }
 
+    #[cfg(test)]
     pub fn retry(mut self, retry: RetryPolicy) -> Client {
         self.retry = retry;
         self
@@ -228,9 +229,7 @@ mod tests {
     use super::*;
     use std::time::Instant;
 
-    #[path = "../../../tests/common/syzbot_server.rs"]
-    mod server;
-    use server::{Answer, Server};
+    use crate::syzbot::test_server::{Answer, Server};
 
     const EXTID: &str = "60db9f652c92d5bacba4";
     const ID: &str = "1e4b3f2bd4b1fa0e5f1b7ad7f1c4bc5a4e0f9b1d";

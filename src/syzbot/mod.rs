@@ -13,4 +13,8 @@ pub mod title;
 
 pub use bugref::BugRef;
 pub use client::Client;
-pub use error::SyzbotError;
+
+/// The local syzbot the end-to-end tests use, for the unit tests too.
+#[cfg(test)]
+#[path = "../../tests/common/syzbot_server.rs"]
+mod test_server;
