@@ -38,7 +38,11 @@ fn kernel_remote(dir: &Path) -> (String, String) {
     std::fs::create_dir_all(dir.join("fs/ext4")).unwrap();
     std::fs::write(dir.join("Makefile"), "# tiny\n").unwrap();
     std::fs::write(dir.join("Kconfig"), "").unwrap();
-    std::fs::write(dir.join("fs/ext4/inode.c"), "int f(void)\n{\n\tWARN_ON(1);\n}\n").unwrap();
+    std::fs::write(
+        dir.join("fs/ext4/inode.c"),
+        "int f(void)\n{\n\tWARN_ON(1);\n}\n",
+    )
+    .unwrap();
     git(dir, &["add", "."]);
     git(dir, &["commit", "-q", "-m", "the bug's commit"]);
     let commit = git(dir, &["rev-parse", "HEAD"]);
@@ -137,7 +141,11 @@ fn fetch_source_and_config_then_a_cached_offline_rerun() {
     let out = env.rrr(&server, &[&bug_url, "--stop-after", "config"]);
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    for stage in ["[fetch] done in", "[kernel source] done in", "[config] done in"] {
+    for stage in [
+        "[fetch] done in",
+        "[kernel source] done in",
+        "[config] done in",
+    ] {
         assert!(stderr.contains(stage), "no `{stage}`:\n{stderr}");
     }
     assert!(!stderr.contains("[build]"), "{stderr}");
@@ -147,8 +155,14 @@ fn fetch_source_and_config_then_a_cached_offline_rerun() {
     assert!(repro.contains(REPRO), "{repro}");
     let changes = std::fs::read_to_string(env.work.join("config-changes.txt")).unwrap();
     assert!(changes.contains("CONFIG_KASAN: y -> not set"), "{changes}");
-    assert!(changes.contains("CONFIG_PROVE_LOCKING: y -> not set"), "{changes}");
-    assert!(changes.contains("CONFIG_USB_SUPPORT: y -> not set"), "{changes}");
+    assert!(
+        changes.contains("CONFIG_PROVE_LOCKING: y -> not set"),
+        "{changes}"
+    );
+    assert!(
+        changes.contains("CONFIG_USB_SUPPORT: y -> not set"),
+        "{changes}"
+    );
     assert!(changes.contains("CONFIG_PVH: not set -> y"), "{changes}");
     let base = std::fs::read_to_string(env.work.join("rrr-base.config")).unwrap();
     assert!(base.contains("# CONFIG_KASAN is not set"), "{base}");
@@ -159,15 +173,23 @@ fn fetch_source_and_config_then_a_cached_offline_rerun() {
     assert_eq!(verdict["kernel_source"]["commit"], commit.as_str());
     assert_eq!(verdict["stages"].as_array().unwrap().len(), 3);
     let tree = env.cache.path().join("syzbot/git/trees").join(&commit);
-    assert_eq!(std::fs::read_to_string(tree.join("Makefile")).unwrap(), "# tiny\n");
+    assert_eq!(
+        std::fs::read_to_string(tree.join("Makefile")).unwrap(),
+        "# tiny\n"
+    );
 
     let hits = server.total_hits();
     let out = env.rrr(&server, &[&bug_url, "--stop-after", "config", "--offline"]);
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("[fetch] done in") && stderr.contains("s (cached)"), "{stderr}");
     assert!(
-        stderr.lines().any(|l| l.contains("[kernel source] done in") && l.ends_with("(cached)")),
+        stderr.contains("[fetch] done in") && stderr.contains("s (cached)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("[kernel source] done in") && l.ends_with("(cached)")),
         "{stderr}"
     );
     assert_eq!(server.total_hits(), hits, "--offline asked the server");
@@ -227,7 +249,10 @@ fn malformed_json_is_named_with_its_url() {
     );
     let err = failure(&server, &[]);
     assert!(err.contains("is not valid syzbot bug JSON"), "{err}");
-    assert!(err.contains(&format!("{}/bug?extid={EXTID}&json=1", server.base)), "{err}");
+    assert!(
+        err.contains(&format!("{}/bug?extid={EXTID}&json=1", server.base)),
+        "{err}"
+    );
 }
 
 #[test]
@@ -237,7 +262,10 @@ fn a_bug_without_a_c_reproducer_says_so() {
     bug["crashes"][1]["c-reproducer"] = json!("");
     serve_bug(&server, &bug);
     let err = failure(&server, &[]);
-    assert!(err.contains("no C reproducer in any of its 2 crashes"), "{err}");
+    assert!(
+        err.contains("no C reproducer in any of its 2 crashes"),
+        "{err}"
+    );
     assert!(err.contains("--repro"), "{err}");
 }
 
@@ -249,7 +277,10 @@ fn a_commit_missing_from_the_remote_is_named() {
     let missing = "0123456789abcdef0123456789abcdef01234567";
     serve_bug(&server, &bug_json(&url, missing));
     let err = failure(&server, &["--stop-after", "source"]);
-    assert!(err.contains(&format!("commit {missing} is not in {url}")), "{err}");
+    assert!(
+        err.contains(&format!("commit {missing} is not in {url}")),
+        "{err}"
+    );
 }
 
 #[test]
@@ -261,13 +292,19 @@ fn rate_limiting_is_waited_out_and_then_reported() {
     // One 429 with Retry-After, then the answer: the run goes on.
     server.route(
         "/text?tag=KernelConfig&x=cf",
-        vec![Answer::status(429).header("Retry-After", "1"), Answer::ok(CONFIG)],
+        vec![
+            Answer::status(429).header("Retry-After", "1"),
+            Answer::ok(CONFIG),
+        ],
     );
     let env = Env::new();
     let out = env.rrr(&server, &[EXTID, "--stop-after", "fetch"]);
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("rate limited (HTTP 429), waiting 1s"), "{stderr}");
+    assert!(
+        stderr.contains("rate limited (HTTP 429), waiting 1s"),
+        "{stderr}"
+    );
     assert_eq!(server.hits("/text?tag=KernelConfig&x=cf"), 2);
 
     // A server that never stops answering 429 (Retry-After: 0 keeps the test short).
@@ -277,7 +314,10 @@ fn rate_limiting_is_waited_out_and_then_reported() {
     );
     let err = failure(&server, &["--stop-after", "fetch"]);
     assert!(err.contains("kept answering HTTP 429"), "{err}");
-    assert!(err.contains(&format!("{}/text?tag=ReproC&x=c1", server.base)), "{err}");
+    assert!(
+        err.contains(&format!("{}/text?tag=ReproC&x=c1", server.base)),
+        "{err}"
+    );
 }
 
 #[test]
@@ -296,7 +336,10 @@ fn an_unreachable_server_is_named() {
         .unwrap();
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains(&format!("cannot reach {base}/bug?extid={EXTID}&json=1")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot reach {base}/bug?extid={EXTID}&json=1")),
+        "{stderr}"
+    );
     assert!(stderr.contains("--offline"), "{stderr}");
 }
 
@@ -316,7 +359,10 @@ fn real_cache() -> PathBuf {
 /// config with KCOV on (so the build is the one kernel this suite may build, cached after).
 #[test]
 fn end_to_end_from_a_served_bug_to_a_run_that_crashes_as_the_bug_did() {
-    let built = Command::new(RRR).args(["kernel", "build"]).output().unwrap();
+    let built = Command::new(RRR)
+        .args(["kernel", "build"])
+        .output()
+        .unwrap();
     assert!(built.status.success(), "{}", text(&built.stderr));
     let default = PathBuf::from(text(&built.stdout).trim());
     let config = std::fs::read_to_string(default.join(".config"))
@@ -325,7 +371,10 @@ fn end_to_end_from_a_served_bug_to_a_run_that_crashes_as_the_bug_did() {
             "# CONFIG_KCOV is not set\n",
             "CONFIG_KCOV=y\nCONFIG_KCOV_INSTRUMENT_ALL=y\n",
         );
-    assert!(config.contains("CONFIG_KCOV=y"), "the default config has no KCOV line");
+    assert!(
+        config.contains("CONFIG_KCOV=y"),
+        "the default config has no KCOV line"
+    );
     let source = std::fs::read_dir(real_cache().join("sources"))
         .unwrap()
         .flatten()
@@ -342,17 +391,24 @@ fn end_to_end_from_a_served_bug_to_a_run_that_crashes_as_the_bug_did() {
 
     let title = "kernel panic: sysrq triggered crash";
     let server = Server::start();
-    let mut bug = bug_json("https://git.kernel.org/pub/scm/linux/kernel/git/torvalds/linux.git", &"b".repeat(40));
+    let mut bug = bug_json(
+        "https://git.kernel.org/pub/scm/linux/kernel/git/torvalds/linux.git",
+        &"b".repeat(40),
+    );
     bug["title"] = json!(title);
     serve_bug(&server, &bug);
     server.route(
         "/text?tag=ReproC&x=c1",
-        vec![Answer::ok(format!("// https://syzkaller.appspot.com/bug?id={BUG_ID}\n{repro}"))],
+        vec![Answer::ok(format!(
+            "// https://syzkaller.appspot.com/bug?id={BUG_ID}\n{repro}"
+        ))],
     );
     server.route("/text?tag=KernelConfig&x=cf", vec![Answer::ok(config)]);
     server.route(
         "/text?tag=CrashReport&x=cr",
-        vec![Answer::ok("Kernel panic - not syncing: sysrq triggered crash\n")],
+        vec![Answer::ok(
+            "Kernel panic - not syncing: sysrq triggered crash\n",
+        )],
     );
     let work = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join("from-syzbot-e2e")
@@ -381,8 +437,14 @@ fn end_to_end_from_a_served_bug_to_a_run_that_crashes_as_the_bug_did() {
         .iter()
         .map(|t| t["stage"].as_str().unwrap())
         .collect();
-    assert_eq!(stages, ["fetch", "source", "config", "build", "snapshot", "run"]);
-    assert!(stdout.contains("the crash is the bug (same title)"), "{stdout}");
+    assert_eq!(
+        stages,
+        ["fetch", "source", "config", "build", "snapshot", "run"]
+    );
+    assert!(
+        stdout.contains("the crash is the bug (same title)"),
+        "{stdout}"
+    );
     let kernel_config = std::fs::read_to_string(work.join("kernel/.config")).unwrap();
     assert!(kernel_config.contains("CONFIG_KCOV_INSTRUMENT_ALL=y"));
 }

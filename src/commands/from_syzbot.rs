@@ -120,7 +120,11 @@ impl Pipeline {
         stage: Stage,
         f: impl FnOnce(&dyn Fn(&str)) -> Result<(T, bool)>,
     ) -> Result<Option<T>> {
-        if self.timings.last().is_some_and(|t| t.stage >= self.stop_after) {
+        if self
+            .timings
+            .last()
+            .is_some_and(|t| t.stage >= self.stop_after)
+        {
             return Ok(None);
         }
         let started = Instant::now();
@@ -199,7 +203,9 @@ pub fn run(args: Args) -> Result<i32> {
         stages: &[],
     };
 
-    let source = pipeline.stage(Stage::Source, |say| kernel_source(&args, &inputs, &cache, say))?;
+    let source = pipeline.stage(Stage::Source, |say| {
+        kernel_source(&args, &inputs, &cache, say)
+    })?;
     let plan = match &source {
         Some(source) => pipeline.stage(Stage::Config, |say| {
             plan_config(&args, &inputs, source.dir(), say).map(|p| (p, false))
@@ -258,7 +264,12 @@ fn fetch(args: &Args, cache: &Path, say: &dyn Fn(&str)) -> Result<(Inputs, bool)
         };
         let repro_text = read(repro)?;
         let config_text = read(config)?;
-        let report = args.report.as_deref().map(read).transpose()?.unwrap_or_default();
+        let report = args
+            .report
+            .as_deref()
+            .map(read)
+            .transpose()?
+            .unwrap_or_default();
         let key = hex::encode(Sha256::digest(format!("{repro_text}\0{config_text}")));
         let work = match &args.work_dir {
             Some(dir) => dir.clone(),
@@ -304,10 +315,11 @@ fn fetch(args: &Args, cache: &Path, say: &dyn Fn(&str)) -> Result<(Inputs, bool)
     ));
     let work = match &args.work_dir {
         Some(dir) => dir.clone(),
-        None => cache
-            .join("syzbot")
-            .join("bugs")
-            .join(format!("{}-crash{}", reference.key(), picked.index)),
+        None => cache.join("syzbot").join("bugs").join(format!(
+            "{}-crash{}",
+            reference.key(),
+            picked.index
+        )),
     };
     std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
     let mut text = |link: &str, what: &str| -> Result<String> {
@@ -316,7 +328,11 @@ fn fetch(args: &Args, cache: &Path, say: &dyn Fn(&str)) -> Result<(Inputs, bool)
         say(&format!(
             "{what}: {} bytes from {}",
             body.len(),
-            if origin == Origin::Cache { "the cache" } else { url.as_str() }
+            if origin == Origin::Cache {
+                "the cache"
+            } else {
+                url.as_str()
+            }
         ));
         Ok(body)
     };
@@ -333,7 +349,11 @@ fn fetch(args: &Args, cache: &Path, say: &dyn Fn(&str)) -> Result<(Inputs, bool)
         (None, "") => String::new(),
         (None, link) => text(link, "crash report")?,
     };
-    save(&work, "bug.json", &(serde_json::to_string_pretty(&bug)? + "\n"))?;
+    save(
+        &work,
+        "bug.json",
+        &(serde_json::to_string_pretty(&bug)? + "\n"),
+    )?;
     let repro_path = save(&work, "repro.c", &repro_text)?;
     save(&work, "syzbot.config", &config_text)?;
     save(&work, "report.txt", &report)?;
@@ -404,7 +424,11 @@ fn kernel_source(
         say(&format!(
             "{}{}",
             dir.display(),
-            if is_debian { " (Debian's linux-source)" } else { "" }
+            if is_debian {
+                " (Debian's linux-source)"
+            } else {
+                ""
+            }
         ));
         let tree = if is_debian {
             KernelTree::Debian(dir)
@@ -432,7 +456,9 @@ fn plan_config(
     let evidence = Evidence::new(title, &inputs.report, &inputs.repro).with_source(source_dir);
     let plan = config::plan(&inputs.config, &evidence, !args.keep_config);
     if plan.clang {
-        let clang = std::process::Command::new("clang").arg("--version").output();
+        let clang = std::process::Command::new("clang")
+            .arg("--version")
+            .output();
         if !clang.is_ok_and(|o| o.status.success()) {
             bail!(
                 "syzbot built this kernel with clang (CONFIG_CC_IS_CLANG=y) and clang is not \
@@ -491,11 +517,18 @@ fn build(
     let link = work.join("kernel");
     let _ = std::fs::remove_file(&link);
     let _ = std::os::unix::fs::symlink(&kernel.dir, &link);
-    let _ = std::fs::copy(work.join(CHANGES_FILE), kernel.dir.join("rrr-syzbot-changes.txt"));
+    let _ = std::fs::copy(
+        work.join(CHANGES_FILE),
+        kernel.dir.join("rrr-syzbot-changes.txt"),
+    );
     Ok((kernel, cached))
 }
 
-fn snapshot(args: &Args, kernel: &rrr_kernels::KernelBuild, say: &dyn Fn(&str)) -> Result<((), bool)> {
+fn snapshot(
+    args: &Args,
+    kernel: &rrr_kernels::KernelBuild,
+    say: &dyn Fn(&str),
+) -> Result<((), bool)> {
     say("the machine at the agent's READY (taken once per kernel, then checked)");
     let code = super::snapshot::run(super::snapshot::Args {
         kernel: Some(kernel.dir.clone()),

@@ -210,10 +210,18 @@ impl Client {
                     })
                 }
                 Err(ureq::Error::Transport(transport)) => {
+                    // Not `to_string()`: ureq repeats the URL there, and ours already names it.
+                    let mut detail = transport.kind().to_string();
+                    if let Some(message) = transport.message() {
+                        detail.push_str(&format!(": {message}"));
+                    }
+                    if let Some(source) = std::error::Error::source(&transport) {
+                        detail.push_str(&format!(": {source}"));
+                    }
                     return Err(SyzbotError::Unreachable {
                         url: url.to_owned(),
-                        detail: transport.to_string(),
-                    })
+                        detail,
+                    });
                 }
             }
         }
@@ -278,8 +286,14 @@ mod tests {
         assert_eq!(server.hits(&query), 1);
         let offline = client(&server, cache.path()).offline(true);
         assert!(offline.text("/text?tag=ReproC&amp;x=abc").is_ok());
-        let err = offline.text("/text?tag=ReproC&x=zzz").unwrap_err().to_string();
-        assert!(err.contains("/text?tag=ReproC&x=zzz") && err.contains("--offline"), "{err}");
+        let err = offline
+            .text("/text?tag=ReproC&x=zzz")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/text?tag=ReproC&x=zzz") && err.contains("--offline"),
+            "{err}"
+        );
         let (_, _, origin) = client(&server, cache.path())
             .refresh(true)
             .bug(&BugRef::parse(EXTID).unwrap())
@@ -306,7 +320,10 @@ mod tests {
             .bug(&BugRef::parse("aaaaaaaaaaaaaaaaaaaa").unwrap())
             .unwrap_err()
             .to_string();
-        assert!(err.contains("no bug") && err.contains("extid=aaaa"), "{err}");
+        assert!(
+            err.contains("no bug") && err.contains("extid=aaaa"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -354,7 +371,10 @@ mod tests {
         let cache = tempfile::tempdir().unwrap();
         server.route("/text?x=2", vec![Answer::status(429)]);
         let err = client(&server, cache.path()).text("/text?x=2").unwrap_err();
-        assert!(matches!(err, SyzbotError::RateLimited { attempts: 3, .. }), "{err}");
+        assert!(
+            matches!(err, SyzbotError::RateLimited { attempts: 3, .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("/text?x=2"), "{err}");
         assert_eq!(server.hits("/text?x=2"), 3);
     }
@@ -374,6 +394,9 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, SyzbotError::Unreachable { .. }), "{err}");
         let text = err.to_string();
-        assert!(text.contains(&format!("{base}/bug?extid={EXTID}&json=1")), "{text}");
+        assert!(
+            text.contains(&format!("{base}/bug?extid={EXTID}&json=1")),
+            "{text}"
+        );
     }
 }

@@ -86,7 +86,9 @@ fn needs_lockdep(e: &Evidence) -> bool {
         || e.report.contains("lockdep_assert")
         || e.report.contains("include/linux/lockdep.h")
         || e.report.contains("lockdep_is_held")
-        || e.warning_site.as_deref().is_some_and(|l| l.contains("lockdep"))
+        || e.warning_site
+            .as_deref()
+            .is_some_and(|l| l.contains("lockdep"))
 }
 
 /// One group of options turned off together unless the evidence says the bug needs them.
@@ -175,7 +177,15 @@ const RULES: &[Rule] = &[
         what: "Bluetooth",
         options: &["BT"],
         needed: |e| {
-            e.any_text_contains(&["bluetooth", "hci_", "l2cap", "rfcomm", "vhci", "hidp", "bnep"])
+            e.any_text_contains(&[
+                "bluetooth",
+                "hci_",
+                "l2cap",
+                "rfcomm",
+                "vhci",
+                "hidp",
+                "bnep",
+            ])
         },
     },
     Rule {
@@ -187,7 +197,15 @@ const RULES: &[Rule] = &[
         what: "media (V4L, DVB)",
         options: &["MEDIA_SUPPORT"],
         needed: |e| {
-            e.any_text_contains(&["media_", "drivers/media", "v4l", "vb2_", "dvb", "vivid", "/dev/video"])
+            e.any_text_contains(&[
+                "media_",
+                "drivers/media",
+                "v4l",
+                "vb2_",
+                "dvb",
+                "vivid",
+                "/dev/video",
+            ])
         },
     },
     Rule {
@@ -431,11 +449,29 @@ Call Trace:
 
     #[test]
     fn kasan_use_after_free_keeps_kasan_and_bluetooth() {
-        let e = Evidence::new("KASAN: slab-use-after-free Read in hci_conn_del", KASAN_UAF, "");
+        let e = Evidence::new(
+            "KASAN: slab-use-after-free Read in hci_conn_del",
+            KASAN_UAF,
+            "",
+        );
         let plan = plan(SYZBOT_CONFIG, &e, true);
         let gone = removed(&plan);
-        assert!(!gone.contains(&"KASAN") && !gone.contains(&"BT"), "{gone:?}");
-        for option in ["KFENCE", "UBSAN", "PROVE_LOCKING", "DETECT_HUNG_TASK", "USB_SUPPORT", "SOUND", "MAC80211", "DRM", "MEDIA_SUPPORT", "NFC"] {
+        assert!(
+            !gone.contains(&"KASAN") && !gone.contains(&"BT"),
+            "{gone:?}"
+        );
+        for option in [
+            "KFENCE",
+            "UBSAN",
+            "PROVE_LOCKING",
+            "DETECT_HUNG_TASK",
+            "USB_SUPPORT",
+            "SOUND",
+            "MAC80211",
+            "DRM",
+            "MEDIA_SUPPORT",
+            "NFC",
+        ] {
             assert!(gone.contains(&option), "{option} kept: {gone:?}");
         }
         assert!(plan.base.contains("# CONFIG_PROVE_LOCKING is not set\n"));
@@ -449,8 +485,17 @@ Call Trace:
     fn a_plain_warning_loses_kasan_and_lockdep() {
         let e = Evidence::new("WARNING in ext4_write_inode", WARNING, "");
         let gone = removed(&plan(SYZBOT_CONFIG, &e, true)).join(" ");
-        for option in ["KASAN", "PROVE_LOCKING", "DEBUG_LOCK_ALLOC", "DETECT_HUNG_TASK", "USB_SUPPORT"] {
-            assert!(gone.split(' ').any(|o| o == option), "{option} kept: {gone}");
+        for option in [
+            "KASAN",
+            "PROVE_LOCKING",
+            "DEBUG_LOCK_ALLOC",
+            "DETECT_HUNG_TASK",
+            "USB_SUPPORT",
+        ] {
+            assert!(
+                gone.split(' ').any(|o| o == option),
+                "{option} kept: {gone}"
+            );
         }
     }
 
@@ -459,12 +504,23 @@ Call Trace:
         let tree = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(tree.path().join("fs/ext4")).unwrap();
         let file = tree.path().join("fs/ext4/inode.c");
-        std::fs::write(&file, "int f(void)\n{\n\tlockdep_assert_held(&ei->i_data_sem);\n").unwrap();
+        std::fs::write(
+            &file,
+            "int f(void)\n{\n\tlockdep_assert_held(&ei->i_data_sem);\n",
+        )
+        .unwrap();
         let e = Evidence::new("WARNING in ext4_write_inode", WARNING, "").with_source(tree.path());
-        assert_eq!(e.warning_site.as_deref(), Some("\tlockdep_assert_held(&ei->i_data_sem);"));
+        assert_eq!(
+            e.warning_site.as_deref(),
+            Some("\tlockdep_assert_held(&ei->i_data_sem);")
+        );
         let plan = plan(SYZBOT_CONFIG, &e, true);
         assert!(!removed(&plan).contains(&"PROVE_LOCKING"));
-        assert!(plan.kept.iter().any(|k| k.starts_with("lockdep")), "{:?}", plan.kept);
+        assert!(
+            plan.kept.iter().any(|k| k.starts_with("lockdep")),
+            "{:?}",
+            plan.kept
+        );
 
         std::fs::write(&file, "int f(void)\n{\n\tWARN_ON(1);\n").unwrap();
         let e = Evidence::new("WARNING in ext4_write_inode", WARNING, "").with_source(tree.path());
@@ -489,23 +545,38 @@ Call Trace:
         let e = Evidence::new("possible deadlock in ext4_xattr_set_handle", LOCKDEP, "");
         let gone = removed_of(&e);
         assert!(!gone.contains(&"PROVE_LOCKING") && !gone.contains(&"DEBUG_LOCK_ALLOC"));
-        assert!(gone.contains(&"KASAN") && gone.contains(&"DETECT_HUNG_TASK"), "{gone:?}");
+        assert!(
+            gone.contains(&"KASAN") && gone.contains(&"DETECT_HUNG_TASK"),
+            "{gone:?}"
+        );
     }
 
     #[test]
     fn a_hung_task_keeps_the_detector() {
         let e = Evidence::new("INFO: task hung in __flush_work", HUNG, "");
         let gone = removed_of(&e);
-        assert!(!gone.contains(&"DETECT_HUNG_TASK") && !gone.contains(&"BOOTPARAM_HUNG_TASK_PANIC"));
-        assert!(gone.contains(&"KASAN") && gone.contains(&"PROVE_LOCKING"), "{gone:?}");
+        assert!(
+            !gone.contains(&"DETECT_HUNG_TASK") && !gone.contains(&"BOOTPARAM_HUNG_TASK_PANIC")
+        );
+        assert!(
+            gone.contains(&"KASAN") && gone.contains(&"PROVE_LOCKING"),
+            "{gone:?}"
+        );
     }
 
     #[test]
     fn a_general_protection_fault_on_kasan_keeps_kasan_and_its_subsystem() {
         let repro = "int fd = open(\"/dev/raw-gadget\", O_RDWR);";
-        let e = Evidence::new("general protection fault in usb_gadget_udc_reset", GPF, repro);
+        let e = Evidence::new(
+            "general protection fault in usb_gadget_udc_reset",
+            GPF,
+            repro,
+        );
         let gone = removed_of(&e);
-        assert!(!gone.contains(&"KASAN") && !gone.contains(&"USB_SUPPORT"), "{gone:?}");
+        assert!(
+            !gone.contains(&"KASAN") && !gone.contains(&"USB_SUPPORT"),
+            "{gone:?}"
+        );
         assert!(gone.contains(&"BT") && gone.contains(&"SOUND") && gone.contains(&"PROVE_LOCKING"));
     }
 
@@ -517,10 +588,16 @@ Call Trace:
         assert_eq!(plan.base, SYZBOT_CONFIG);
         let added: Vec<&str> = plan.added.iter().map(|c| c.option.as_str()).collect();
         // syzbot's configs have KCOV already; kvm-clock must go, PVH must come.
-        assert!(added.contains(&"KVM_GUEST") && added.contains(&"PVH"), "{added:?}");
+        assert!(
+            added.contains(&"KVM_GUEST") && added.contains(&"PVH"),
+            "{added:?}"
+        );
         assert!(!added.contains(&"KCOV"));
         let text = plan.changes_text();
-        assert!(text.contains("CONFIG_KVM_GUEST: y -> not set (rrr needs it)"), "{text}");
+        assert!(
+            text.contains("CONFIG_KVM_GUEST: y -> not set (rrr needs it)"),
+            "{text}"
+        );
     }
 
     #[test]

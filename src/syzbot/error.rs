@@ -21,7 +21,9 @@ pub enum SyzbotError {
         reason: String,
     },
 
-    #[error("{url} kept answering HTTP 429 (rate limited) after {attempts} attempts; try again later")]
+    #[error(
+        "{url} kept answering HTTP 429 (rate limited) after {attempts} attempts; try again later"
+    )]
     RateLimited { url: String, attempts: u32 },
 
     #[error("the answer from {url} is not valid syzbot bug JSON: {source}")]

@@ -37,15 +37,20 @@ pub fn checkout(
             fetched: false,
         });
     }
-    let repo = root
-        .join("repos")
-        .join(format!("{}.git", &hex::encode(Sha256::digest(source.repo.as_bytes()))[..16]));
+    let repo = root.join("repos").join(format!(
+        "{}.git",
+        &hex::encode(Sha256::digest(source.repo.as_bytes()))[..16]
+    ));
     if !repo.join("HEAD").is_file() {
         std::fs::create_dir_all(&repo).map_err(SyzbotError::io(&repo))?;
         git(&repo, &["init", "-q", "--bare"])?;
         let _ = std::fs::write(repo.join("rrr-remote"), format!("{}\n", source.repo));
     }
-    let have = git(&repo, &["cat-file", "-e", &format!("{}^{{commit}}", source.commit)]).is_ok();
+    let have = git(
+        &repo,
+        &["cat-file", "-e", &format!("{}^{{commit}}", source.commit)],
+    )
+    .is_ok();
     if !have {
         if offline {
             return Err(SyzbotError::Git {
@@ -53,7 +58,11 @@ pub fn checkout(
                 detail: "the commit is not in the cache and --offline forbids fetching".into(),
             });
         }
-        progress(&format!("fetching {} from {}", short(&source.commit), source.repo));
+        progress(&format!(
+            "fetching {} from {}",
+            short(&source.commit),
+            source.repo
+        ));
         fetch(&repo, source)?;
     }
     if tree.exists() {
@@ -67,7 +76,14 @@ pub fn checkout(
         .map_err(SyzbotError::io(&tree))?;
     git(
         &repo,
-        &["worktree", "add", "--detach", "-f", &path_str(&tree), &source.commit],
+        &[
+            "worktree",
+            "add",
+            "--detach",
+            "-f",
+            &path_str(&tree),
+            &source.commit,
+        ],
     )?;
     std::fs::write(&done, format!("{}\n{}\n", source.repo, source.commit))
         .map_err(SyzbotError::io(&done))?;
@@ -194,7 +210,10 @@ mod tests {
         };
         let got = checkout(&source, cache.path(), false, &|_| {}).unwrap();
         assert!(got.fetched);
-        assert_eq!(std::fs::read_to_string(got.dir.join("Makefile")).unwrap(), "# v1\n");
+        assert_eq!(
+            std::fs::read_to_string(got.dir.join("Makefile")).unwrap(),
+            "# v1\n"
+        );
         // Shallow: the newer commit was not fetched along.
         let repo = got.dir.join(".git");
         assert!(repo.is_file(), "a worktree has a .git file");
@@ -209,7 +228,9 @@ mod tests {
             repo: url,
             commit: second,
         };
-        let err = checkout(&other, cache.path(), true, &|_| {}).unwrap_err().to_string();
+        let err = checkout(&other, cache.path(), true, &|_| {})
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("--offline"), "{err}");
         assert!(checkout(&other, cache.path(), false, &|_| {}).is_ok());
     }
@@ -237,7 +258,9 @@ mod tests {
             repo: "file:///nonexistent/rrr-test/linux.git".into(),
             commit: "0123456789abcdef0123456789abcdef01234567".into(),
         };
-        let err = checkout(&source, cache.path(), false, &|_| {}).unwrap_err().to_string();
+        let err = checkout(&source, cache.path(), false, &|_| {})
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/nonexistent/rrr-test/linux.git"), "{err}");
     }
 }

@@ -36,9 +36,14 @@ const I386_ONLY: &[&str] = &[
 /// Why a reproducer is built 32-bit, or `None` for 64-bit.
 pub fn needs_m32(repro: &str, repro_opts: &str) -> Option<String> {
     let opts = repro_opts.to_lowercase().replace(' ', "");
-    if ["\"arch\":\"386\"", "arch:386", "\"arch\":\"i386\"", "arch:i386"]
-        .iter()
-        .any(|p| opts.contains(p))
+    if [
+        "\"arch\":\"386\"",
+        "arch:386",
+        "\"arch\":\"i386\"",
+        "arch:i386",
+    ]
+    .iter()
+    .any(|p| opts.contains(p))
     {
         return Some("repro-opts name the 386 target".into());
     }
@@ -66,7 +71,13 @@ mod tests {
 
     #[test]
     fn a_64_bit_reproducer_stays_64_bit() {
-        assert_eq!(needs_m32(REPRO64, r#"{"threaded":true,"repeat":true,"procs":1,"sandbox":"none"}"#), None);
+        assert_eq!(
+            needs_m32(
+                REPRO64,
+                r#"{"threaded":true,"repeat":true,"procs":1,"sandbox":"none"}"#
+            ),
+            None
+        );
     }
 
     #[test]

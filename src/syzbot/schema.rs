@@ -207,14 +207,14 @@ mod tests {
     #[test]
     fn links_are_relative_and_escaped() {
         assert_eq!(
-            resolve_link(
-                "http://127.0.0.1:8080/",
-                "/text?tag=ReproC&amp;x=1234abcd"
-            ),
+            resolve_link("http://127.0.0.1:8080/", "/text?tag=ReproC&amp;x=1234abcd"),
             "http://127.0.0.1:8080/text?tag=ReproC&x=1234abcd"
         );
         assert_eq!(
-            resolve_link("https://syzkaller.appspot.com", "text?tag=KernelConfig\\u0026x=9"),
+            resolve_link(
+                "https://syzkaller.appspot.com",
+                "text?tag=KernelConfig\\u0026x=9"
+            ),
             "https://syzkaller.appspot.com/text?tag=KernelConfig&x=9"
         );
         assert_eq!(
@@ -243,7 +243,10 @@ mod tests {
         assert_eq!(bug.pick(None).unwrap().index, 1);
         assert_eq!(bug.pick(Some(2)).unwrap().index, 2);
         let err = bug.pick(Some(0)).unwrap_err().to_string();
-        assert!(err.contains("crash 0") && err.contains("c-reproducer"), "{err}");
+        assert!(
+            err.contains("crash 0") && err.contains("c-reproducer"),
+            "{err}"
+        );
         let err = bug.pick(Some(3)).unwrap_err().to_string();
         assert!(err.contains("out of range"), "{err}");
         let none = Bug {
@@ -252,6 +255,9 @@ mod tests {
             ..Bug::default()
         };
         let err = none.pick(None).unwrap_err().to_string();
-        assert!(err.contains("no C reproducer in any of its 2 crashes"), "{err}");
+        assert!(
+            err.contains("no C reproducer in any of its 2 crashes"),
+            "{err}"
+        );
     }
 }

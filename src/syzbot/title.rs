@@ -35,10 +35,7 @@ static REPLACEMENTS: LazyLock<Vec<Replacement>> = LazyLock::new(|| {
         r(r"syz-executor\.?[0-9]+((/|:)[0-9]+)?", "syz-executor"),
         r(r"syzkaller[0-9]+((/|:)[0-9]+)?", "syzkaller"),
         r(r"([^a-zA-Z0-9])(?:0x)?[0-9a-f]{6,}", "${1}ADDR"),
-        r(
-            r"([0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3})",
-            "IP",
-        ),
+        r(r"([0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3})", "IP"),
         r(r"(\.\w+)(:[0-9]+)+", "${1}:LINE"),
         r(r"([a-zA-Z][a-zA-Z0-9_.]+)\+0x[0-9a-z]+/0x[0-9a-z]+", "${1}"),
         r(r"CPU#[0-9]+", "CPU"),
@@ -136,13 +133,19 @@ mod tests {
             "BUG: soft lockup - CPU stuck for 22s!"
         );
         // Digits inside names survive.
-        assert_eq!(normalize("WARNING in cfg80211_connect"), "WARNING in cfg80211_connect");
+        assert_eq!(
+            normalize("WARNING in cfg80211_connect"),
+            "WARNING in cfg80211_connect"
+        );
     }
 
     #[test]
     fn the_recurrence_suffix_is_not_part_of_the_bug() {
         assert_eq!(
-            compare("WARNING in ext4_fill_super (2)", "WARNING in ext4_fill_super"),
+            compare(
+                "WARNING in ext4_fill_super (2)",
+                "WARNING in ext4_fill_super"
+            ),
             TitleMatch::Same
         );
     }
@@ -157,7 +160,10 @@ mod tests {
             TitleMatch::Similar
         );
         assert_eq!(
-            compare("KASAN: use-after-free Read in foo", "KASAN: use-after-free Read in bar"),
+            compare(
+                "KASAN: use-after-free Read in foo",
+                "KASAN: use-after-free Read in bar"
+            ),
             TitleMatch::Different
         );
         assert_eq!(
