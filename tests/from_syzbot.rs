@@ -424,6 +424,8 @@ fn end_to_end_from_a_served_bug_to_a_run_that_crashes_as_the_bug_did() {
         .output()
         .unwrap();
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    // The stage times, for `--nocapture`.
+    eprintln!("{stderr}\n{stdout}");
     assert!(out.status.success(), "{stdout}\n{stderr}");
     let verdict: Value =
         serde_json::from_str(&std::fs::read_to_string(work.join("from-syzbot.json")).unwrap())

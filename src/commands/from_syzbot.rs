@@ -530,6 +530,10 @@ fn snapshot(
     say: &dyn Fn(&str),
 ) -> Result<((), bool)> {
     say("the machine at the agent's READY (taken once per kernel, then checked)");
+    // The snapshot is keyed inside the carrier (by its CPU model), so whether it was cached is
+    // read afterwards: no snapshot file newer than this stage's start.
+    let snapshots = crate::cache::cache_dir()?.join("snapshots");
+    let stage_start = std::time::SystemTime::now();
     let code = super::snapshot::run(super::snapshot::Args {
         kernel: Some(kernel.dir.clone()),
         mem: args.mem,
@@ -540,7 +544,17 @@ fn snapshot(
     if code != 0 {
         bail!("taking the snapshot failed (exit status {code})");
     }
-    Ok(((), false))
+    let taken = std::fs::read_dir(&snapshots)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "rrrsnap"))
+        .any(|e| {
+            e.metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t >= stage_start)
+        });
+    Ok(((), !taken))
 }
 
 fn run_repro(
