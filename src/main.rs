@@ -9,6 +9,7 @@ mod commands;
 mod digest;
 mod machine;
 mod progress;
+mod syzbot;
 
 use clap::{Parser, Subcommand};
 
@@ -42,6 +43,8 @@ enum Command {
     Snapshot(commands::snapshot::Args),
     /// Build the kernel and rootfs, restore the snapshot (or boot), and run a stimulus once.
     Run(commands::run::Args),
+    /// From a syzbot bug (extid, id or URL) to a run of its reproducer on its kernel.
+    FromSyzbot(commands::from_syzbot::Args),
     /// The README's main job: doctor, default kernel, example stimulus, end to end.
     Demo(commands::demo::Args),
 }
@@ -58,6 +61,7 @@ fn main() {
         Command::Snapshot(args) => commands::snapshot::run(args),
         Command::Run(args) => commands::run::run(args),
         Command::Demo(args) => commands::demo::run(args),
+        Command::FromSyzbot(args) => commands::from_syzbot::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

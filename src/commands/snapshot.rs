@@ -48,6 +48,27 @@ const KERNEL_ENV: &str = "RRR_SNAPSHOT_KERNEL";
 const ROOTFS_ENV: &str = "RRR_SNAPSHOT_ROOTFS";
 
 pub fn run(args: Args) -> Result<i32> {
+    run_as(args, None)
+}
+
+/// `rrr snapshot` with these words after it, for a command that takes the snapshot on the
+/// user's behalf (`rrr from-syzbot`): inside the carrier, these words run, not the caller's.
+pub fn run_words(words: &[std::ffi::OsString]) -> Result<i32> {
+    #[derive(clap::Parser)]
+    #[command(name = "rrr snapshot")]
+    struct Line {
+        #[command(flatten)]
+        args: Args,
+    }
+    let argv =
+        std::iter::once(std::ffi::OsString::from("rrr snapshot")).chain(words.iter().cloned());
+    let line = <Line as clap::Parser>::try_parse_from(argv)?;
+    let mut command_line = vec![std::ffi::OsString::from("snapshot")];
+    command_line.extend(words.iter().cloned());
+    run_as(line.args, Some(command_line))
+}
+
+fn run_as(args: Args, command_line: Option<Vec<std::ffi::OsString>>) -> Result<i32> {
     let kernel = match &args.kernel {
         Some(path) => super::boot::resolve_kernel(path)?,
         None => super::kernel::ensure_default_kernel()?.vmlinux(),
@@ -60,7 +81,7 @@ pub fn run(args: Args) -> Result<i32> {
     let kind = KvmKind::detect();
     if !kind.is_hardware() && !args.direct && !crate::carrier::inside_carrier() {
         tracing::info!("host KVM: {kind}; --direct would take the snapshot on it anyway");
-        return snapshot_inside_carrier(&kernel, &rootfs);
+        return snapshot_inside_carrier(&kernel, &rootfs, command_line);
     }
     let spec = MachineSpec {
         kernel,
@@ -156,7 +177,11 @@ fn ensure_snapshot(spec: &MachineSpec) -> Result<PathBuf> {
 }
 
 /// Reruns this command in the carrier, handing over the kernel and image found on the host.
-fn snapshot_inside_carrier(kernel: &Path, rootfs: &Path) -> Result<i32> {
+fn snapshot_inside_carrier(
+    kernel: &Path,
+    rootfs: &Path,
+    command_line: Option<Vec<std::ffi::OsString>>,
+) -> Result<i32> {
     // Digests are memoized in the cache; computing them here, natively, spares the carrier
     // from hashing the kernel under emulation.
     crate::digest::file_sha256(kernel)?;
@@ -167,6 +192,7 @@ fn snapshot_inside_carrier(kernel: &Path, rootfs: &Path) -> Result<i32> {
             (KERNEL_ENV.into(), absolute(kernel).into()),
             (ROOTFS_ENV.into(), absolute(rootfs).into()),
         ],
+        command_line,
         ..Default::default()
     })
 }
