@@ -17,6 +17,7 @@ pub mod devices;
 pub mod host;
 pub mod irq;
 pub mod persist;
+pub mod rr;
 pub mod run_loop;
 pub mod stall;
 pub mod vstate;

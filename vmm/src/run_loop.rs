@@ -25,6 +25,7 @@ use crate::description::VmDescription;
 use crate::devices::control::ControlEvent;
 use crate::devices::progress::ProgressCounts;
 use crate::irq::IrqLines;
+use crate::rr::{ExecMode, ExitWhat, Plain, RrError};
 use crate::stall::{LandmarkCounts, StallTracker, Verdict};
 use crate::vstate::vcpu::{VcpuError, VcpuKicker};
 use crate::watchdog::Watchdog;
@@ -194,6 +195,9 @@ pub enum RunError {
     },
     #[error("starting the host-time watchdog failed: {0}")]
     Watchdog(std::io::Error),
+    /// Recording or replaying failed, or the replay diverged.
+    #[error(transparent)]
+    Rr(#[from] RrError),
     #[error("stopping the vCPU at READY failed: {0}")]
     Quiesce(crate::vstate::vcpu_state::VcpuStateError),
 }
@@ -267,6 +271,9 @@ struct Runner<'a> {
     stalls: StallTracker,
     virtual_limit: Option<VirtualTime>,
     stop_at_ready: bool,
+    /// Record, replay, or a plain run (`rr`).
+    mode: &'a mut dyn ExecMode,
+    last_exit: ExitWhat,
 }
 
 /// Runs the VM from the start until it powers off, reboots, faults, or a time limit passes.
@@ -286,6 +293,17 @@ pub fn run_until(
     input: Option<InputReceiver>,
     until: Until,
 ) -> Result<Stopped, RunError> {
+    run_until_with(vmm, state, input, until, &mut Plain)
+}
+
+/// [`run_until`] in an execution mode: recording or replaying (`rr`).
+pub fn run_until_with(
+    vmm: &mut Vmm,
+    state: RunState,
+    input: Option<InputReceiver>,
+    until: Until,
+    mode: &mut dyn ExecMode,
+) -> Result<Stopped, RunError> {
     let started = Instant::now();
     let kicker = VcpuKicker::for_current_thread()?;
     let watchdog = Some(Watchdog::start(vmm.config.host_timeout(), kicker))
@@ -303,6 +321,8 @@ pub fn run_until(
         watchdog,
         stalls: StallTracker::new(),
         stop_at_ready,
+        mode,
+        last_exit: ExitWhat::Window,
     };
     let end = runner.run_until_end();
     runner.stats.virtual_time = runner.clock.now();
@@ -364,12 +384,19 @@ impl Runner<'_> {
             if self.host_timed_out() {
                 return Ok(Some(RunEnd::HostTimeout));
             }
+            // A replay gives the recorded landmarks where they were recorded (`rr::replay`).
+            if self.mode.landmark_due(self.vmm, self.stats.exits)? {
+                self.landmark()?;
+                continue;
+            }
             let step = self.enter()?;
             let end = match step {
                 Step::Kick => {
                     tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, "kick");
                     self.stats.kicks += 1;
-                    if self.watchdog.as_ref().is_some_and(Watchdog::take_stall) {
+                    if self.watchdog.as_ref().is_some_and(Watchdog::take_stall)
+                        && self.mode.host_landmarks()
+                    {
                         self.stalled()?;
                     }
                     continue;
@@ -419,6 +446,7 @@ impl Runner<'_> {
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, addr, "mmio read");
                 self.stats.mmio_exits += 1;
+                self.last_exit = ExitWhat::Mmio { addr, write: false };
                 let mut cx = DeviceContext {
                     now,
                     irqs: &mut self.irqs,
@@ -429,6 +457,7 @@ impl Runner<'_> {
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, addr, "mmio write");
                 self.stats.mmio_exits += 1;
+                self.last_exit = ExitWhat::Mmio { addr, write: true };
                 let mut cx = DeviceContext {
                     now,
                     irqs: &mut self.irqs,
@@ -438,10 +467,12 @@ impl Runner<'_> {
             }
             Ok(VcpuExit::IrqWindowOpen) => {
                 tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, "window");
+                self.last_exit = ExitWhat::Window;
                 Step::Sync
             }
             Ok(VcpuExit::Hlt) => {
                 tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, "hlt");
+                self.last_exit = ExitWhat::Halt;
                 Step::Halt
             }
             Ok(VcpuExit::Shutdown) => Step::Shutdown,
@@ -492,6 +523,10 @@ impl Runner<'_> {
         let port = u64::from(io.port);
         let write = u32::from(io.direction) == kvm_bindings::KVM_EXIT_IO_OUT;
         tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, port, write, len, "pio");
+        self.last_exit = ExitWhat::Pio {
+            port: io.port,
+            write,
+        };
         for element in data.chunks_mut(size) {
             let mut cx = DeviceContext {
                 now,
@@ -525,7 +560,10 @@ impl Runner<'_> {
     }
 
     /// Moves queued console input into the UART as far as its FIFO has room.
-    fn deliver_input(&mut self) {
+    fn deliver_input(&mut self) -> Result<(), RunError> {
+        if self.mode.feeds_input() {
+            return self.deliver_logged_input();
+        }
         if let Some(rx) = &self.input {
             loop {
                 match rx.try_recv() {
@@ -539,17 +577,35 @@ impl Runner<'_> {
             }
         }
         if self.pending_input.is_empty() {
-            return;
+            return Ok(());
         }
         let mut serial = lock(&self.vmm.devices.serial);
         let room = serial.receive_room().min(self.pending_input.len());
         if room == 0 {
-            return;
+            return Ok(());
         }
         let chunk: Vec<u8> = self.pending_input.drain(..room).collect();
         serial.queue_input(&chunk, &mut self.irqs);
         drop(serial);
         self.drain_irqs();
+        self.mode
+            .input_delivered(self.stats.exits, self.clock.now(), &chunk)?;
+        Ok(())
+    }
+
+    /// A replay's console input: the log's, at the exit and virtual time it was delivered.
+    fn deliver_logged_input(&mut self) -> Result<(), RunError> {
+        loop {
+            let room = lock(&self.vmm.devices.serial).receive_room();
+            let Some(chunk) = self
+                .mode
+                .input_due(self.stats.exits, self.clock.now(), room)?
+            else {
+                return Ok(());
+            };
+            lock(&self.vmm.devices.serial).queue_input(&chunk, &mut self.irqs);
+            self.drain_irqs();
+        }
     }
 
     /// The guest ran a stall period without a synchronous exit (see `watchdog`); `stall`
@@ -573,6 +629,7 @@ impl Runner<'_> {
                     "stall landmark"
                 );
                 self.stats.landmark_kinds.count(cause);
+                self.mode.landmark(self.vmm, self.stats.exits, cause)?;
                 self.landmark()
             }
         }
@@ -586,7 +643,7 @@ impl Runner<'_> {
             self.clock.advance_to(deadline);
         }
         self.advance_timers();
-        self.deliver_input();
+        self.deliver_input()?;
         self.inject_or_request_window()
     }
 
@@ -606,6 +663,8 @@ impl Runner<'_> {
                 self.clock.tick();
             }
         }
+        self.mode
+            .after_exit(self.vmm, self.stats.exits, self.clock.now(), self.last_exit)?;
         if lock(&self.vmm.devices.i8042).take_reset_request() {
             return Ok(Some(RunEnd::Reboot));
         }
@@ -616,7 +675,7 @@ impl Runner<'_> {
             return Ok(Some(RunEnd::VirtualTimeout));
         }
         self.advance_timers();
-        self.deliver_input();
+        self.deliver_input()?;
         self.inject_or_request_window()?;
         Ok(None)
     }
@@ -655,11 +714,13 @@ impl Runner<'_> {
             watchdog.note_progress(self.stats.exits);
         }
         self.clock.tick();
+        self.mode
+            .after_exit(self.vmm, self.stats.exits, self.clock.now(), self.last_exit)?;
         if !interrupts_on {
             return Ok(Some(RunEnd::PowerOff));
         }
         self.advance_timers();
-        self.deliver_input();
+        self.deliver_input()?;
         let mut jumps = 0u32;
         while !lock(&self.vmm.devices.pic).interrupt_pending() {
             if self.host_timed_out() {
@@ -689,7 +750,7 @@ impl Runner<'_> {
                     jumps = 0;
                 }
             }
-            self.deliver_input();
+            self.deliver_input()?;
         }
         self.inject_or_request_window()?;
         Ok(None)
@@ -700,6 +761,13 @@ impl Runner<'_> {
     fn wait_for_input(&mut self, reason: &'static str) -> Result<bool, RunError> {
         // Input reaches the guest only while its UART receives; otherwise none can wake it.
         let receiving = lock(&self.vmm.devices.serial).receive_room() > 0;
+        if self.mode.feeds_input()
+            && self
+                .mode
+                .input_pending_at(self.stats.exits, self.clock.now())
+        {
+            return Ok(true);
+        }
         if receiving && !self.pending_input.is_empty() {
             return Ok(true);
         }
