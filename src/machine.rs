@@ -35,6 +35,11 @@ pub struct MachineSpec {
     pub mem_mib: u64,
     /// Extra kernel parameters from the user, after rrr's own.
     pub append: Option<String>,
+    /// The boot entropy seed (`setup_data` `SETUP_RNG_SEED`): part of the snapshot, since the
+    /// kernel took it at boot.
+    pub seed: u64,
+    /// Basic blocks per progress exit the guest was built for.
+    pub progress_interval: u64,
 }
 
 impl MachineSpec {
@@ -44,6 +49,8 @@ impl MachineSpec {
         config.mem_mib = self.mem_mib;
         config.append = MACHINE_PARAMS.map(String::from).to_vec();
         config.append.extend(self.append.iter().cloned());
+        config.rng_seed = rrr_vmm::config::rng_seed(self.seed);
+        config.progress_interval = self.progress_interval;
         config
     }
 
@@ -94,9 +101,13 @@ impl MachineSpec {
         field(expected.kernel_sha256.as_bytes());
         field(expected.rootfs_sha256.as_bytes());
         field(&expected.mem_bytes.to_le_bytes());
-        for param in self.vm_config().append {
+        let config = self.vm_config();
+        for param in &config.append {
             field(param.as_bytes());
         }
+        field(&config.rng_seed);
+        field(&config.progress_interval.to_le_bytes());
+        field(&config.quantum_ns.to_le_bytes());
         for entry in cpu.as_slice() {
             field(format!("{entry:?}").as_bytes());
         }
@@ -274,19 +285,7 @@ pub fn start(
     let boot_console = std::fs::read(console_log)
         .with_context(|| format!("cannot read back {}", console_log.display()))?;
     let Some((path, expected)) = snapshot else {
-        return Ok(Started::AtReady(Box::new(AtReady {
-            vmm,
-            state,
-            report: StartReport {
-                kind: StartKind::Booted,
-                snapshot: None,
-                start_ms: boot_ms,
-                save_ms: None,
-                snapshot_file_bytes: None,
-                snapshot_disk_bytes: None,
-            },
-            boot_console,
-        })));
+        return Ok(booted(vmm, state, boot_ms, boot_console));
     };
     let identity = SnapshotIdentity {
         rrr_version: expected.rrr_version.clone(),
@@ -298,8 +297,18 @@ pub fn start(
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     let _ = std::fs::remove_file(verified_marker(&path));
-    let saved = persist::save(&mut vmm, &state, &identity, &boot_console, &path)
-        .map_err(|e| snapshot_error(e, &path))?;
+    let saved = match persist::save(&mut vmm, &state, &identity, &boot_console, &path) {
+        Ok(saved) => saved,
+        Err(err) => {
+            // A snapshot is only a cache: a full disk must not cost the run. The writer has
+            // removed its partial file.
+            eprintln!(
+                "rrr: warning: {:#}; going on without a snapshot (the next run boots again)",
+                snapshot_error(err, &path)
+            );
+            return Ok(booted(vmm, state, boot_ms, boot_console));
+        }
+    };
     // Its checksums were computed from the guest's own memory as it was written.
     mark_verified(&saved.path);
     Ok(Started::AtReady(Box::new(AtReady {
@@ -356,6 +365,23 @@ pub fn mark_verified(path: &Path) {
         // Best effort: without the marker the next restore checks the file again.
         let _ = std::fs::write(verified_marker(path), stamp);
     }
+}
+
+/// A VM booted to READY with no snapshot made.
+fn booted(vmm: Vmm, state: RunState, boot_ms: f64, boot_console: Vec<u8>) -> Started {
+    Started::AtReady(Box::new(AtReady {
+        vmm,
+        state,
+        report: StartReport {
+            kind: StartKind::Booted,
+            snapshot: None,
+            start_ms: boot_ms,
+            save_ms: None,
+            snapshot_file_bytes: None,
+            snapshot_disk_bytes: None,
+        },
+        boot_console,
+    }))
 }
 
 fn snapshot_error(err: SnapshotError, path: &Path) -> anyhow::Error {

@@ -9,6 +9,7 @@ mod commands;
 mod digest;
 mod machine;
 mod progress;
+mod syzbot;
 
 use clap::{Parser, Subcommand};
 
@@ -42,6 +43,8 @@ enum Command {
     Snapshot(commands::snapshot::Args),
     /// Build the kernel and rootfs, restore the snapshot (or boot), and run a stimulus once.
     Run(commands::run::Args),
+    /// From a syzbot bug (extid, id or URL) to a run of its reproducer on its kernel.
+    FromSyzbot(commands::from_syzbot::Args),
     /// `rrr run` from the machine's snapshot, writing a recording that replays exactly.
     Record(commands::record::Args),
     /// Replay a recording: the same console, the same verdict, every checkpoint checked.
@@ -64,6 +67,7 @@ fn main() {
         Command::Record(args) => commands::record::run(args),
         Command::Replay(args) => commands::replay::run(args),
         Command::Demo(args) => commands::demo::run(args),
+        Command::FromSyzbot(args) => commands::from_syzbot::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

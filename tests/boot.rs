@@ -146,9 +146,9 @@ fn exits(summary: &str) -> u64 {
 #[test]
 fn boots_to_init_in_pic_mode_with_jiffies_twice() {
     let kernel = default_kernel();
-    // Under the target directory, not /tmp: the carrier shares the working tree, not the
-    // host's /tmp.
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    // In /tmp, where users keep such files and the carrier has its own tmpfs: the initrd's
+    // directory must be shared with it.
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
     let initrd = initramfs_with_init(dir.path(), "guest/test-init/init.c");
 
     let first = boot(&kernel, &initrd);

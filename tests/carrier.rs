@@ -177,3 +177,138 @@ fn a_large_stdin_arrives_whole_and_a_stdin_that_never_ends_does_not_hold_up_the_
         out.stdout.len()
     );
 }
+
+/// A process's parent and start time (clock ticks since boot), from `/proc/PID/stat`; `None`
+/// when it is gone or a zombie (dead, waiting to be reaped).
+fn parent_and_start(pid: u32) -> Option<(u32, u64, String)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat[open + 1..close].to_owned();
+    // After the command: state, ppid, ..., starttime (field 22 of the whole line).
+    let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    Some((
+        fields.get(1)?.parse().ok()?,
+        fields.get(19)?.parse().ok()?,
+        comm,
+    ))
+}
+
+/// The carrier QEMU started by `parent`, as (pid, start time).
+fn qemu_child_of(parent: u32) -> Option<(u32, u64)> {
+    std::fs::read_dir("/proc").ok()?.find_map(|entry| {
+        let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+        let (ppid, start, comm) = parent_and_start(pid)?;
+        (ppid == parent && comm.starts_with("qemu-system")).then_some((pid, start))
+    })
+}
+
+/// Whether the process `pid` that started at `start` still runs (and not a new one by that pid).
+fn still_running(pid: u32, start: u64) -> bool {
+    parent_and_start(pid).is_some_and(|(_, s, _)| s == start)
+}
+
+/// Starts `rrr ARGS`, waits until its carrier QEMU runs, sends rrr `signal`, and checks that
+/// rrr ends and that its QEMU ends with it: a carrier must never outlive its rrr.
+fn a_signal_to_rrr_ends_its_carrier(args: &[&str], signal: i32) {
+    let built = Command::new(env!("CARGO_BIN_EXE_rrr"))
+        .args(["kernel", "build", "--carrier"])
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rrr"))
+        .args(args)
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let stderr = || std::fs::read_to_string(&log).unwrap_or_default();
+    let started = std::time::Instant::now();
+    let (qemu, qemu_start) = loop {
+        if let Some(found) = qemu_child_of(child.id()) {
+            break found;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "rrr {args:?} ended ({status}) before its carrier started:\n{}",
+                stderr()
+            );
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            let _ = child.kill();
+            panic!(
+                "rrr {args:?} started no carrier within 300 s:\n{}",
+                stderr()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Let QEMU get going (it is starting the carrier's kernel), then signal rrr alone.
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: signalling the child this test started.
+    unsafe { libc::kill(child.id() as i32, signal) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            // SAFETY: the carrier this test's rrr started.
+            unsafe { libc::kill(qemu as i32, libc::SIGKILL) };
+            panic!(
+                "rrr did not end within 60 s of signal {signal}:\n{}",
+                stderr()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while still_running(qemu, qemu_start) {
+        if std::time::Instant::now() > deadline {
+            // SAFETY: as above.
+            unsafe { libc::kill(qemu as i32, libc::SIGKILL) };
+            panic!(
+                "the carrier QEMU (pid {qemu}) outlived rrr ({status}) after signal {signal}:\n{}",
+                stderr()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if signal != libc::SIGKILL {
+        assert_eq!(status.code(), Some(128 + signal), "{}", stderr());
+        assert!(stderr().contains("the carrier was stopped"), "{}", stderr());
+    }
+}
+
+#[test]
+fn sigterm_sighup_and_sigint_to_rrr_carrier_run_stop_its_carrier() {
+    for signal in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT] {
+        a_signal_to_rrr_ends_its_carrier(&["carrier", "run", "--", "sleep", "600"], signal);
+    }
+}
+
+#[test]
+fn sigterm_and_sigkill_to_rrr_run_end_its_carrier() {
+    let stimulus = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/stimuli/spin_forever.c");
+    let stimulus = stimulus.to_str().unwrap();
+    // `kill -TERM`, as `timeout` and CI runners do, and SIGKILL, which no handler sees: the
+    // kernel ends the carrier (PR_SET_PDEATHSIG), as for any other end of rrr (a panic).
+    for signal in [libc::SIGTERM, libc::SIGKILL] {
+        a_signal_to_rrr_ends_its_carrier(
+            &["run", stimulus, "--time-limit", "120", "--quiet"],
+            signal,
+        );
+    }
+}

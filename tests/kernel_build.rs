@@ -77,3 +77,141 @@ fn a_missing_source_tree_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not a kernel source tree"), "{stderr}");
 }
+
+/// A stand-in for a kernel tree: just enough of kbuild for rrr's build driver (Kconfig targets,
+/// `merge_config.sh`, `make O=DIR vmlinux bzImage`, kbuild's step lines), where "vmlinux" is
+/// every `init/*.c` compiled together with DWARF. It builds in a fraction of a second, so the cache's reaction to edits can be tested
+/// through the real `rrr kernel build` without a real kernel build.
+fn fake_kernel_tree(dir: &std::path::Path) {
+    std::fs::create_dir_all(dir.join("scripts/kconfig")).unwrap();
+    std::fs::create_dir_all(dir.join("init")).unwrap();
+    std::fs::write(
+        dir.join("Makefile"),
+        "O ?= .\n\
+         kernelversion:\n\t@echo 6.99.0-fake\n\
+         tinyconfig:\n\t@echo CONFIG_FAKE=y > $(O)/.config\n\
+         olddefconfig:\n\t@true\n\
+         vmlinux:\n\t@echo '  CC      init/main.o'\n\t@cat $(sort $(wildcard init/*.c)) > $(O)/all.c\n\t\
+         @echo '  LD      vmlinux'\n\t@gcc -g -c -x c -o $(O)/vmlinux $(O)/all.c\n\
+         bzImage: vmlinux\n\tmkdir -p $(O)/arch/x86/boot && cp $(O)/vmlinux $(O)/arch/x86/boot/bzImage\n\
+         .PHONY: kernelversion tinyconfig olddefconfig vmlinux bzImage\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("Kconfig"), "").unwrap();
+    // `merge_config.sh -m -O DIR BASE FRAGMENT...`: later lines win, as they do in Kconfig.
+    std::fs::write(
+        dir.join("scripts/kconfig/merge_config.sh"),
+        "shift; shift; out=$1; shift; cat \"$@\" > \"$out/.config\"\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("init/main.c"), version("first")).unwrap();
+}
+
+/// A C file whose object holds `text`.
+fn version(text: &str) -> String {
+    format!(
+        "const char version_{}[] = \"{text} version\";\n",
+        text.len()
+    )
+}
+
+/// `rrr kernel build --source TREE` with its own cache: the build's directory, its vmlinux and
+/// what it printed on stderr.
+fn build_tree(
+    tree: &std::path::Path,
+    cache: &std::path::Path,
+) -> (std::path::PathBuf, Vec<u8>, String) {
+    let out = rrr()
+        .args(["kernel", "build", "--source"])
+        .arg(tree)
+        .env("RRR_CACHE_DIR", cache)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "rrr kernel build failed:\n{stderr}");
+    let dir = std::path::PathBuf::from(String::from_utf8(out.stdout).unwrap().trim_end());
+    let vmlinux = std::fs::read(dir.join("vmlinux")).unwrap();
+    (dir, vmlinux, stderr)
+}
+
+fn holds(vmlinux: &[u8], text: &str) -> bool {
+    vmlinux.windows(text.len()).any(|w| w == text.as_bytes())
+}
+
+#[test]
+fn an_edited_tree_builds_a_new_vmlinux_in_the_same_object_directory() {
+    let cache = tempfile::tempdir().unwrap();
+    let tree = tempfile::tempdir().unwrap();
+    fake_kernel_tree(tree.path());
+    let (first_dir, first, stderr) = build_tree(tree.path(), cache.path());
+    assert!(holds(&first, "first version"));
+    // Off a terminal, each stage gets a line when it begins and one with its time when it ends.
+    for stage in ["config", "compile", "link", "DWARF"] {
+        assert!(
+            stderr.contains(&format!("rrr: guest kernel: {stage}...\n"))
+                && stderr.contains(&format!("rrr: guest kernel: {stage} done in ")),
+            "no progress lines for {stage}:\n{stderr}"
+        );
+    }
+    assert!(
+        stderr.contains("rrr: guest kernel: compile done in ") && stderr.contains(", 1 step\n"),
+        "{stderr}"
+    );
+    assert_eq!(build_tree(tree.path(), cache.path()).0, first_dir);
+
+    std::fs::write(tree.path().join("init/main.c"), version("second")).unwrap();
+    let (second_dir, second, _) = build_tree(tree.path(), cache.path());
+    assert!(
+        holds(&second, "second version") && !holds(&second, "first version"),
+        "the build from before the edit came back"
+    );
+    assert_ne!(second_dir, first_dir);
+
+    // The objects of a tree are kept across edits: the next build is an incremental make.
+    let objects: Vec<_> = std::fs::read_dir(cache.path().join("kernels/obj"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| !name.ends_with(".lock"))
+        .collect();
+    assert_eq!(
+        objects.len(),
+        1,
+        "one object directory per tree: {objects:?}"
+    );
+}
+
+#[test]
+fn a_new_untracked_file_in_a_git_tree_builds_a_new_vmlinux() {
+    let cache = tempfile::tempdir().unwrap();
+    let tree = tempfile::tempdir().unwrap();
+    fake_kernel_tree(tree.path());
+    for args in [
+        &["init", "-q"][..],
+        &["add", "."],
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "-q",
+            "-m",
+            "x",
+        ],
+    ] {
+        let ok = Command::new("git")
+            .arg("-C")
+            .arg(tree.path())
+            .args(args)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "git {args:?}");
+    }
+    let (_, committed, _) = build_tree(tree.path(), cache.path());
+    assert!(holds(&committed, "first version"));
+    // `git diff HEAD` does not show a new file; the build must.
+    std::fs::write(tree.path().join("init/new.c"), version("untracked")).unwrap();
+    let (_, with_new, _) = build_tree(tree.path(), cache.path());
+    assert!(holds(&with_new, "first version") && holds(&with_new, "untracked version"));
+}

@@ -213,10 +213,6 @@ fn checkpoints(recording: &Recording) -> Vec<&rrr_vmm::rr::log::Checkpoint> {
 }
 
 #[test]
-#[ignore = "replays diverge at exit 16896 on today's kernel: it reads the host TSC for entropy \
-            (random_get_entropy() is rdtsc() whatever clearcpuid says), and the checkpoints see \
-            it in r8 (two recordings differ there too), and ext4_mb_generate_buddy's get_cycles() \
-            reaches the final state hash; un-ignore once the kernel is kept off rdtsc"]
 fn a_recording_replays_exactly_three_times() {
     let _alone = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
     let m = machine("sched_timers.c");
@@ -403,6 +399,8 @@ fn foreign_recording(path: &Path, rrr_version: &str, kernel_sha256: &str) {
             mem_mib: 512,
             append: None,
             checkpoint_interval: 256,
+            seed: 0,
+            progress_interval: 65536,
         },
         start_exits: 0,
         start_time_ns: 0,

@@ -6,6 +6,7 @@
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::RwLock;
@@ -50,14 +51,19 @@ fn rrr_run(name: &str, extra: &[&str]) -> Run {
 
 /// `rrr run` of `stimulus`, with its run directory named after `name`.
 fn rrr_run_with(name: &str, stimulus: &Path, extra: &[&str]) -> Run {
+    rrr_run_in(&run_dir(name), stimulus, extra)
+}
+
+/// `rrr run` of `stimulus` with the run directory `dir`.
+fn rrr_run_in(dir: &Path, stimulus: &Path, extra: &[&str]) -> Run {
     let _shared = MACHINE.read().unwrap_or_else(|e| e.into_inner());
-    let dir = run_dir(name);
+    let name = stimulus.display();
     let output = Command::new(env!("CARGO_BIN_EXE_rrr"))
         .arg("run")
         .arg(stimulus)
         .arg("--quiet")
         .arg("--run-dir")
-        .arg(&dir)
+        .arg(dir)
         .args(extra)
         .output()
         .expect("cannot start rrr");
@@ -68,7 +74,7 @@ fn rrr_run_with(name: &str, stimulus: &Path, extra: &[&str]) -> Run {
         "rrr run {name} failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
         output.status
     );
-    Run::load(&dir, stdout, stderr)
+    Run::load(dir, stdout, stderr)
 }
 
 /// The last line a host-side `rrr` command printed on stdout (a built kernel's or image's path).
@@ -255,9 +261,20 @@ impl Run {
 }
 
 #[test]
-fn exit_status_three_is_reported() {
-    let run = rrr_run(
-        "exit3.c",
+fn exit_status_three_is_reported_for_a_stimulus_and_run_directory_in_tmp() {
+    // Users download reproducers to /tmp, which the carrier mounts its own tmpfs over: both
+    // the stimulus and the run directory live there, as the user would have them.
+    let tmp = tempfile::Builder::new()
+        .prefix("rrr-run-test")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let stimulus_dir = tmp.path().join("x");
+    std::fs::create_dir(&stimulus_dir).unwrap();
+    let in_tmp = stimulus_dir.join("exit3.c");
+    std::fs::copy(stimulus("exit3.c"), &in_tmp).unwrap();
+    let run = rrr_run_in(
+        &tmp.path().join("run"),
+        &in_tmp,
         &[
             "--time-limit",
             "20",
@@ -404,40 +421,29 @@ fn the_same_stimulus_twice_is_the_same_run() {
         first.context()
     );
 
-    let exits = |run: &Run| run.summary["exits"].as_u64().unwrap_or_default();
-    let landmarks = |run: &Run| run.summary["landmarks"].clone();
-    eprintln!(
-        "exits: {} and {}; stall landmarks: {} and {}; host seconds: {} and {}",
-        exits(first),
-        exits(second),
-        landmarks(first),
-        landmarks(second),
-        first.summary["host_secs"],
-        second.summary["host_secs"]
-    );
-    assert_eq!(
-        (exits(first), &first.summary["virtual_time_ns"]),
-        (exits(second), &second.summary["virtual_time_ns"]),
-        "two runs made different numbers of synchronous exits (stall landmarks, the one \
-         host-timed input: {} and {})",
-        landmarks(first),
-        landmarks(second)
-    );
-    let differing: Vec<_> = first
-        .console
-        .lines()
-        .zip(second.console.lines())
-        .enumerate()
-        .filter(|(_, (x, y))| x != y)
-        .take(10)
-        .collect();
-    assert!(
-        differing.is_empty() && first.console == second.console,
-        "two runs printed different consoles ({} and {} bytes); first differing lines: \
-         {differing:#?}",
-        first.console.len(),
-        second.console.len()
-    );
+    assert_same_run_without_landmarks(first, second);
+}
+
+#[test]
+fn torture_stimuli_run_the_same_twice() {
+    // Clocks and randomness, four threads racing, POSIX timers with alarm and nanosleep, signals
+    // between threads, a ring of processes over pipes: each of them twice, the same run.
+    for (name, expect) in [
+        ("torture/clocks.c", "addresses stack"),
+        ("torture/race.c", "race: counter"),
+        ("torture/timers.c", "alarm 1"),
+        ("torture/signals.c", "signals: 100 100 100 received"),
+        ("torture/fork_pipes.c", "fork_pipes: done"),
+    ] {
+        let runs = rrr_runs_in_one_carrier(name, &["first", "second"], &["--time-limit", "30"]);
+        for run in &runs {
+            let (kind, end) = run.stimulus_end();
+            assert_eq!(kind, "exited", "{}", run.context());
+            assert_eq!(end["status"], 0, "{}", run.context());
+            assert!(run.console.contains(expect), "{}", run.context());
+        }
+        assert_same_run_without_landmarks(&runs[0], &runs[1]);
+    }
 }
 
 #[test]
@@ -456,8 +462,9 @@ fn a_missing_stimulus_is_a_clear_error() {
 
 #[test]
 fn a_stimulus_that_never_exits_ends_at_its_time_limit() {
-    // The stimulus spins in user mode with no exits to the VMM; the stall watchdog's landmarks
-    // keep the guest's timer ticking, so the agent's limit passes and it kills the stimulus.
+    // The stimulus spins in user mode with no system call for long stretches; its progress
+    // exits (the trace-pc runtime) keep the guest's timer ticking, so the agent's limit passes
+    // and it kills the stimulus.
     let run = rrr_run("spin_forever.c", &["--time-limit", "3", "--timeout", "200"]);
     let (kind, end) = run.stimulus_end();
     assert_eq!(kind, "timed_out", "{}", run.context());
@@ -473,6 +480,85 @@ fn a_stimulus_that_never_exits_ends_at_its_time_limit() {
         "{}",
         run.context()
     );
+}
+
+#[test]
+fn a_fault_after_the_stimulus_started_says_it_started() {
+    // The stimulus masks the timer at the PIC and sleeps: the guest idles with nothing left to
+    // wake it, and the VMM ends the run with a fault. The agent had said the stimulus started,
+    // so the verdict must be "unfinished", not "never started".
+    let run = rrr_run("mask_timer.c", &["--time-limit", "20"]);
+    assert!(
+        run.console.contains("mask_timer: masking the PIC"),
+        "{}",
+        run.context()
+    );
+    let vm_end = run.summary["vm_end"].as_str().unwrap_or_default();
+    assert!(vm_end.starts_with("fault: "), "{}", run.context());
+    assert_eq!(run.stimulus_end().0, "unfinished", "{}", run.context());
+}
+
+#[test]
+fn a_closed_stdout_neither_hangs_the_run_nor_cuts_its_record() {
+    // `rrr run lines.c | head -n 1`: the reader of stdout leaves after one line. The run must
+    // still end, with the whole console in console.log and a summary.
+    let _shared = MACHINE.read().unwrap_or_else(|e| e.into_inner());
+    let dir = run_dir("closed-stdout");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rrr"))
+        .arg("run")
+        .arg(stimulus("lines.c"))
+        .arg("--run-dir")
+        .arg(&dir)
+        .args(["--time-limit", "30"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        // Its own process group, so a hung run can be killed with its carrier.
+        .process_group(0)
+        .spawn()
+        .expect("cannot start rrr");
+    let stdout = child.stdout.take().unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut first).unwrap();
+    // The reader is dropped here: stdout is now a pipe without a reader.
+    assert!(!first.is_empty(), "rrr printed nothing on stdout");
+    let stderr = child.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut { stderr }, &mut text);
+        text
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(400);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            // SAFETY: signalling the process group we created.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            let _ = child.wait();
+            panic!(
+                "rrr run with a closed stdout hung; stderr:\n{}",
+                stderr.join().unwrap()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let stderr = stderr.join().unwrap();
+    assert!(status.success(), "rrr run failed ({status}):\n{stderr}");
+    let run = Run::load(&dir, String::new(), stderr);
+    let (kind, end) = run.stimulus_end();
+    assert_eq!(
+        (kind, &end["status"]),
+        ("exited", &json!(0)),
+        "{}",
+        run.context()
+    );
+    let lines = run
+        .console
+        .lines()
+        .filter(|l| l.contains("lines: line "))
+        .count();
+    assert_eq!(lines, 300, "console.log is cut short:\n{}", run.context());
 }
 
 #[test]
@@ -556,4 +642,145 @@ fn a_restored_snapshot_runs_exactly_as_a_boot() {
         "{}",
         booted.context()
     );
+}
+
+/// Exits, virtual time and landmarks of a run, for comparing runs.
+fn timeline(run: &Run) -> (u64, u64, u64) {
+    let number = |key: &str| run.summary[key].as_u64().unwrap_or(u64::MAX);
+    (
+        number("exits"),
+        number("virtual_time_ns"),
+        number("landmarks"),
+    )
+}
+
+/// Asserts that two runs made the same exits and printed the same console, with no landmark.
+fn assert_same_run_without_landmarks(first: &Run, second: &Run) {
+    eprintln!(
+        "{}: exits {} and {}, progress exits {} and {} ({} and {}), host seconds {} and {}",
+        first.summary["stimulus"],
+        first.summary["exits"],
+        second.summary["exits"],
+        first.summary["progress_exits"],
+        second.summary["progress_exits"],
+        first.summary["progress"],
+        second.summary["progress"],
+        first.summary["host_secs"],
+        second.summary["host_secs"]
+    );
+    for run in [first, second] {
+        assert_eq!(
+            run.summary["landmarks"],
+            0,
+            "a host-timed landmark happened:\n{}",
+            run.context()
+        );
+        assert_eq!(
+            run.summary["landmarks_by_kind"],
+            json!({"spin_wait": 0, "changing_state": 0}),
+            "{}",
+            run.context()
+        );
+        assert!(
+            run.summary["progress"]["kernel"].as_u64() > Some(0),
+            "the kernel made no progress exit (is its KCOV hook in?):\n{}",
+            run.context()
+        );
+    }
+    assert_eq!(
+        timeline(first),
+        timeline(second),
+        "two runs made different exits:\n{}\n---\n{}",
+        first.context(),
+        second.context()
+    );
+    assert_eq!(
+        first.console,
+        second.console,
+        "two runs printed different consoles:\n{}\n---\n{}",
+        first.context(),
+        second.context()
+    );
+}
+
+#[test]
+fn cpu_bound_threads_are_preempted_at_the_same_points() {
+    // Two threads compute for about two seconds of guest time with no system call: only the
+    // progress counter (their trace-pc runtime) makes exits, so only it lets the timer preempt
+    // them. Without it they would run on stall-watchdog landmarks, which are host-timed.
+    let runs = rrr_runs_in_one_carrier(
+        "cpu_threads.c",
+        &["first", "second"],
+        &["--time-limit", "60"],
+    );
+    let [first, second] = &runs[..] else {
+        unreachable!()
+    };
+    for run in &runs {
+        let (kind, end) = run.stimulus_end();
+        assert_eq!(kind, "exited", "{}", run.context());
+        assert_eq!(end["status"], 0, "{}", run.context());
+        assert!(
+            run.summary["progress"]["user"].as_u64() > Some(1000),
+            "the stimulus made (almost) no progress exits:\n{}",
+            run.context()
+        );
+    }
+    // The threads must really have been switched between while they computed.
+    let switches = first
+        .console
+        .lines()
+        .find_map(|l| l.strip_prefix("cpu_threads: "))
+        .and_then(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(
+        switches >= 10,
+        "the threads were hardly preempted:\n{}",
+        first.context()
+    );
+    assert_same_run_without_landmarks(first, second);
+}
+
+#[test]
+fn getrandom_is_ready_at_once_and_follows_the_seed() {
+    // The boot seed (SETUP_RNG_SEED) makes the kernel's crng ready before init: getrandom()
+    // does not wait in the jitter-entropy loop (a timer spin that needed landmarks), and prints
+    // the same bytes and addresses on every run with one seed, other ones with another seed.
+    let runs = rrr_steps_in_one_carrier(
+        "getrandom.c",
+        &["--time-limit", "30"],
+        &[
+            Step::Run("first", &[]),
+            Step::Run("second", &[]),
+            Step::Run("other-seed", &["--seed", "1"]),
+        ],
+    );
+    let [first, second, other] = &runs[..] else {
+        unreachable!()
+    };
+    let printed = |run: &Run| -> Vec<String> {
+        run.console
+            .lines()
+            .filter(|l| l.starts_with("getrandom: "))
+            .map(str::to_owned)
+            .collect()
+    };
+    for run in &runs {
+        assert_eq!(run.stimulus_end().0, "exited", "{}", run.context());
+        let lines = printed(run);
+        assert!(
+            lines.len() == 2 && lines[0].starts_with("getrandom: crng ready: "),
+            "{}",
+            run.context()
+        );
+    }
+    assert_same_run_without_landmarks(first, second);
+    assert_eq!(first.summary["seed"], 0);
+    assert_eq!(other.summary["seed"], 1);
+    let (mine, theirs) = (printed(first), printed(other));
+    assert_ne!(
+        mine[0], theirs[0],
+        "another seed gave the same random bytes"
+    );
+    assert_ne!(mine[1], theirs[1], "another seed gave the same addresses");
 }

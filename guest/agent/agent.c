@@ -35,6 +35,8 @@
 #define ALL_ONES 0xffffffffu
 
 static int have_port;
+/* Whether the stimulus may write the progress port (its trace-pc runtime checks RRR_PROGRESS). */
+static int have_progress_port;
 /* Whether an rrr VMM answered on the control port. */
 static int have_vmm;
 
@@ -244,7 +246,7 @@ static pid_t spawn_stimulus(const char *path)
 			(void)chdir("/");
 		char *const argv[] = { (char *)path, NULL };
 		char *const envp[] = { "PATH=/sbin:/usr/sbin:/bin:/usr/bin", "HOME=/root", "TERM=linux",
-				       NULL };
+				       have_progress_port ? "RRR_PROGRESS=1" : NULL, NULL };
 		execve(path, argv, envp);
 		int err = errno;
 		(void)write(pipefd[1], &err, sizeof(err));
@@ -364,6 +366,11 @@ int main(void)
 		have_port = 1;
 	else
 		say("ioperm(%#x) failed: %s; cannot talk to the VMM", RRR_CONTROL_PORT, strerror(errno));
+	if (ioperm(RRR_PROGRESS_PORT, RRR_PROGRESS_PORT_LEN, 1) == 0)
+		have_progress_port = 1;
+	else
+		say("ioperm(%#x) failed: %s; the stimulus runs without progress exits",
+		    RRR_PROGRESS_PORT, strerror(errno));
 
 	uint32_t limit = wait_for_go();
 	const char *stimulus = load_stimulus();

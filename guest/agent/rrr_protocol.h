@@ -19,6 +19,15 @@
 #define RRR_CMD_PROGRESS 7
 #define RRR_CMD_POWER_OFF 8
 
+/* Instrumented code writes one byte here every RRR_PROGRESS_INTERVAL basic blocks: the kernel's
+ * KCOV hook (RRR_PROGRESS_FROM_KERNEL) and the stimulus's trace-pc runtime (_FROM_USER). The agent
+ * grants it with ioperm and says so with RRR_PROGRESS=1 in the stimulus's environment. */
+#define RRR_PROGRESS_PORT 0x0794
+#define RRR_PROGRESS_PORT_LEN 1
+#define RRR_PROGRESS_INTERVAL 65536
+#define RRR_PROGRESS_FROM_KERNEL 0x4b
+#define RRR_PROGRESS_FROM_USER 0x55
+
 #define RRR_GO 0x60
 #define RRR_ARG_MASK 0x00ffffffu
 

@@ -5,13 +5,24 @@ pub const AGENT_C: &str = include_str!("../agent/agent.c");
 /// `agent/rrr_protocol.h`: the protocol numbers for C, included by `agent.c`.
 pub const PROTOCOL_H: &str = include_str!("../agent/rrr_protocol.h");
 
-/// The files to place side by side before compiling `agent.c` (name, contents).
-pub const SOURCES: [(&str, &str); 2] = [("agent.c", AGENT_C), ("rrr_protocol.h", PROTOCOL_H)];
+/// `agent/trace_pc.c`: the trace-pc runtime linked into every stimulus (progress exits from user
+/// code); compiled next to `rrr_protocol.h`, without instrumentation.
+pub const TRACE_PC_C: &str = include_str!("../agent/trace_pc.c");
+
+/// The files to place side by side before compiling `agent.c` or `trace_pc.c` (name, contents).
+pub const SOURCES: [(&str, &str); 3] = [
+    ("agent.c", AGENT_C),
+    ("rrr_protocol.h", PROTOCOL_H),
+    ("trace_pc.c", TRACE_PC_C),
+];
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{Command, ARG_MASK, CONTROL_PORT, CONTROL_PORT_LEN, GO};
+    use crate::protocol::{
+        Command, ARG_MASK, CONTROL_PORT, CONTROL_PORT_LEN, GO, PROGRESS_ENV, PROGRESS_FROM_KERNEL,
+        PROGRESS_FROM_USER, PROGRESS_INTERVAL, PROGRESS_PORT, PROGRESS_PORT_LEN,
+    };
     use std::collections::HashMap;
 
     /// `#define NAME VALUE` lines of the header, values parsed as C integer literals.
@@ -56,6 +67,14 @@ mod tests {
             u64::from(get("RRR_STIMULUS_DISK_BYTES")),
             crate::protocol::STIMULUS_DISK_BYTES
         );
+        assert_eq!(get("RRR_PROGRESS_PORT"), u32::from(PROGRESS_PORT));
+        assert_eq!(get("RRR_PROGRESS_PORT_LEN"), u32::from(PROGRESS_PORT_LEN));
+        assert_eq!(u64::from(get("RRR_PROGRESS_INTERVAL")), PROGRESS_INTERVAL);
+        assert_eq!(
+            get("RRR_PROGRESS_FROM_KERNEL"),
+            u32::from(PROGRESS_FROM_KERNEL)
+        );
+        assert_eq!(get("RRR_PROGRESS_FROM_USER"), u32::from(PROGRESS_FROM_USER));
         let commands = [
             ("RRR_CMD_READY", Command::Ready),
             ("RRR_CMD_EXITED", Command::Exited),
@@ -85,5 +104,13 @@ mod tests {
     #[test]
     fn agent_includes_the_header() {
         assert!(AGENT_C.contains("#include \"rrr_protocol.h\""));
+        assert!(TRACE_PC_C.contains("#include \"rrr_protocol.h\""));
+    }
+
+    #[test]
+    fn the_agent_announces_the_progress_port_the_runtime_checks() {
+        let assignment = format!("\"{PROGRESS_ENV}=1\"");
+        assert!(AGENT_C.contains(&assignment), "agent.c lacks {assignment}");
+        assert!(TRACE_PC_C.contains(&format!("getenv(\"{PROGRESS_ENV}\")")));
     }
 }

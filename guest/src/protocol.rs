@@ -10,6 +10,24 @@ pub const CONTROL_PORT: u16 = 0x0790;
 /// How many ports the control device decodes.
 pub const CONTROL_PORT_LEN: u16 = 4;
 
+/// The progress port: instrumented guest code writes one byte here every [`PROGRESS_INTERVAL`]
+/// basic blocks, the kernel from its KCOV hook and the stimulus from its trace-pc runtime. Each
+/// write is a synchronous exit at a point that replays itself, so timer interrupts reach code
+/// that makes no other exit at deterministic points (DESIGN.md, "A software progress counter").
+pub const PROGRESS_PORT: u16 = 0x0794;
+/// How many ports the progress device decodes.
+pub const PROGRESS_PORT_LEN: u16 = 1;
+/// Basic blocks (instrumentation callbacks) per progress write; a power of two, so the guest's
+/// test is a mask. 65536 cost no measurable boot time (DESIGN.md's prototype table).
+pub const PROGRESS_INTERVAL: u64 = 65536;
+/// The byte the kernel's KCOV hook writes.
+pub const PROGRESS_FROM_KERNEL: u8 = 0x4b; // 'K'
+/// The byte the stimulus's trace-pc runtime writes.
+pub const PROGRESS_FROM_USER: u8 = 0x55; // 'U'
+/// Set (to "1") in the stimulus's environment by the agent once it has granted the progress port
+/// with `ioperm`; without it the runtime only counts, since `outb` would fault.
+pub const PROGRESS_ENV: &str = "RRR_PROGRESS";
+
 /// Commands the agent writes with `outl`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]

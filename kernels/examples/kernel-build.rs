@@ -15,8 +15,8 @@ fn main() {
         rrr_kernels::KernelSpec::default()
     };
     let started = std::time::Instant::now();
-    match rrr_kernels::build(&spec, std::path::Path::new(cache), &|step| {
-        eprintln!("{step}")
+    match rrr_kernels::build(&spec, std::path::Path::new(cache), &|progress| {
+        eprintln!("{progress:?}")
     }) {
         Ok(kernel) => {
             eprintln!("done in {:.0?}", started.elapsed());

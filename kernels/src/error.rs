@@ -51,8 +51,20 @@ pub enum KernelError {
     #[error("Kconfig did not keep options rrr asked for:\n{report}")]
     OptionsDropped { report: String },
 
+    #[error(
+        "cannot apply rrr's guest-kernel patch to {path}: {reason}; rrr's patches \
+         (kernels/src/patches.rs) expect that file as Linux 6.x has it"
+    )]
+    Patch { path: PathBuf, reason: String },
+
     #[error("the kernel build failed; full log: {log}\n{errors}")]
     BuildFailed { log: PathBuf, errors: String },
+
+    #[error(
+        "the built {vmlinux} has no DWARF (.debug_info), which the tracer needs; \
+         check that the config keeps CONFIG_DEBUG_INFO_DWARF5=y{detail}"
+    )]
+    NoDwarf { vmlinux: PathBuf, detail: String },
 }
 
 impl KernelError {

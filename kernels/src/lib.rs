@@ -9,6 +9,7 @@ pub mod config;
 mod error;
 pub mod fragments;
 mod make;
+pub mod patches;
 pub mod source;
 pub mod store;
 
@@ -36,6 +37,48 @@ impl Flavor {
             Flavor::Carrier => "carrier",
         }
     }
+}
+
+/// A stage of a kernel build, as progress reports name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Waiting for another process that builds the same kernel.
+    Wait,
+    /// Unpacking the Debian source tarball (once per source version).
+    Extract,
+    /// Copying the source and applying rrr's guest patches (once per source version).
+    Patch,
+    /// `tinyconfig` (or the base config), the fragments, `olddefconfig` and the check.
+    Configure,
+    /// Compiling the kernel's objects.
+    Compile,
+    /// Linking `vmlinux` (kallsyms passes included) and making the bzImage.
+    Link,
+    /// Checking that the guest kernel's DWARF, which the tracer reads, is there.
+    Dwarf,
+}
+
+impl Stage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Wait => "wait for another rrr building it",
+            Stage::Extract => "extract source",
+            Stage::Patch => "patch source",
+            Stage::Configure => "config",
+            Stage::Compile => "compile",
+            Stage::Link => "link",
+            Stage::Dwarf => "DWARF",
+        }
+    }
+}
+
+/// What a build reports while it works.
+#[derive(Debug, Clone, Copy)]
+pub enum Progress<'a> {
+    /// A new stage begins (the previous one is over).
+    Stage(Stage),
+    /// A step within the stage, e.g. `CC kernel/fork.o`.
+    Step(&'a str),
 }
 
 /// Where the kernel source comes from.
@@ -121,6 +164,12 @@ impl Prepared {
     }
 }
 
+/// Whether the build gets rrr's patches (`patches`: the progress counter, no TSC): every guest
+/// kernel, never the carrier, which runs on real (nested) AMD-V and is not recorded.
+fn has_progress_counter(spec: &KernelSpec) -> bool {
+    spec.flavor == Flavor::Guest
+}
+
 /// rrr's own fragments for a flavor, before the caller's.
 fn own_fragments(spec: &KernelSpec) -> Vec<&'static str> {
     match (spec.flavor, &spec.base_config) {
@@ -178,6 +227,14 @@ pub fn cached(spec: &KernelSpec, cache_dir: &Path) -> Result<Option<KernelBuild>
         }
         Source::Tree(_) => source::resolve(&spec.source, cache_dir, &|_| {})?,
     };
+    let source = if has_progress_counter(spec) {
+        ResolvedSource {
+            identity: patches::patched_identity(&source.identity),
+            ..source
+        }
+    } else {
+        source
+    };
     let prepared = prepare(spec, source)?;
     let hash = prepared.inputs(spec.flavor).hash();
     Ok(Store::new(cache_dir)
@@ -185,23 +242,26 @@ pub fn cached(spec: &KernelSpec, cache_dir: &Path) -> Result<Option<KernelBuild>
         .map(|dir| KernelBuild { dir }))
 }
 
-/// Builds the kernel `spec` describes, or returns the cached build. `progress` receives short
-/// status texts (the current step) and is called on the calling thread.
+/// Builds the kernel `spec` describes, or returns the cached build. `progress` hears of each
+/// stage and step, on the calling thread.
 pub fn build(
     spec: &KernelSpec,
     cache_dir: &Path,
-    progress: &dyn Fn(&str),
+    progress: &dyn Fn(Progress),
 ) -> Result<KernelBuild, KernelError> {
     if let Some(hit) = cached(spec, cache_dir)? {
         tracing::info!(dir = %hit.dir.display(), "kernel cache hit");
         return Ok(hit);
     }
-    let source = source::resolve(&spec.source, cache_dir, progress)?;
+    let mut source = source::resolve(&spec.source, cache_dir, progress)?;
+    if has_progress_counter(spec) {
+        source = patches::patched_source(&source, cache_dir, progress)?;
+    }
     let prepared = prepare(spec, source)?;
     let inputs_hash = prepared.inputs(spec.flavor).hash();
     let store = Store::new(cache_dir);
 
-    progress("configuring");
+    progress(Progress::Stage(Stage::Configure));
     let staging = store.staging_dir()?;
     let configured = configure(&prepared, &staging);
     let final_config = match configured {
@@ -221,16 +281,21 @@ pub fn build(
         return Ok(KernelBuild { dir: entry });
     }
 
-    let _lock = store.lock(&key)?;
+    let objects = objects_key(spec, &prepared, &key, &final_config);
+    let _lock = store.lock(&objects, &|| progress(Progress::Stage(Stage::Wait)))?;
     if entry.join("vmlinux").is_file() {
         // Built by another process while we waited for the lock.
         let _ = std::fs::remove_dir_all(&staging);
         store.remember(&inputs_hash, &key)?;
         return Ok(KernelBuild { dir: entry });
     }
-    let obj = adopt_obj_dir(&store, &key, &staging)?;
+    let obj = adopt_obj_dir(&store, &objects, &staging)?;
     let started = Instant::now();
     compile(&prepared.source.dir, &obj, progress)?;
+    if spec.flavor == Flavor::Guest {
+        progress(Progress::Stage(Stage::Dwarf));
+        check_dwarf(&obj.join("vmlinux"))?;
+    }
     let seconds = started.elapsed().as_secs();
     tracing::info!(seconds, "kernel built");
 
@@ -256,6 +321,21 @@ pub fn build(
     )?;
     store.remember(&inputs_hash, &key)?;
     Ok(KernelBuild { dir })
+}
+
+/// Which object directory (`make O=`) a build runs in. A local tree's contents change with every
+/// edit, and so does its key; its objects are kept per tree path and config instead, so the
+/// build after an edit is an incremental `make` that recompiles only what changed (make follows
+/// the files' times, as the key does). A fixed source (Debian's) has one object directory per key.
+fn objects_key(spec: &KernelSpec, prepared: &Prepared, key: &str, final_config: &str) -> String {
+    match spec.source {
+        Source::Debian => key.to_owned(),
+        Source::Tree(_) => store::build_key(
+            &format!("objects-of-tree:{}", prepared.source.dir.display()),
+            final_config,
+            &prepared.compiler,
+        ),
+    }
 }
 
 /// Runs Kconfig in `dir` (a `make O=` directory) and returns the checked final `.config` text.
@@ -316,17 +396,42 @@ fn adopt_obj_dir(store: &Store, key: &str, staging: &Path) -> Result<PathBuf, Ke
 }
 
 /// `make vmlinux bzImage` with a fresh build log; failures carry the compiler's error lines.
-fn compile(src: &Path, obj: &Path, progress: &dyn Fn(&str)) -> Result<(), KernelError> {
+fn compile(src: &Path, obj: &Path, progress: &dyn Fn(Progress)) -> Result<(), KernelError> {
     let log = obj.join("build.log");
     let _ = std::fs::remove_file(&log);
     let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
     let jobs = format!("-j{jobs}");
-    progress("building");
+    progress(Progress::Stage(Stage::Compile));
+    let linking = std::cell::Cell::new(false);
     make(src, obj, &[&jobs, "vmlinux", "bzImage"], &log, &|line| {
+        if !linking.get() && make::starts_link(line) {
+            linking.set(true);
+            progress(Progress::Stage(Stage::Link));
+        }
         if let Some(step) = make::step_of(line) {
-            progress(&step);
+            progress(Progress::Step(&step));
         }
     })
+}
+
+/// The guest kernel must carry DWARF for the tracer: Kconfig kept the option (checked before
+/// the build), and this checks the linked result, reading only the ELF headers.
+fn check_dwarf(vmlinux: &Path) -> Result<(), KernelError> {
+    use object::{Object, ObjectSection};
+    let no_dwarf = |detail: String| KernelError::NoDwarf {
+        vmlinux: vmlinux.to_owned(),
+        detail,
+    };
+    let file = std::fs::File::open(vmlinux).map_err(KernelError::io(vmlinux))?;
+    let cache = object::ReadCache::new(file);
+    let elf = object::File::parse(&cache).map_err(|err| no_dwarf(format!(" ({err})")))?;
+    match elf.section_by_name(".debug_info").map(|s| s.size()) {
+        Some(size) if size > 0 => {
+            tracing::info!(bytes = size, "the kernel's DWARF is there");
+            Ok(())
+        }
+        _ => Err(no_dwarf(String::new())),
+    }
 }
 
 fn make(

@@ -82,6 +82,16 @@ pub fn step_of(line: &str) -> Option<String> {
     is_step.then(|| format!("{tag} {what}"))
 }
 
+/// Whether a kbuild line starts linking the kernel: `LD vmlinux.o` (6.x links the built-in
+/// objects into it first), a `.tmp_vmlinux` kallsyms pass, or `vmlinux` itself.
+pub fn starts_link(line: &str) -> bool {
+    let mut words = line.split_whitespace();
+    words.next() == Some("LD")
+        && words
+            .next()
+            .is_some_and(|t| t == "vmlinux.o" || t == "vmlinux" || t.starts_with(".tmp_vmlinux"))
+}
+
 /// The error lines of a failed build with two lines of context before each, at most `max` lines.
 pub fn error_excerpt(log_text: &str, max: usize) -> String {
     let lines: Vec<&str> = log_text.lines().collect();
@@ -122,6 +132,15 @@ mod tests {
         assert_eq!(step_of("  LD      vmlinux").as_deref(), Some("LD vmlinux"));
         assert_eq!(step_of("make[1]: Entering directory"), None);
         assert_eq!(step_of("kernel/fork.c:12:3: error: x"), None);
+    }
+
+    #[test]
+    fn linking_starts_with_the_first_vmlinux_link() {
+        assert!(starts_link("  LD      vmlinux.o"));
+        assert!(starts_link("  LD      .tmp_vmlinux1"));
+        assert!(starts_link("  LD      vmlinux"));
+        assert!(!starts_link("  LD      arch/x86/boot/setup.elf"));
+        assert!(!starts_link("  CC      vmlinux.o"));
     }
 
     #[test]

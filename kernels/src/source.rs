@@ -4,13 +4,14 @@
 //! cache, atomically (a temporary directory renamed into place, with a marker written last inside
 //! it), so an interrupted extraction is never mistaken for a complete tree.
 
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
 use crate::error::KernelError;
-use crate::Source;
+use crate::{Progress, Source, Stage};
 
 /// The Debian package whose tarball is the default source.
 pub const DEBIAN_PACKAGE: &str = "linux-source-6.12";
@@ -49,7 +50,7 @@ pub fn debian_version() -> Result<String, KernelError> {
 pub fn resolve(
     source: &Source,
     cache_dir: &Path,
-    progress: &dyn Fn(&str),
+    progress: &dyn Fn(Progress),
 ) -> Result<ResolvedSource, KernelError> {
     match source {
         Source::Debian => resolve_debian(cache_dir, progress),
@@ -59,7 +60,7 @@ pub fn resolve(
 
 fn resolve_debian(
     cache_dir: &Path,
-    progress: &dyn Fn(&str),
+    progress: &dyn Fn(Progress),
 ) -> Result<ResolvedSource, KernelError> {
     let tarball = debian_tarball();
     if !tarball.is_file() {
@@ -69,7 +70,8 @@ fn resolve_debian(
     let sources = cache_dir.join("sources");
     let dir = sources.join(format!("{DEBIAN_PACKAGE}_{version}"));
     if !dir.join(MARKER).is_file() {
-        progress(&format!("extracting {}", tarball.display()));
+        progress(Progress::Stage(Stage::Extract));
+        progress(Progress::Step(&tarball.display().to_string()));
         extract(
             &tarball,
             &sources,
@@ -139,8 +141,15 @@ fn resolve_tree(dir: &Path) -> Result<ResolvedSource, KernelError> {
     Ok(ResolvedSource { dir, identity })
 }
 
-/// `git:<HEAD>` (plus a hash of the uncommitted diff when dirty) for a git checkout, otherwise
-/// `tree:<path>:<kernelversion>`.
+/// What names a local tree's contents, so an edited tree never returns the build from before
+/// the edit (kernel developers edit their trees all day).
+///
+/// - A git checkout: `git:<HEAD>`, plus, when anything differs from HEAD, a hash of the
+///   uncommitted diff and of every untracked file that is not ignored (names and contents).
+/// - Any other tree: `tree:<path>:<kernelversion>:<hash>`, where the hash covers every file's
+///   relative path, size, modification time (ns), change time and inode. That is what `make`
+///   itself trusts to decide what to rebuild, and a stat of the tree's ~90,000 files takes a
+///   fraction of a second where hashing their 1.5 GB would take many seconds per lookup.
 pub fn tree_identity(dir: &Path) -> Result<String, KernelError> {
     let head = Command::new("git")
         .arg("-C")
@@ -151,20 +160,10 @@ pub fn tree_identity(dir: &Path) -> Result<String, KernelError> {
         let is_toplevel = git_toplevel(dir).as_deref() == Some(dir);
         if out.status.success() && is_toplevel {
             let rev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-            let diff = Command::new("git")
-                .arg("-C")
-                .arg(dir)
-                .args(["diff", "--no-ext-diff", "--binary", "HEAD"])
-                .output()
-                .map_err(|source| KernelError::Spawn {
-                    command: "git diff".into(),
-                    source,
-                })?;
-            if diff.stdout.is_empty() {
-                return Ok(format!("git:{rev}"));
-            }
-            let hash = hex::encode(Sha256::digest(&diff.stdout));
-            return Ok(format!("git:{rev}-dirty:{}", &hash[..16]));
+            return match git_changes(dir)? {
+                None => Ok(format!("git:{rev}")),
+                Some(hash) => Ok(format!("git:{rev}-dirty:{}", &hash[..16])),
+            };
         }
     }
     let version = run_capture(
@@ -173,7 +172,106 @@ pub fn tree_identity(dir: &Path) -> Result<String, KernelError> {
             .arg(dir)
             .arg("kernelversion"),
     )?;
-    Ok(format!("tree:{}:{}", dir.display(), version.trim()))
+    let manifest = stat_manifest(dir)?;
+    Ok(format!(
+        "tree:{}:{}:{}",
+        dir.display(),
+        version.trim(),
+        &manifest[..16]
+    ))
+}
+
+/// A hash of everything in a git checkout that HEAD does not hold (the diff against HEAD, and
+/// untracked files that are not ignored), or `None` when there is nothing.
+fn git_changes(dir: &Path) -> Result<Option<String>, KernelError> {
+    let git = |args: &[&str]| -> Result<Vec<u8>, KernelError> {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .output()
+            .map_err(|source| KernelError::Spawn {
+                command: format!("git {}", args.join(" ")),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(KernelError::Command {
+                command: format!("git -C {} {}", dir.display(), args.join(" ")),
+                status: out.status.to_string(),
+                detail: format!(":\n{}", String::from_utf8_lossy(&out.stderr).trim_end()),
+            });
+        }
+        Ok(out.stdout)
+    };
+    let diff = git(&["diff", "--no-ext-diff", "--binary", "HEAD"])?;
+    let untracked = git(&["ls-files", "--others", "--exclude-standard", "-z"])?;
+    if diff.is_empty() && untracked.is_empty() {
+        return Ok(None);
+    }
+    let mut hasher = Sha256::new();
+    hash_part(&mut hasher, &diff);
+    for name in untracked.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let path = dir.join(std::ffi::OsStr::from_bytes(name));
+        hash_part(&mut hasher, name);
+        // A symlink or a file that vanished meanwhile is named, not read.
+        if path.symlink_metadata().is_ok_and(|m| m.is_file()) {
+            let contents = std::fs::read(&path).map_err(KernelError::io(&path))?;
+            hash_part(&mut hasher, &contents);
+        }
+    }
+    Ok(Some(hex::encode(hasher.finalize())))
+}
+
+/// Length-prefixed, so no two different lists of parts hash alike by concatenation.
+fn hash_part(hasher: &mut Sha256, part: &[u8]) {
+    hasher.update((part.len() as u64).to_le_bytes());
+    hasher.update(part);
+}
+
+/// A hash of the tree's metadata: every entry's path relative to `root`, its type, size,
+/// modification and change times and inode (a symlink's target too), in a fixed order.
+fn stat_manifest(root: &Path) -> Result<String, KernelError> {
+    use std::os::unix::fs::MetadataExt;
+    let mut hasher = Sha256::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let mut entries = std::fs::read_dir(&dir)
+            .map_err(KernelError::io(&dir))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(KernelError::io(&dir))?;
+        entries.sort();
+        for path in entries {
+            let meta = path.symlink_metadata().map_err(KernelError::io(&path))?;
+            let relative = path.strip_prefix(root).unwrap_or(&path);
+            hash_part(&mut hasher, relative.as_os_str().as_bytes());
+            let kind: &[u8] = if meta.is_dir() {
+                b"d"
+            } else if meta.file_type().is_symlink() {
+                b"l"
+            } else {
+                b"f"
+            };
+            hash_part(&mut hasher, kind);
+            for n in [
+                meta.size(),
+                meta.mtime() as u64,
+                meta.mtime_nsec() as u64,
+                meta.ctime() as u64,
+                meta.ctime_nsec() as u64,
+                meta.ino(),
+            ] {
+                hasher.update(n.to_le_bytes());
+            }
+            if meta.file_type().is_symlink() {
+                let target = std::fs::read_link(&path).map_err(KernelError::io(&path))?;
+                hash_part(&mut hasher, target.as_os_str().as_bytes());
+            } else if meta.is_dir() {
+                stack.push(path);
+            }
+        }
+    }
+    Ok(hex::encode(hasher.finalize()))
 }
 
 /// The top of the git work tree containing `dir`, so a plain tree inside some unrelated
@@ -242,15 +340,35 @@ mod tests {
     }
 
     #[test]
-    fn plain_tree_is_identified_by_path_and_kernelversion() {
+    fn plain_tree_identity_names_path_and_version_and_follows_every_edit() {
         let dir = tempfile::tempdir().unwrap();
         fake_tree(dir.path());
-        let resolved = resolve_tree(dir.path()).unwrap();
+        std::fs::create_dir_all(dir.path().join("kernel")).unwrap();
+        let file = dir.path().join("kernel/fork.c");
+        std::fs::write(&file, "int x;\n").unwrap();
+        let first = resolve_tree(dir.path()).unwrap().identity;
         let canon = std::fs::canonicalize(dir.path()).unwrap();
-        assert_eq!(
-            resolved.identity,
-            format!("tree:{}:6.99.0-test", canon.display())
+        assert!(
+            first.starts_with(&format!("tree:{}:6.99.0-test:", canon.display())),
+            "{first}"
         );
+        assert_eq!(first, resolve_tree(dir.path()).unwrap().identity);
+
+        // An edit that keeps the size, as a one-character fix does.
+        std::fs::write(&file, "int y;\n").unwrap();
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(2);
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
+        let edited = resolve_tree(dir.path()).unwrap().identity;
+        assert_ne!(first, edited, "an edited file must change the identity");
+
+        std::fs::write(dir.path().join("kernel/new.c"), "").unwrap();
+        let added = resolve_tree(dir.path()).unwrap().identity;
+        assert_ne!(edited, added, "a new file must change the identity");
     }
 
     #[test]
@@ -272,6 +390,26 @@ mod tests {
         std::fs::write(dir.path().join("Kconfig"), "config B\n").unwrap();
         let dirtier = tree_identity(dir.path()).unwrap();
         assert_ne!(dirty, dirtier);
+
+        // `git diff HEAD` does not show untracked files; the identity must.
+        git(dir.path(), &["checkout", "-q", "--", "Kconfig"]);
+        assert_eq!(tree_identity(dir.path()).unwrap(), clean);
+        std::fs::write(dir.path().join("new.c"), "int a;\n").unwrap();
+        let untracked = tree_identity(dir.path()).unwrap();
+        assert!(
+            untracked.starts_with(&format!("{clean}-dirty:")),
+            "{untracked}"
+        );
+        std::fs::write(dir.path().join("new.c"), "int b;\n").unwrap();
+        assert_ne!(untracked, tree_identity(dir.path()).unwrap());
+        // Ignored files (in-tree build products) are not part of the source.
+        std::fs::remove_file(dir.path().join("new.c")).unwrap();
+        std::fs::write(dir.path().join(".gitignore"), "*.o\n").unwrap();
+        git(dir.path(), &["add", ".gitignore"]);
+        git(dir.path(), &["commit", "-q", "-m", "ignore"]);
+        let committed = tree_identity(dir.path()).unwrap();
+        std::fs::write(dir.path().join("fork.o"), "obj").unwrap();
+        assert_eq!(tree_identity(dir.path()).unwrap(), committed);
     }
 
     #[test]

@@ -130,13 +130,19 @@ impl Store {
     }
 
     /// Holds an exclusive lock on one key while it is built, so two processes asking for the same
-    /// kernel do not run `make` in the same object directory.
-    pub fn lock(&self, key: &str) -> Result<KeyLock, KernelError> {
+    /// kernel do not run `make` in the same object directory. `on_wait` is called first if
+    /// another process holds it (its build can take minutes).
+    pub fn lock(&self, key: &str, on_wait: &dyn Fn()) -> Result<KeyLock, KernelError> {
         let path = self.root.join("obj").join(format!("{key}.lock"));
         std::fs::create_dir_all(self.root.join("obj")).map_err(KernelError::io(&path))?;
         let file = File::create(&path).map_err(KernelError::io(&path))?;
         // SAFETY: flock on a file descriptor we own; it is released when `file` is closed.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        let mut rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock {
+            on_wait();
+            // SAFETY: as above.
+            rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        }
         if rc != 0 {
             return Err(KernelError::Io {
                 path,
@@ -261,5 +267,27 @@ mod tests {
         let store = Store::new(dir.path());
         store.remember("inputs", "../../etc").unwrap();
         assert_eq!(store.lookup("inputs"), None);
+    }
+
+    #[test]
+    fn a_held_lock_is_waited_for_and_said_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let quiet = || panic!("nobody else holds the lock");
+        let held = store.lock("k", &quiet).unwrap();
+        let (waiting_tx, waiting_rx) = std::sync::mpsc::channel();
+        let path = dir.path().to_owned();
+        let waiter = std::thread::spawn(move || {
+            let said = std::cell::Cell::new(false);
+            let lock = Store::new(&path).lock("k", &|| {
+                said.set(true);
+                waiting_tx.send(()).unwrap();
+            });
+            (lock.is_ok(), said.get())
+        });
+        waiting_rx.recv().unwrap();
+        drop(held);
+        assert_eq!(waiter.join().unwrap(), (true, true));
+        drop(store.lock("other", &quiet).unwrap());
     }
 }

@@ -1,6 +1,6 @@
 //! Compiling the stimulus (the way syzkaller builds reproducers) and the guest agent.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::tool::{combined, GCC};
 use crate::RootfsError;
@@ -19,9 +19,14 @@ pub struct StimulusBuild<'a> {
     pub seed: &'a str,
 }
 
-/// Compiles the stimulus into `out` with `gcc -O2 -g -pthread`, static, symbols kept. Links as
-/// `-static-pie` where the toolchain can and falls back to `-static`. No `-Werror`: reproducers are
-/// generated code and warn a lot.
+/// Instrumentation for the stimulus: a call to `__sanitizer_cov_trace_pc()` at every basic block,
+/// answered by rrr's runtime (`guest/agent/trace_pc.c`), which makes every 65536th one a progress
+/// exit so user code without system calls is preempted at deterministic points.
+pub const TRACE_PC_FLAG: &str = "-fsanitize-coverage=trace-pc";
+
+/// Compiles the stimulus into `out` with `gcc -O2 -g -pthread` and [`TRACE_PC_FLAG`], static,
+/// symbols kept, linked with rrr's trace-pc runtime. Links as `-static-pie` where the toolchain
+/// can and falls back to `-static`. No `-Werror`: reproducers are generated code and warn a lot.
 pub fn compile_stimulus(build: &StimulusBuild, work: &Path, out: &Path) -> Result<(), RootfsError> {
     let source = build
         .source
@@ -41,7 +46,7 @@ pub fn compile_stimulus(build: &StimulusBuild, work: &Path, out: &Path) -> Resul
     let mut compile = GCC.command();
     compile
         .current_dir(dir)
-        .args(["-O2", "-g", "-pthread", "-c"])
+        .args(["-O2", "-g", "-pthread", TRACE_PC_FLAG, "-c"])
         .args(common_flags(build))
         .arg(format!(
             "-ffile-prefix-map={}={STIMULUS_SOURCE_DIR}",
@@ -58,6 +63,7 @@ pub fn compile_stimulus(build: &StimulusBuild, work: &Path, out: &Path) -> Resul
         });
     }
     log_warnings(&source, &output);
+    let runtime = compile_trace_pc_runtime(build, work)?;
 
     let mut last = String::new();
     for link_mode in ["-static-pie", "-static"] {
@@ -66,7 +72,8 @@ pub fn compile_stimulus(build: &StimulusBuild, work: &Path, out: &Path) -> Resul
             .args(common_flags(build))
             .arg("-o")
             .arg(out)
-            .arg(&object);
+            .arg(&object)
+            .arg(&runtime);
         let output = GCC.output(&mut link)?;
         if output.status.success() {
             tracing::info!(stimulus = %source.display(), link_mode, "stimulus compiled");
@@ -79,6 +86,41 @@ pub fn compile_stimulus(build: &StimulusBuild, work: &Path, out: &Path) -> Resul
         file: source,
         diagnostics: last,
     })
+}
+
+/// The trace-pc runtime's object, built like the stimulus (same word size) but neither
+/// instrumented (it would call itself) nor with the user's extra flags (which may instrument).
+fn compile_trace_pc_runtime(build: &StimulusBuild, work: &Path) -> Result<PathBuf, RootfsError> {
+    let dir = work.join("runtime-src");
+    write_guest_sources(&dir)?;
+    let object = work.join("trace_pc.o");
+    let mut compile = GCC.command();
+    compile
+        .current_dir(&dir)
+        .args(["-O2", "-Wall", "-c"])
+        .arg(format!("-frandom-seed={}", build.seed));
+    if build.m32 {
+        compile.arg("-m32");
+    }
+    compile.arg("-o").arg(&object).arg("trace_pc.c");
+    let output = GCC.output(&mut compile)?;
+    if !output.status.success() {
+        return Err(RootfsError::RuntimeCompileFailed {
+            diagnostics: combined(&output),
+        });
+    }
+    Ok(object)
+}
+
+/// Writes the guest's C sources (agent, runtime, protocol header) side by side into `dir`.
+fn write_guest_sources(dir: &Path) -> Result<(), RootfsError> {
+    std::fs::create_dir_all(dir)
+        .map_err(RootfsError::io(format!("cannot create {}", dir.display())))?;
+    for (name, text) in rrr_guest::agent::SOURCES {
+        std::fs::write(dir.join(name), text)
+            .map_err(RootfsError::io(format!("cannot write {name}")))?;
+    }
+    Ok(())
 }
 
 fn common_flags(build: &StimulusBuild) -> Vec<String> {
@@ -130,11 +172,7 @@ fn log_warnings(source: &Path, output: &std::process::Output) {
 /// Compiles the embedded agent source into `out` (`gcc -O2 -static -Wall`).
 pub fn compile_agent(work: &Path, out: &Path) -> Result<(), RootfsError> {
     let dir = work.join("agent-src");
-    std::fs::create_dir_all(&dir).map_err(RootfsError::io("cannot create the agent build dir"))?;
-    for (name, text) in rrr_guest::agent::SOURCES {
-        std::fs::write(dir.join(name), text)
-            .map_err(RootfsError::io(format!("cannot write {name}")))?;
-    }
+    write_guest_sources(&dir)?;
     let output = GCC.output(
         GCC.command()
             .current_dir(&dir)

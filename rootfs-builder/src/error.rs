@@ -37,6 +37,11 @@ pub enum RootfsError {
     AgentCompileFailed { diagnostics: String },
 
     #[error(
+        "cannot compile rrr's trace-pc runtime for the stimulus (a bug in rrr):\n{diagnostics}"
+    )]
+    RuntimeCompileFailed { diagnostics: String },
+
+    #[error(
         "{path} is not a statically linked busybox ({why}); \
          install one with `apt-get install busybox-static`"
     )]

@@ -3,7 +3,8 @@
 use sha2::{Digest, Sha256};
 
 /// Bump when the builder changes what it puts in an image, so old cached images are not reused.
-pub const BUILDER_VERSION: &str = "rrr-rootfs image v1";
+/// v2: the stimulus is instrumented (`-fsanitize-coverage=trace-pc`) and linked with rrr's runtime.
+pub const BUILDER_VERSION: &str = "rrr-rootfs image v2";
 
 /// The inputs of one image, as bytes.
 pub struct KeyInputs<'a> {

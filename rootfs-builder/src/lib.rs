@@ -56,20 +56,7 @@ pub struct RootfsImage {
 
 /// Builds (or finds in the cache) the image for `spec` under `cache_dir/rootfs/`.
 pub fn build(spec: &RootfsSpec, cache_dir: &Path) -> Result<RootfsImage, RootfsError> {
-    let source =
-        std::fs::read(&spec.stimulus).map_err(|error| RootfsError::StimulusUnreadable {
-            path: spec.stimulus.clone(),
-            error,
-        })?;
-    let stimulus_name = spec
-        .stimulus
-        .file_name()
-        .filter(|_| spec.stimulus.extension().is_some_and(|ext| ext == "c"))
-        .ok_or_else(|| RootfsError::StimulusNotC {
-            path: spec.stimulus.clone(),
-        })?
-        .to_string_lossy()
-        .into_owned();
+    let (source, stimulus_name) = read_stimulus(spec)?;
     let busybox_path = Path::new(busybox::DEFAULT_BUSYBOX);
     let busybox_bytes = busybox::load(busybox_path)?;
     let compiler = compiler_version()?;
@@ -212,20 +199,7 @@ pub struct StimulusBinary {
 /// Compiles (or finds in the cache) the stimulus of `spec`, under
 /// `cache_dir/stimuli/<key>`.
 pub fn build_stimulus(spec: &RootfsSpec, cache_dir: &Path) -> Result<StimulusBinary, RootfsError> {
-    let source =
-        std::fs::read(&spec.stimulus).map_err(|error| RootfsError::StimulusUnreadable {
-            path: spec.stimulus.clone(),
-            error,
-        })?;
-    let stimulus_name = spec
-        .stimulus
-        .file_name()
-        .filter(|_| spec.stimulus.extension().is_some_and(|ext| ext == "c"))
-        .ok_or_else(|| RootfsError::StimulusNotC {
-            path: spec.stimulus.clone(),
-        })?
-        .to_string_lossy()
-        .into_owned();
+    let (source, stimulus_name) = read_stimulus(spec)?;
     let compiler = compiler_version()?;
     let key = key::stimulus_key(&key::KeyInputs {
         stimulus_name: &stimulus_name,
@@ -275,6 +249,25 @@ fn scratch_dir(dir: &Path) -> Result<tempfile::TempDir, RootfsError> {
             "cannot create a build directory in {}",
             dir.display()
         )))
+}
+
+/// The stimulus's source and file name; it must be a readable `.c` file.
+fn read_stimulus(spec: &RootfsSpec) -> Result<(Vec<u8>, String), RootfsError> {
+    let source =
+        std::fs::read(&spec.stimulus).map_err(|error| RootfsError::StimulusUnreadable {
+            path: spec.stimulus.clone(),
+            error,
+        })?;
+    let name = spec
+        .stimulus
+        .file_name()
+        .filter(|_| spec.stimulus.extension().is_some_and(|ext| ext == "c"))
+        .ok_or_else(|| RootfsError::StimulusNotC {
+            path: spec.stimulus.clone(),
+        })?
+        .to_string_lossy()
+        .into_owned();
+    Ok((source, name))
 }
 
 /// gcc's version is part of the key: a new compiler makes a different stimulus binary.

@@ -120,3 +120,42 @@ fn m32_needs_multilib_or_works() {
         Err(err) => panic!("unexpected error: {err}"),
     }
 }
+
+#[test]
+fn the_stimulus_counts_basic_blocks_and_writes_the_port_only_when_granted() {
+    // A loop of 200,000 basic blocks crosses the progress interval: with the agent's grant
+    // announced, the runtime writes the port, which a host process may not (SIGSEGV); without
+    // it, the same binary runs to the end. So the instrumentation is there and the guard works.
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("loop.c");
+    std::fs::write(
+        &source,
+        "volatile unsigned long sink;\n\
+         int main(void) { for (unsigned long i = 0; i < 200000; i++) sink += i; return 0; }\n",
+    )
+    .unwrap();
+    let image = build(&RootfsSpec::new(&source), dir.path()).unwrap();
+    let symbols = run(Command::new("nm").arg(&image.stimulus_binary));
+    assert!(
+        symbols.contains(" T __sanitizer_cov_trace_pc"),
+        "no trace-pc runtime in the stimulus:\n{symbols}"
+    );
+    let plain = Command::new(&image.stimulus_binary)
+        .env_remove(rrr_guest::protocol::PROGRESS_ENV)
+        .status()
+        .unwrap();
+    assert!(plain.success(), "{plain}");
+    let granted = Command::new(&image.stimulus_binary)
+        .env(rrr_guest::protocol::PROGRESS_ENV, "1")
+        .status()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        granted.signal(),
+        Some(SIGSEGV),
+        "the runtime never wrote the progress port: {granted}"
+    );
+}
+
+/// The signal of a user-mode `outb` without an I/O permission (x86-64 Linux).
+const SIGSEGV: i32 = 11;

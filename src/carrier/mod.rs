@@ -7,6 +7,7 @@
 //! reports its exit status on the console; QEMU ends when init does.
 
 mod qemu;
+mod reexec;
 mod script;
 mod stdin;
 
@@ -15,13 +16,13 @@ use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
+pub use reexec::{reexec_in_carrier, Handover};
 use script::Share;
 
 /// Set inside the carrier, so rrr there runs its VMM directly instead of nesting carriers.
@@ -40,6 +41,8 @@ pub struct CarrierOptions {
     /// Extra host directories shared writable at the same path (the current directory and the
     /// cache always are).
     pub shares: Vec<PathBuf>,
+    /// Environment variables for the command, on top of (and overriding) this process's own.
+    pub env: Vec<(OsString, OsString)>,
 }
 
 impl Default for CarrierOptions {
@@ -48,20 +51,9 @@ impl Default for CarrierOptions {
             mem_mb: 2048,
             cpus: 2,
             shares: Vec::new(),
+            env: Vec::new(),
         }
     }
-}
-
-/// Reruns this rrr, with the same arguments, inside the carrier; returns its exit status.
-pub fn reexec_in_carrier(opts: &CarrierOptions) -> Result<i32> {
-    eprintln!(
-        "rrr: this host's KVM is software-only; running inside the carrier (QEMU with AMD-V)"
-    );
-    // The carrier's root is this host's root, so this path is valid in there too.
-    let exe = std::fs::read_link("/proc/self/exe").context("cannot find the rrr executable")?;
-    let mut cmd = vec![exe.into_os_string()];
-    cmd.extend(std::env::args_os().skip(1));
-    run_in_carrier(&cmd, opts)
 }
 
 /// Runs `cmd` inside the carrier with this process's environment, working directory and stdin,
@@ -155,8 +147,9 @@ fn run_with(
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
     let shares = shares(&cwd, cache, &opts.shares)?;
     let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
-        .filter(|(name, _)| name != IN_CARRIER_ENV)
+        .filter(|(name, _)| name != IN_CARRIER_ENV && !opts.env.iter().any(|(n, _)| n == name))
         .collect();
+    env.extend(opts.env.iter().cloned());
     env.push((IN_CARRIER_ENV.into(), "1".into()));
 
     let init = run.path.join("init.sh");
@@ -192,17 +185,19 @@ fn run_with(
     let out_pump = pump(stdout_fifo.clone(), std::io::stdout());
     let err_pump = pump(stderr_fifo.clone(), std::io::stderr());
     tracing::debug!(args = ?launch.args(), "starting the carrier");
-    let mut child = Command::new(qemu::QEMU)
-        .args(launch.args())
+    // From here until QEMU has been waited for, a SIGINT, SIGTERM or SIGHUP stops QEMU first.
+    let signals = interrupt::Guard::install();
+    let mut qemu = Command::new(qemu::QEMU);
+    qemu.args(launch.args())
         .stdin(qemu_stdin)
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|err| match err.kind() {
-            std::io::ErrorKind::NotFound => anyhow::anyhow!(qemu_missing()),
-            _ => anyhow::Error::new(err).context(format!("cannot start {}", qemu::QEMU)),
-        })?;
-    let _guard = interrupt::register(child.id() as i32);
+        .stderr(Stdio::piped());
+    die_with_parent(&mut qemu);
+    let mut child = qemu.spawn().map_err(|err| match err.kind() {
+        std::io::ErrorKind::NotFound => anyhow::anyhow!(qemu_missing()),
+        _ => anyhow::Error::new(err).context(format!("cannot start {}", qemu::QEMU)),
+    })?;
+    signals.watch(child.id() as i32);
     let mut qemu_stderr = String::new();
     if let Some(mut pipe) = child.stderr.take() {
         let _ = pipe.read_to_string(&mut qemu_stderr);
@@ -219,10 +214,11 @@ fn run_with(
     let _ = out_pump.join();
     let _ = err_pump.join();
 
-    if interrupt::interrupted() {
-        eprintln!("rrr: interrupted; the carrier was stopped");
-        return Ok(130);
+    if let Some(signal) = signals.received() {
+        eprintln!("rrr: {}; the carrier was stopped", interrupt::name(signal));
+        return Ok(128 + signal);
     }
+    drop(signals);
     let console = std::fs::read_to_string(&console_log).unwrap_or_default();
     if let Some(code) = script::exit_status(&console, &run.nonce) {
         return Ok(code);
@@ -242,11 +238,14 @@ fn run_with(
 }
 
 /// The writable shares: the working directory, the cache and the caller's, canonical and
-/// deduplicated, parents first so a child share is mounted on top of its parent.
+/// deduplicated, parents first so a child share is mounted on top of its parent. A working
+/// directory of `/` is not shared: the carrier's root is the host's already (read-only).
 fn shares(cwd: &Path, cache: &Path, extra: &[PathBuf]) -> Result<Vec<Share>> {
     let mut paths = Vec::new();
-    for path in [cwd, cache]
+    let cwd = Some(cwd).filter(|cwd| !is_root(cwd));
+    for path in cwd
         .into_iter()
+        .chain([cache])
         .chain(extra.iter().map(PathBuf::as_path))
     {
         let canonical = std::fs::canonicalize(path)
@@ -275,6 +274,11 @@ fn shares(cwd: &Path, cache: &Path, extra: &[PathBuf]) -> Result<Vec<Share>> {
         .collect())
 }
 
+/// Whether `path` is the root directory (which the carrier sees read-only, and never shares).
+pub(crate) fn is_root(path: &Path) -> bool {
+    std::fs::canonicalize(path).is_ok_and(|p| p == Path::new("/"))
+}
+
 fn write_executable(path: &Path, contents: &[u8]) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::write(path, contents).with_context(|| format!("cannot write {}", path.display()))?;
@@ -293,7 +297,10 @@ fn mkfifo(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Copies everything written to the FIFO to `sink` until QEMU closes it.
+/// Copies everything written to the FIFO to `sink` until QEMU closes it. When `sink` fails (our
+/// stdout was a pipe whose reader left, as in `rrr run x.c | head -n 1`), the FIFO is still
+/// drained to the end: QEMU writes it synchronously, so a FIFO nobody reads stops the whole
+/// carrier, and the command inside must run to its end (its run record is complete only then).
 fn pump(fifo: PathBuf, mut sink: impl Write + Send + 'static) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let mut file = match std::fs::File::open(&fifo) {
@@ -304,16 +311,19 @@ fn pump(fifo: PathBuf, mut sink: impl Write + Send + 'static) -> JoinHandle<()> 
             }
         };
         let mut buf = vec![0u8; 64 * 1024];
+        let mut sink_open = true;
         loop {
             match file.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
-                    if sink
-                        .write_all(&buf[..n])
-                        .and_then(|()| sink.flush())
-                        .is_err()
-                    {
-                        break;
+                    if sink_open {
+                        if let Err(err) = sink.write_all(&buf[..n]).and_then(|()| sink.flush()) {
+                            tracing::debug!(
+                                "{} cannot be copied on ({err}); the rest is discarded",
+                                fifo.display()
+                            );
+                            sink_open = false;
+                        }
                     }
                 }
                 Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
@@ -338,42 +348,116 @@ fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// Ctrl-C while a carrier runs: stop QEMU (the run's cleanup then happens as usual).
+/// QEMU gets SIGKILL when this process ends, however it ends (a SIGKILL, a panic, an exit
+/// while the carrier runs): a carrier must never outlive its rrr, spinning at full CPU. The
+/// kernel sends it when the *thread* that spawned QEMU ends, so the carrier is spawned from the
+/// thread that waits for it.
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the child between fork and exec and calls only
+    // async-signal-safe functions (prctl, getppid, raise).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before the prctl: then nobody would send the signal.
+            if libc::getppid() != parent {
+                libc::raise(libc::SIGKILL);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// SIGINT, SIGTERM and SIGHUP while a carrier runs (Ctrl-C, `timeout`, a CI runner, a closed
+/// terminal): stop QEMU, let the run's cleanup happen as usual, and exit with 128 + the signal.
+/// Outside a carrier run the signals keep their default action (ending rrr at once).
 mod interrupt {
     use super::*;
 
+    const SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+    /// The QEMU to stop, once spawned (0: none yet).
     static QEMU_PID: AtomicI32 = AtomicI32::new(0);
-    static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-    static HANDLER: OnceLock<()> = OnceLock::new();
+    /// The signal received while the guard was installed (0: none).
+    static RECEIVED: AtomicI32 = AtomicI32::new(0);
 
-    pub struct Registered;
-
-    impl Drop for Registered {
-        fn drop(&mut self) {
-            QEMU_PID.store(0, Ordering::SeqCst);
+    extern "C" fn on_signal(signal: libc::c_int) {
+        // Only async-signal-safe work here: atomics and kill(2).
+        RECEIVED.store(signal, Ordering::SeqCst);
+        let pid = QEMU_PID.load(Ordering::SeqCst);
+        if pid > 0 {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
         }
     }
 
-    pub fn register(pid: i32) -> Registered {
-        HANDLER.get_or_init(|| {
-            let installed = ctrlc::set_handler(|| {
-                INTERRUPTED.store(true, Ordering::SeqCst);
-                let pid = QEMU_PID.load(Ordering::SeqCst);
-                if pid > 0 {
-                    // SAFETY: signalling our own child process.
-                    unsafe { libc::kill(pid, libc::SIGTERM) };
-                }
-            });
-            if let Err(err) = installed {
-                tracing::debug!("Ctrl-C handler not installed: {err}");
-            }
-        });
-        QEMU_PID.store(pid, Ordering::SeqCst);
-        Registered
+    /// The handlers, installed for one carrier run; the previous actions come back on drop.
+    pub struct Guard {
+        previous: Vec<(libc::c_int, libc::sigaction)>,
     }
 
-    pub fn interrupted() -> bool {
-        INTERRUPTED.load(Ordering::SeqCst)
+    impl Guard {
+        pub fn install() -> Guard {
+            QEMU_PID.store(0, Ordering::SeqCst);
+            RECEIVED.store(0, Ordering::SeqCst);
+            let mut previous = Vec::new();
+            for signal in SIGNALS {
+                // SAFETY: a zeroed sigaction is a valid value; the handler is async-signal-safe.
+                unsafe {
+                    let mut action: libc::sigaction = std::mem::zeroed();
+                    action.sa_sigaction = on_signal as *const () as libc::sighandler_t;
+                    action.sa_flags = libc::SA_RESTART;
+                    libc::sigemptyset(&mut action.sa_mask);
+                    let mut old: libc::sigaction = std::mem::zeroed();
+                    if libc::sigaction(signal, &action, &mut old) == 0 {
+                        previous.push((signal, old));
+                    } else {
+                        tracing::warn!(
+                            signal,
+                            "cannot handle the signal: {}",
+                            std::io::Error::last_os_error()
+                        );
+                    }
+                }
+            }
+            Guard { previous }
+        }
+
+        /// QEMU is running as `pid`; a signal that came before it existed stops it at once.
+        pub fn watch(&self, pid: i32) {
+            QEMU_PID.store(pid, Ordering::SeqCst);
+            if RECEIVED.load(Ordering::SeqCst) != 0 {
+                // SAFETY: signalling our own child process.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
+
+        pub fn received(&self) -> Option<i32> {
+            Some(RECEIVED.load(Ordering::SeqCst)).filter(|&s| s != 0)
+        }
+    }
+
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            QEMU_PID.store(0, Ordering::SeqCst);
+            for (signal, old) in &self.previous {
+                // SAFETY: restoring the action sigaction returned.
+                unsafe { libc::sigaction(*signal, old, std::ptr::null_mut()) };
+            }
+        }
+    }
+
+    pub fn name(signal: i32) -> &'static str {
+        match signal {
+            libc::SIGINT => "interrupted (SIGINT)",
+            libc::SIGTERM => "terminated (SIGTERM)",
+            libc::SIGHUP => "hung up (SIGHUP)",
+            _ => "stopped by a signal",
+        }
     }
 }
 
@@ -392,6 +476,16 @@ mod tests {
         assert_eq!(paths, [root.as_path(), root.join("a/b").as_path()]);
         assert_eq!(got[0].tag, "rrr0");
         assert_eq!(got[1].tag, "rrr1");
+    }
+
+    #[test]
+    fn a_working_directory_of_root_is_not_shared_but_root_is_refused_as_a_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let got = shares(Path::new("/"), dir.path(), &[]).unwrap();
+        let paths: Vec<&Path> = got.iter().map(|s| s.path.as_path()).collect();
+        assert_eq!(paths, [std::fs::canonicalize(dir.path()).unwrap()]);
+        let err = shares(dir.path(), dir.path(), &["/".into()]).unwrap_err();
+        assert!(format!("{err:#}").contains("cannot share /"), "{err:#}");
     }
 
     #[test]

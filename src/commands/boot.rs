@@ -135,7 +135,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     }
     if !kind.is_hardware() && !args.direct && !crate::carrier::inside_carrier() {
         tracing::info!("host KVM: {kind}; --direct would boot on it anyway");
-        return crate::carrier::reexec_in_carrier(&crate::carrier::CarrierOptions::default());
+        return crate::carrier::reexec_in_carrier(crate::carrier::Handover::default());
     }
 
     let mut config = VmConfig::new(kernel);
@@ -169,16 +169,19 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         Ok(outcome) => {
             let s = outcome.stats;
             eprintln!(
-                "rrr: guest {} after {} exits, virtual time {:.6} s ({} PIO, {} MMIO, {} HLT, {} interrupts injected, {} kicks, {} stall landmarks), host time {:.3} s",
+                "rrr: guest {} after {} exits, virtual time {:.6} s ({} PIO of which {} progress, {} MMIO, {} HLT, {} interrupts injected, {} kicks, {} stall landmarks: {} spin-wait, {} changing state), host time {:.3} s",
                 outcome.end,
                 s.exits,
                 s.virtual_time.as_nanos() as f64 / 1e9,
                 s.pio_exits,
+                s.progress_exits,
                 s.mmio_exits,
                 s.halts,
                 s.injections,
                 s.kicks,
                 s.landmarks,
+                s.landmark_kinds.spin_wait,
+                s.landmark_kinds.changing_state,
                 outcome.host_elapsed.as_secs_f64()
             );
             for (at, event) in &outcome.control_events {

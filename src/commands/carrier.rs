@@ -37,6 +37,7 @@ pub fn run(cmd: CarrierCommand) -> Result<i32> {
                 mem_mb: args.mem,
                 cpus: args.cpus,
                 shares: args.share,
+                env: Vec::new(),
             };
             carrier::run_in_carrier(&args.cmd, &opts)
         }

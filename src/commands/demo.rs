@@ -40,20 +40,16 @@ pub fn run(args: Args) -> Result<i32> {
         "==> rrr run {} (rootfs, boot or snapshot restore, GO, verdict)",
         stimulus.display()
     );
-    super::run::run(super::run::Args {
-        stimulus,
-        kernel: Some(kernel.dir.clone()),
-        time_limit: args.time_limit,
-        timeout: None,
-        mem: super::run::DEFAULT_MEM_MIB,
-        append: None,
-        m32: false,
-        direct: false,
-        quiet: args.quiet,
-        run_dir: None,
-        boot: false,
-        stdin: false,
-        rootfs: None,
-        stimulus_binary: None,
-    })
+    // As the user would type it: the carrier re-executes these words, not `rrr demo`.
+    let mut words: Vec<std::ffi::OsString> = vec![
+        stimulus.into(),
+        "--kernel".into(),
+        kernel.dir.clone().into(),
+        "--time-limit".into(),
+        args.time_limit.to_string().into(),
+    ];
+    if args.quiet {
+        words.push("--quiet".into());
+    }
+    super::run::run_words(&words)
 }

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use rrr_kernels::{Flavor, KernelBuild, KernelSpec, Source};
+use rrr_kernels::{Flavor, KernelBuild, KernelSpec, Progress, Source};
 
 #[derive(clap::Subcommand)]
 pub enum KernelCommand {
@@ -80,16 +80,17 @@ fn ensure_reporting(spec: &KernelSpec) -> Result<(KernelBuild, bool)> {
         tracing::info!("{what}: cached at {}", hit.dir.display());
         return Ok((hit, true));
     }
-    let bar = crate::progress::spinner(format!("{what}: starting"));
+    let stages = std::cell::RefCell::new(crate::progress::Stages::new(&what));
     let started = std::time::Instant::now();
-    let result = rrr_kernels::build(spec, &cache, &|step| {
-        bar.set_message(format!("{what}: {step}"))
+    let result = rrr_kernels::build(spec, &cache, &|progress| match progress {
+        Progress::Stage(stage) => stages.borrow_mut().stage(stage.name()),
+        Progress::Step(step) => stages.borrow_mut().step(step),
     });
-    bar.finish_and_clear();
+    stages.into_inner().finish();
     let kernel = result.with_context(|| format!("cannot build the {what}"))?;
     eprintln!(
-        "rrr: {what}: built in {:.0?} at {}",
-        started.elapsed(),
+        "rrr: {what}: built in {} at {}",
+        crate::progress::elapsed(started.elapsed()),
         kernel.dir.display()
     );
     Ok((kernel, false))

@@ -4,6 +4,7 @@ pub mod boot;
 pub mod carrier;
 pub mod demo;
 pub mod doctor;
+pub mod from_syzbot;
 pub mod kernel;
 pub mod record;
 pub mod replay;

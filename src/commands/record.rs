@@ -31,12 +31,8 @@ pub fn run(args: Args) -> Result<i32> {
     }
     let started = Instant::now();
     run::prefer_read_snapshot_memory();
-    let Prepared {
-        kernel,
-        rootfs,
-        stimulus_binary,
-        run_dir,
-    } = run::prepare(&args.run)?;
+    let prepared = run::prepare(&args.run)?;
+    let run_dir = prepared.run_dir.clone();
     let output = args
         .output
         .clone()
@@ -49,22 +45,23 @@ pub fn run(args: Args) -> Result<i32> {
     std::fs::create_dir_all(&output_dir)
         .with_context(|| format!("cannot create {}", output_dir.display()))?;
     if run::needs_carrier(args.run.direct) {
-        let code = run::carrier_rerun(
-            &args.run,
-            "record",
-            &["--output".into(), output.clone().into()],
-            &[output_dir],
-            &kernel,
-            &rootfs,
-            &stimulus_binary,
-            &run_dir,
-        )?;
+        // The same command line inside, with the output named (it defaults to the run
+        // directory, which the handover names too).
+        let mut words: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        words.extend(["--output".into(), output.clone().into()]);
+        let code = run::carrier_handover(&prepared, Some(words), &[output_dir])?;
         eprintln!(
             "rrr: total wall time {:.1} s (builds, carrier and VM)",
             started.elapsed().as_secs_f64()
         );
         return Ok(code);
     }
+    let Prepared {
+        kernel,
+        rootfs,
+        stimulus_binary,
+        run_dir,
+    } = prepared;
     let mut session = RecordSession {
         output: output.clone(),
         kernel: kernel.clone(),
@@ -142,6 +139,8 @@ impl Session for RecordSession {
                 mem_mib: args.mem,
                 append: args.append.clone(),
                 checkpoint_interval: CHECKPOINT_INTERVAL,
+                seed: args.seed,
+                progress_interval: args.progress_interval,
             },
             start_exits: ready.state.stats.exits,
             start_time_ns: ready.state.clock.now().as_nanos(),

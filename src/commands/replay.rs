@@ -72,6 +72,8 @@ pub fn run(args: Args) -> Result<i32> {
         rootfs: rootfs.clone(),
         mem_mib: header.config.mem_mib,
         append: header.config.append.clone(),
+        seed: header.config.seed,
+        progress_interval: header.config.progress_interval,
     };
     let expected = spec.expected_identity()?;
     if let Some(difference) = header.snapshot.difference(&expected) {
@@ -105,6 +107,8 @@ pub fn run(args: Args) -> Result<i32> {
         mem: header.config.mem_mib,
         append: header.config.append.clone(),
         m32: false,
+        seed: header.config.seed,
+        progress_interval: header.config.progress_interval,
         direct: args.direct,
         quiet: args.quiet,
         run_dir: Some(run_dir.clone()),

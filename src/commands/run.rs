@@ -9,6 +9,7 @@
 
 mod console;
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,14 +18,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use rrr_guest::protocol::Command as AgentCommand;
+use rrr_reports::{CrashDetector, CrashReport};
 use rrr_vmm::builder::Vmm;
 use rrr_vmm::config::Timeout;
-use rrr_vmm::crash::{CrashDetector, CrashReport};
 use rrr_vmm::devices::control::ControlEvent;
+use rrr_vmm::devices::progress::ProgressCounts;
 use rrr_vmm::devices::virtio::disk::MediumSlot;
 use rrr_vmm::host::KvmKind;
 use rrr_vmm::rr::{ExecMode, Plain};
 use rrr_vmm::run_loop::{self, RunEnd, RunError, RunOutcome, RunState, RunStats, Stopped, Until};
+use rrr_vmm::stall::LandmarkCounts;
 
 use crate::machine::{AtReady, MachineSpec, StartKind, StartMode, StartReport, Started};
 use serde::{Deserialize, Serialize};
@@ -41,7 +44,7 @@ pub struct Args {
     pub stimulus: PathBuf,
     /// A kernel build directory (as printed by `rrr kernel build`) or a vmlinux; default: rrr's
     /// default kernel, built and cached on first use.
-    #[arg(long)]
+    #[arg(long, env = KERNEL_ENV, hide_env = true)]
     pub kernel: Option<PathBuf>,
     /// Seconds the stimulus may run before the agent kills it.
     #[arg(long, default_value_t = 30)]
@@ -60,6 +63,14 @@ pub struct Args {
     /// Build the stimulus as a 32-bit program.
     #[arg(long)]
     pub m32: bool,
+    /// The boot entropy, as a number: the kernel's random numbers (getrandom, ASLR) are the same
+    /// on every run with the same seed and differ with another.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Basic blocks per progress exit the kernel was built with (only for measuring kernels
+    /// built with another interval than rrr's).
+    #[arg(long, hide = true, default_value_t = rrr_guest::protocol::PROGRESS_INTERVAL)]
+    pub progress_interval: u64,
     /// Run on this host's /dev/kvm even if it is software-only (no carrier).
     #[arg(long)]
     pub direct: bool,
@@ -67,7 +78,7 @@ pub struct Args {
     #[arg(long, short)]
     pub quiet: bool,
     /// Where to keep the console and the summary (default: a new directory under the cache).
-    #[arg(long)]
+    #[arg(long, env = RUN_DIR_ENV, hide_env = true)]
     pub run_dir: Option<PathBuf>,
     /// Boot the kernel instead of restoring the cached snapshot (no snapshot is used or made).
     #[arg(long)]
@@ -76,14 +87,20 @@ pub struct Args {
     /// exit where the guest got it).
     #[arg(long)]
     pub stdin: bool,
-    /// The base root filesystem image, already built (used when rrr moves itself into the
-    /// carrier).
-    #[arg(long, hide = true)]
+    /// The base root filesystem image, already built (`rrr rootfs build` makes one).
+    #[arg(long, hide = true, env = ROOTFS_ENV)]
     pub rootfs: Option<PathBuf>,
-    /// The stimulus, already compiled (used when rrr moves itself into the carrier).
-    #[arg(long, hide = true)]
+    /// The stimulus, already compiled (`rrr rootfs stimulus` makes one).
+    #[arg(long, hide = true, env = STIMULUS_BINARY_ENV)]
     pub stimulus_binary: Option<PathBuf>,
 }
+
+/// What `rrr run` hands its copy inside the carrier, besides its command line: what it already
+/// built or chose on the host, so nothing is built (or chosen differently) under emulation.
+const KERNEL_ENV: &str = "RRR_RUN_KERNEL";
+const ROOTFS_ENV: &str = "RRR_RUN_ROOTFS";
+const STIMULUS_BINARY_ENV: &str = "RRR_RUN_STIMULUS_BINARY";
+const RUN_DIR_ENV: &str = "RRR_RUN_DIR";
 
 /// How the stimulus ended, as the guest agent reported it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -147,6 +164,18 @@ pub struct RunSummary {
     /// the one input that can make two runs of the same stimulus differ.
     #[serde(default)]
     pub landmarks: u64,
+    /// The same by cause: spin-waits (cheap to replay) and loops with changing state (not).
+    #[serde(default)]
+    pub landmarks_by_kind: LandmarkCounts,
+    /// Exits that were progress-port writes of instrumented code (`vmm::devices::progress`).
+    #[serde(default)]
+    pub progress_exits: u64,
+    /// Progress-port writes by source: the kernel's KCOV hook and the stimulus's runtime.
+    #[serde(default)]
+    pub progress: ProgressCounts,
+    /// The boot entropy seed (`--seed`).
+    #[serde(default)]
+    pub seed: u64,
     pub virtual_time_ns: u64,
     pub host_secs: f64,
     pub console: PathBuf,
@@ -210,21 +239,43 @@ pub struct Finished<'a> {
 }
 
 pub fn run(args: Args) -> Result<i32> {
+    run_as(args, None)
+}
+
+/// `rrr run` from `words` (what would follow `rrr run` on a command line), for commands that run
+/// a stimulus on the user's behalf: in the carrier, these words are what runs.
+pub fn run_words(words: &[OsString]) -> Result<i32> {
+    #[derive(clap::Parser)]
+    #[command(name = "rrr run")]
+    struct Line {
+        #[command(flatten)]
+        args: Args,
+    }
+    let argv = std::iter::once(OsString::from("rrr run")).chain(words.iter().cloned());
+    let line = <Line as clap::Parser>::try_parse_from(argv)?;
+    let mut command_line = vec![OsString::from("run")];
+    command_line.extend(words.iter().cloned());
+    run_as(line.args, Some(command_line))
+}
+
+/// `command_line`: what the carrier runs, when not this process's own command line.
+fn run_as(args: Args, command_line: Option<Vec<OsString>>) -> Result<i32> {
     let started = Instant::now();
-    let Prepared {
-        kernel,
-        rootfs,
-        stimulus_binary,
-        run_dir,
-    } = prepare(&args)?;
+    let prepared = prepare(&args)?;
     if needs_carrier(args.direct) {
-        let code = run_inside_carrier(&args, &kernel, &rootfs, &stimulus_binary, &run_dir)?;
+        let code = carrier_handover(&prepared, command_line, &[])?;
         eprintln!(
             "rrr: total wall time {:.1} s (builds, carrier and VM)",
             started.elapsed().as_secs_f64()
         );
         return Ok(code);
     }
+    let Prepared {
+        kernel,
+        rootfs,
+        stimulus_binary,
+        run_dir,
+    } = prepared;
     let summary = run_vm(
         &args,
         &kernel,
@@ -273,12 +324,54 @@ pub fn prepare(args: &Args) -> Result<Prepared> {
     };
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("cannot create the run directory {}", run_dir.display()))?;
+
     Ok(Prepared {
         kernel,
         rootfs,
         stimulus_binary,
         run_dir,
     })
+}
+
+/// Whether this run must move into the carrier (software-only KVM, not already inside one).
+pub fn needs_carrier(direct: bool) -> bool {
+    let kind = KvmKind::detect();
+    let needed = !kind.is_hardware() && !direct && !crate::carrier::inside_carrier();
+    if needed {
+        tracing::info!("host KVM: {kind}; --direct would run on it anyway");
+    }
+    needed
+}
+
+/// Re-executes this command line (or `command_line`) in the carrier, handing over what
+/// `prepare` built so nothing is compiled under emulation; `writable` are more host directories
+/// the command inside writes.
+pub fn carrier_handover(
+    prepared: &Prepared,
+    command_line: Option<Vec<OsString>>,
+    writable: &[PathBuf],
+) -> Result<i32> {
+    // Digests are memoized in the cache; computing them here, natively, spares the carrier
+    // from hashing the kernel under emulation.
+    crate::digest::file_sha256(&prepared.kernel)?;
+    crate::digest::file_sha256(&prepared.rootfs)?;
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+    let mut dirs = vec![prepared.run_dir.clone()];
+    dirs.extend(writable.iter().cloned());
+    let handover = crate::carrier::Handover {
+        env: vec![
+            (KERNEL_ENV.into(), absolute(&prepared.kernel).into()),
+            (ROOTFS_ENV.into(), absolute(&prepared.rootfs).into()),
+            (
+                STIMULUS_BINARY_ENV.into(),
+                absolute(&prepared.stimulus_binary).into(),
+            ),
+            (RUN_DIR_ENV.into(), absolute(&prepared.run_dir).into()),
+        ],
+        writable: dirs,
+        command_line,
+    };
+    crate::carrier::reexec_in_carrier(handover)
 }
 
 /// Record and replay read the snapshot's memory at restore instead of mapping it lazily.
@@ -291,101 +384,6 @@ pub fn prefer_read_snapshot_memory() {
     if std::env::var_os("RRR_SNAPSHOT_MEMORY").is_none() {
         std::env::set_var("RRR_SNAPSHOT_MEMORY", "read");
     }
-}
-
-/// Whether this run must move into the carrier (software-only KVM, not already inside one).
-pub fn needs_carrier(direct: bool) -> bool {
-    let kind = KvmKind::detect();
-    let needed = !kind.is_hardware() && !direct && !crate::carrier::inside_carrier();
-    if needed {
-        eprintln!("rrr: this host's KVM is {kind}; running the VM inside the carrier");
-    }
-    needed
-}
-
-/// Reruns this command in the carrier with everything already built, so nothing is compiled
-/// under emulation.
-fn run_inside_carrier(
-    args: &Args,
-    kernel: &Path,
-    rootfs: &Path,
-    stimulus_binary: &Path,
-    run_dir: &Path,
-) -> Result<i32> {
-    carrier_rerun(
-        args,
-        "run",
-        &[],
-        &[],
-        kernel,
-        rootfs,
-        stimulus_binary,
-        run_dir,
-    )
-}
-
-/// Reruns `rrr SUBCOMMAND` with `args` (and `extra` words, and `extra_shares` writable) in the
-/// carrier with everything already built.
-#[allow(clippy::too_many_arguments)]
-pub fn carrier_rerun(
-    args: &Args,
-    subcommand: &str,
-    extra: &[std::ffi::OsString],
-    extra_shares: &[PathBuf],
-    kernel: &Path,
-    rootfs: &Path,
-    stimulus_binary: &Path,
-    run_dir: &Path,
-) -> Result<i32> {
-    // Digests are memoized in the cache; computing them here, natively, spares the carrier
-    // from hashing the kernel under emulation.
-    crate::digest::file_sha256(kernel)?;
-    crate::digest::file_sha256(rootfs)?;
-    let exe = std::env::current_exe().context("cannot find the rrr executable")?;
-    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
-    let mut cmd: Vec<std::ffi::OsString> = vec![
-        exe.into(),
-        subcommand.into(),
-        absolute(&args.stimulus).into(),
-        "--kernel".into(),
-        absolute(kernel).into(),
-        "--rootfs".into(),
-        absolute(rootfs).into(),
-        "--stimulus-binary".into(),
-        absolute(stimulus_binary).into(),
-        "--run-dir".into(),
-        absolute(run_dir).into(),
-        "--time-limit".into(),
-        args.time_limit.to_string().into(),
-        "--mem".into(),
-        args.mem.to_string().into(),
-    ];
-    if let Some(timeout) = args.timeout {
-        cmd.extend(["--timeout".into(), timeout.to_string().into()]);
-    }
-    if let Some(append) = &args.append {
-        cmd.extend(["--append".into(), append.into()]);
-    }
-    if args.quiet {
-        cmd.push("--quiet".into());
-    }
-    if args.boot {
-        cmd.push("--boot".into());
-    }
-    if args.stdin {
-        cmd.push("--stdin".into());
-    }
-    cmd.extend(extra.iter().cloned());
-    let mut opts = crate::carrier::CarrierOptions::default();
-    for path in [kernel, rootfs, stimulus_binary, run_dir] {
-        if let Some(dir) = path.parent() {
-            opts.shares.push(absolute(dir));
-        }
-    }
-    opts.shares.extend(extra_shares.iter().map(|p| absolute(p)));
-    opts.shares.sort();
-    opts.shares.dedup();
-    crate::carrier::run_in_carrier(&cmd, &opts)
 }
 
 fn new_run_dir(stimulus: &Path) -> Result<PathBuf> {
@@ -430,6 +428,8 @@ pub fn run_vm(
         rootfs: rootfs.to_owned(),
         mem_mib: args.mem,
         append: args.append.clone(),
+        seed: args.seed,
+        progress_interval: args.progress_interval,
     };
     let mut config = spec.vm_config();
     config.stimulus_time_limit_secs = args.time_limit;
@@ -502,7 +502,10 @@ pub fn run_vm(
         }
         Started::EndedBeforeReady { vmm, result } => {
             if session.dirty_log() {
-                bail!("the guest ended before READY, so there is no snapshot to record or replay from; see {}", console_path.display());
+                bail!(
+                    "the guest ended before READY, so there is no snapshot to record or replay from; see {}",
+                    console_path.display()
+                );
             }
             (*vmm, result, None)
         }
@@ -532,6 +535,7 @@ pub fn run_vm(
         }
         Err(RunError::Fault(fault)) => {
             eprintln!("rrr: {fault}");
+            let fault = *fault;
             (
                 format!("fault: {}", fault.kind),
                 fault.stats,
@@ -563,6 +567,10 @@ pub fn run_vm(
         vm_end,
         exits: stats.exits,
         landmarks: stats.landmarks,
+        landmarks_by_kind: stats.landmark_kinds,
+        progress_exits: stats.progress_exits,
+        progress: stats.progress,
+        seed: args.seed,
         virtual_time_ns: stats.virtual_time.as_nanos(),
         host_secs,
         console: console_path.clone(),
@@ -631,6 +639,8 @@ fn boot_reports_text(reports: &[CrashReport]) -> String {
     texts.join("\n\n") + "\n"
 }
 
+/// The verdict on stdout. A closed stdout (`rrr run x.c | head -n 1`) is no error: everything is
+/// in the run directory already.
 /// The verdict: how the stimulus ended and what the kernel did (a replay prints the same).
 pub fn verdict(summary: &RunSummary) -> String {
     let kernel = match &summary.crash_title {
@@ -644,28 +654,46 @@ pub fn verdict(summary: &RunSummary) -> String {
 }
 
 pub fn print_summary(summary: &RunSummary) {
-    println!();
-    println!("{}", verdict(summary));
+    let _ = write_summary(&mut std::io::stdout().lock(), summary);
+}
+
+fn write_summary(out: &mut impl Write, summary: &RunSummary) -> std::io::Result<()> {
+    writeln!(out)?;
+    writeln!(out, "{}", verdict(summary))?;
     if !summary.boot_reports.is_empty() {
         let saved = summary.console.with_file_name(BOOT_REPORTS_FILE);
-        println!(
+        writeln!(
+            out,
             "rrr: the kernel already reported during boot, before the stimulus started: {}; \
              the verdict above is about the stimulus (boot reports saved to {})",
             summary.boot_reports.join(", "),
             saved.display()
-        );
+        )?;
     }
-    println!(
+    writeln!(
+        out,
         "rrr: VM {} after {} exits, {:.3} s virtual, {:.1} s host",
         summary.vm_end,
         summary.exits,
         summary.virtual_time_ns as f64 / 1e9,
         summary.host_secs
-    );
+    )?;
+    writeln!(
+        out,
+        "rrr: {} progress exits ({} kernel, {} user); {} landmarks ({} spin-wait, {} changing state); seed {}",
+        summary.progress_exits,
+        summary.progress.kernel,
+        summary.progress.user,
+        summary.landmarks,
+        summary.landmarks_by_kind.spin_wait,
+        summary.landmarks_by_kind.changing_state,
+        summary.seed
+    )?;
     if let Some(start) = &summary.start {
-        println!("rrr: start: {start}");
+        writeln!(out, "rrr: start: {start}")?;
     }
-    println!("rrr: console saved to {}", summary.console.display());
+    writeln!(out, "rrr: console saved to {}", summary.console.display())?;
+    out.flush()
 }
 
 #[cfg(test)]

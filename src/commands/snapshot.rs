@@ -20,7 +20,7 @@ const BOOT_LIMIT_SECS: u64 = 240;
 pub struct Args {
     /// A kernel build directory (as printed by `rrr kernel build`) or a vmlinux; default: rrr's
     /// default kernel.
-    #[arg(long)]
+    #[arg(long, env = KERNEL_ENV, hide_env = true)]
     pub kernel: Option<PathBuf>,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = super::run::DEFAULT_MEM_MIB)]
@@ -28,15 +28,47 @@ pub struct Args {
     /// Extra kernel parameters, after rrr's own (they are part of the snapshot's key).
     #[arg(long, value_name = "ARGS")]
     pub append: Option<String>,
+    /// The boot entropy seed (part of the snapshot: the kernel takes it at boot).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Basic blocks per progress exit the kernel was built with.
+    #[arg(long, hide = true, default_value_t = rrr_guest::protocol::PROGRESS_INTERVAL)]
+    pub progress_interval: u64,
     /// Run on this host's /dev/kvm even if it is software-only (no carrier).
     #[arg(long)]
     pub direct: bool,
-    /// The base rootfs image, already built (used when rrr moves itself into the carrier).
-    #[arg(long, hide = true)]
+    /// The base rootfs image, already built (`rrr rootfs build` makes one).
+    #[arg(long, hide = true, env = ROOTFS_ENV)]
     pub rootfs: Option<PathBuf>,
 }
 
+/// What `rrr snapshot` hands its copy inside the carrier, besides its command line: the kernel
+/// and image it found or built on the host.
+const KERNEL_ENV: &str = "RRR_SNAPSHOT_KERNEL";
+const ROOTFS_ENV: &str = "RRR_SNAPSHOT_ROOTFS";
+
 pub fn run(args: Args) -> Result<i32> {
+    run_as(args, None)
+}
+
+/// `rrr snapshot` with these words after it, for a command that takes the snapshot on the
+/// user's behalf (`rrr from-syzbot`): inside the carrier, these words run, not the caller's.
+pub fn run_words(words: &[std::ffi::OsString]) -> Result<i32> {
+    #[derive(clap::Parser)]
+    #[command(name = "rrr snapshot")]
+    struct Line {
+        #[command(flatten)]
+        args: Args,
+    }
+    let argv =
+        std::iter::once(std::ffi::OsString::from("rrr snapshot")).chain(words.iter().cloned());
+    let line = <Line as clap::Parser>::try_parse_from(argv)?;
+    let mut command_line = vec![std::ffi::OsString::from("snapshot")];
+    command_line.extend(words.iter().cloned());
+    run_as(line.args, Some(command_line))
+}
+
+fn run_as(args: Args, command_line: Option<Vec<std::ffi::OsString>>) -> Result<i32> {
     let kernel = match &args.kernel {
         Some(path) => super::boot::resolve_kernel(path)?,
         None => super::kernel::ensure_default_kernel()?.vmlinux(),
@@ -48,14 +80,16 @@ pub fn run(args: Args) -> Result<i32> {
     };
     let kind = KvmKind::detect();
     if !kind.is_hardware() && !args.direct && !crate::carrier::inside_carrier() {
-        eprintln!("rrr: this host's KVM is {kind}; taking the snapshot inside the carrier");
-        return snapshot_inside_carrier(&args, &kernel, &rootfs);
+        tracing::info!("host KVM: {kind}; --direct would take the snapshot on it anyway");
+        return snapshot_inside_carrier(&kernel, &rootfs, command_line);
     }
     let spec = MachineSpec {
         kernel,
         rootfs,
         mem_mib: args.mem,
         append: args.append.clone(),
+        seed: args.seed,
+        progress_interval: args.progress_interval,
     };
     let path = ensure_snapshot(&spec)?;
     println!("{}", path.display());
@@ -142,31 +176,23 @@ fn ensure_snapshot(spec: &MachineSpec) -> Result<PathBuf> {
     Ok(at_ready.report.snapshot.unwrap_or(path))
 }
 
-fn snapshot_inside_carrier(args: &Args, kernel: &Path, rootfs: &Path) -> Result<i32> {
+/// Reruns this command in the carrier, handing over the kernel and image found on the host.
+fn snapshot_inside_carrier(
+    kernel: &Path,
+    rootfs: &Path,
+    command_line: Option<Vec<std::ffi::OsString>>,
+) -> Result<i32> {
+    // Digests are memoized in the cache; computing them here, natively, spares the carrier
+    // from hashing the kernel under emulation.
     crate::digest::file_sha256(kernel)?;
     crate::digest::file_sha256(rootfs)?;
-    let exe = std::env::current_exe().context("cannot find the rrr executable")?;
     let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
-    let mut cmd: Vec<std::ffi::OsString> = vec![
-        exe.into(),
-        "snapshot".into(),
-        "--kernel".into(),
-        absolute(kernel).into(),
-        "--rootfs".into(),
-        absolute(rootfs).into(),
-        "--mem".into(),
-        args.mem.to_string().into(),
-    ];
-    if let Some(append) = &args.append {
-        cmd.extend(["--append".into(), append.into()]);
-    }
-    let mut opts = crate::carrier::CarrierOptions::default();
-    for path in [kernel, rootfs] {
-        if let Some(dir) = path.parent() {
-            opts.shares.push(absolute(dir));
-        }
-    }
-    opts.shares.sort();
-    opts.shares.dedup();
-    crate::carrier::run_in_carrier(&cmd, &opts)
+    crate::carrier::reexec_in_carrier(crate::carrier::Handover {
+        env: vec![
+            (KERNEL_ENV.into(), absolute(kernel).into()),
+            (ROOTFS_ENV.into(), absolute(rootfs).into()),
+        ],
+        command_line,
+        ..Default::default()
+    })
 }

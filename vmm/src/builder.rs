@@ -21,6 +21,7 @@ use crate::devices::legacy::serial::SerialState;
 use crate::devices::legacy::{
     BoardDevice, Cmos, DebugPort, PicPair, Pit, Serial, BOARD_PORTS, I8042,
 };
+use crate::devices::progress::{ProgressCounts, ProgressPort};
 use crate::devices::virtio::mmio::{MmioTransport, MmioTransportState};
 use crate::host::KvmKind;
 use crate::irq::IsaIrq;
@@ -63,6 +64,7 @@ pub struct LegacyDevices {
     pub cmos: Arc<Mutex<Cmos>>,
     pub i8042: Arc<Mutex<I8042>>,
     pub control: Arc<Mutex<ControlPort>>,
+    pub progress: Arc<Mutex<ProgressPort>>,
 }
 
 /// The legacy devices' snapshot state. The PIC, PIT, CMOS and i8042 hold no host handle, so
@@ -76,6 +78,7 @@ pub struct LegacyState {
     pub cmos: Cmos,
     pub i8042: I8042,
     pub control: ControlState,
+    pub progress: ProgressCounts,
 }
 
 impl LegacyDevices {
@@ -87,6 +90,7 @@ impl LegacyDevices {
             cmos: lock(&self.cmos).clone(),
             i8042: lock(&self.i8042).clone(),
             control: lock(&self.control).save(),
+            progress: lock(&self.progress).counts(),
         }
     }
 
@@ -97,6 +101,7 @@ impl LegacyDevices {
         *lock(&self.cmos) = state.cmos.clone();
         *lock(&self.i8042) = state.i8042.clone();
         lock(&self.control).restore_state(&state.control);
+        lock(&self.progress).restore_counts(state.progress);
     }
 }
 
@@ -233,6 +238,10 @@ pub fn attach_legacy_devices(
         control: Arc::new(Mutex::new(ControlPort::new(
             config.stimulus_time_limit_secs,
         ))),
+        progress: Arc::new(Mutex::new(ProgressPort::new(
+            config.progress_interval,
+            config.block_ns,
+        ))),
     };
     let debug_port: SharedDevice = Arc::new(Mutex::new(DebugPort::new()));
     for range in BOARD_PORTS {
@@ -244,6 +253,7 @@ pub fn attach_legacy_devices(
             BoardDevice::DebugPort => debug_port.clone(),
             BoardDevice::Serial => devices.serial.clone(),
             BoardDevice::Control => devices.control.clone(),
+            BoardDevice::Progress => devices.progress.clone(),
         };
         pio.insert(range.base, range.len, device)
             .map_err(|source| BuildError::Bus {
@@ -283,6 +293,7 @@ pub fn configure_boot(
         .map(|path| boot_params::load_initrd(mem, path, kernel.end, ram_end))
         .transpose()?;
     boot_params::write_boot_params(mem, cmdline.len(), initrd, ram_end)?;
+    boot_params::write_rng_seed(mem, &config.rng_seed)?;
     Ok(initrd)
 }
 

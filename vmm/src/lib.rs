@@ -12,7 +12,6 @@ pub mod builder;
 pub mod bus;
 pub mod clock;
 pub mod config;
-pub mod crash;
 pub mod description;
 pub mod devices;
 pub mod host;

@@ -2,7 +2,8 @@
 //! to the MMIO bus, HLT to the idle logic, everything else to an end of the run.
 //!
 //! Determinism rules (DESIGN.md, "Determinism without a PMU"): virtual time moves by one quantum
-//! per synchronous exit and jumps to the next timer deadline on HLT; interrupts are injected only
+//! per synchronous exit (by the cost of the code it stands for at a progress exit, see
+//! `devices::progress`) and jumps to the next timer deadline on HLT; interrupts are injected only
 //! at synchronous exits; a watchdog kick (`EINTR`) is not a synchronous exit and changes nothing
 //! the guest can see.
 //!
@@ -22,9 +23,10 @@ use crate::bus::{lock, DeviceContext};
 use crate::clock::{VirtualClock, VirtualTime};
 use crate::description::VmDescription;
 use crate::devices::control::ControlEvent;
+use crate::devices::progress::ProgressCounts;
 use crate::irq::IrqLines;
 use crate::rr::{ExecMode, ExitWhat, Plain, RrError};
-use crate::stall::{StallTracker, Verdict};
+use crate::stall::{LandmarkCounts, StallTracker, Verdict};
 use crate::vstate::vcpu::{VcpuError, VcpuKicker};
 use crate::watchdog::Watchdog;
 
@@ -72,6 +74,12 @@ pub struct RunStats {
     /// Kicks after a stall at which a timer interrupt was delivered (host-timed: a recording
     /// must log them).
     pub landmarks: u64,
+    /// The same landmarks by cause.
+    pub landmark_kinds: LandmarkCounts,
+    /// Synchronous exits that were progress-port writes (virtual time moved by code executed).
+    pub progress_exits: u64,
+    /// Progress-port writes by source (kernel KCOV hook, stimulus runtime).
+    pub progress: ProgressCounts,
     pub virtual_time: VirtualTime,
 }
 
@@ -318,6 +326,7 @@ pub fn run_until_with(
     };
     let end = runner.run_until_end();
     runner.stats.virtual_time = runner.clock.now();
+    runner.stats.progress = lock(&runner.vmm.devices.progress).counts();
     drop(runner.watchdog.take());
     let stats = runner.stats;
     let vmm = runner.vmm;
@@ -603,9 +612,7 @@ impl Runner<'_> {
     /// decides whether it waits for time to pass.
     fn stalled(&mut self) -> Result<(), RunError> {
         let sample = self.vmm.vcpu.stall_sample().map_err(RunError::Vcpu)?;
-        let verdict = self
-            .stalls
-            .observe(self.stats.exits, sample, Instant::now());
+        let verdict = self.stalls.observe(self.stats.exits, sample);
         if let Some(watchdog) = &self.watchdog {
             watchdog.set_hurry(matches!(verdict, Verdict::Landmark(_)));
         }
@@ -621,6 +628,7 @@ impl Runner<'_> {
                     exits = self.stats.exits,
                     "stall landmark"
                 );
+                self.stats.landmark_kinds.count(cause);
                 self.mode.landmark(self.vmm, self.stats.exits, cause)?;
                 self.landmark()
             }
@@ -646,7 +654,15 @@ impl Runner<'_> {
         if let Some(watchdog) = &self.watchdog {
             watchdog.note_progress(self.stats.exits);
         }
-        self.clock.tick();
+        match lock(&self.vmm.devices.progress).take_elapsed() {
+            Some(ns) => {
+                self.stats.progress_exits += 1;
+                self.clock.advance_by(ns);
+            }
+            None => {
+                self.clock.tick();
+            }
+        }
         self.mode
             .after_exit(self.vmm, self.stats.exits, self.clock.now(), self.last_exit)?;
         if lock(&self.vmm.devices.i8042).take_reset_request() {

@@ -13,8 +13,8 @@ use std::fs::File;
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use rrr_reports::CrashDetector;
 use rrr_vmm::bus::lock;
-use rrr_vmm::crash::CrashDetector;
 use rrr_vmm::devices::control::ControlPort;
 
 /// The control port, known once the VM is built (after the console writer has been handed to
@@ -22,14 +22,14 @@ use rrr_vmm::devices::control::ControlPort;
 pub type ControlSlot = Arc<OnceLock<Arc<Mutex<ControlPort>>>>;
 
 /// The console goes to the terminal (unless quiet), to `console.log`, and to the crash detector.
-pub struct ConsoleTee {
-    pub terminal: Option<std::io::Stdout>,
+pub struct ConsoleTee<W: Write = std::io::Stdout> {
+    pub terminal: Option<W>,
     pub log: File,
     pub detector: Arc<Mutex<CrashDetector>>,
     pub control: ControlSlot,
 }
 
-impl ConsoleTee {
+impl<W: Write> ConsoleTee<W> {
     /// Tells the detector the stimulus has started, the first time the console is written
     /// after the agent's READY.
     fn mark_stimulus_start(&self, detector: &mut CrashDetector) {
@@ -46,14 +46,17 @@ impl ConsoleTee {
     }
 }
 
-impl Write for ConsoleTee {
+impl<W: Write> Write for ConsoleTee<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if let Some(out) = &self.terminal {
-            let mut out = out.lock();
-            out.write_all(buf)?;
-            out.flush()?;
-        }
+        // The run record comes first: a terminal that goes away (stdout a pipe whose reader
+        // left) must not cut the log or the crash detector short.
         self.log.write_all(buf)?;
+        if let Some(out) = &mut self.terminal {
+            if let Err(err) = out.write_all(buf).and_then(|()| out.flush()) {
+                tracing::debug!("stdout closed ({err}); the console goes on to the log only");
+                self.terminal = None;
+            }
+        }
         let mut detector = lock(&self.detector);
         self.mark_stimulus_start(&mut detector);
         detector.feed(buf);
@@ -90,7 +93,7 @@ mod tests {
 
     /// A tee on a real control port, as `run_vm` wires it, and the UART's byte-at-a-time writes.
     struct Rig {
-        tee: ConsoleTee,
+        tee: ConsoleTee<File>,
         detector: Arc<Mutex<CrashDetector>>,
         control: Arc<Mutex<ControlPort>>,
         _dir: tempfile::TempDir,
@@ -115,6 +118,10 @@ mod tests {
                 control,
                 _dir: dir,
             }
+        }
+
+        fn log(&self) -> String {
+            std::fs::read_to_string(self._dir.path().join("console.log")).unwrap()
         }
 
         fn uart(&mut self, text: &str) {
@@ -171,6 +178,29 @@ mod tests {
         assert_eq!(
             rig.titles(),
             (Vec::new(), Some("WARNING in do_one_initcall".to_owned()))
+        );
+    }
+
+    #[test]
+    fn a_closed_terminal_cuts_neither_the_log_nor_the_crash_report() {
+        let mut rig = Rig::new();
+        // A pipe whose reader has gone: writes fail with EPIPE (Rust ignores SIGPIPE).
+        let mut fds = [0; 2];
+        // SAFETY: pipe fills two fds; the write end is then owned by the File.
+        let terminal = unsafe {
+            assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+            libc::close(fds[0]);
+            <File as std::os::fd::FromRawFd>::from_raw_fd(fds[1])
+        };
+        rig.tee.terminal = Some(terminal);
+        agent_says(&rig.control, Command::Ready);
+        rig.uart("before\n");
+        rig.uart(PANIC);
+        assert!(rig.tee.terminal.is_none(), "the failed terminal was kept");
+        assert_eq!(rig.log(), format!("before\n{PANIC}"));
+        assert_eq!(
+            rig.titles().1.as_deref(),
+            Some("kernel panic: sysrq triggered crash")
         );
     }
 }

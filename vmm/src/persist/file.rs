@@ -381,3 +381,41 @@ mod tests {
         assert!(err.to_string().contains("header checksum"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod full_disk_tests {
+    use super::*;
+
+    /// A snapshot that does not fit the disk is an error naming the file, and leaves nothing
+    /// behind: not the final name, not the temporary one. Needs root (it mounts a tiny tmpfs).
+    #[test]
+    fn a_full_disk_is_an_error_and_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mount = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("cannot run mount");
+        assert!(
+            mount.success(),
+            "this test mounts a 256 KiB tmpfs to fill it and needs root; run the suite as root"
+        );
+        let path = dir.path().join("big.rrrsnap");
+        let result = (|| {
+            let mut w = SnapshotWriter::create(&path)?;
+            w.add(SectionKind::Identity, b"id")?;
+            w.add(SectionKind::Machine, &vec![7u8; 1 << 20])?;
+            w.finish()
+        })();
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        let _ = std::process::Command::new("umount")
+            .arg(dir.path())
+            .status();
+        let err = result.expect_err("1 MiB fitted in a 256 KiB filesystem");
+        assert!(err.to_string().contains("No space left on device"), "{err}");
+        assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
+    }
+}

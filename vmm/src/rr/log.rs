@@ -65,6 +65,10 @@ pub struct RunConfig {
     pub append: Option<String>,
     /// A checkpoint is written every this many exits.
     pub checkpoint_interval: u64,
+    /// The boot entropy seed the snapshot was taken with (part of the machine).
+    pub seed: u64,
+    /// Basic blocks per progress exit the guest was built for.
+    pub progress_interval: u64,
 }
 
 /// The first record: what the recording starts from and what it runs.
@@ -405,6 +409,8 @@ mod tests {
                 mem_mib: 512,
                 append: Some("panic_on_warn=1".into()),
                 checkpoint_interval: 256,
+                seed: 0,
+                progress_interval: 65536,
             },
             start_exits: 17000,
             start_time_ns: 123_456,

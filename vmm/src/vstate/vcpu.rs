@@ -2,6 +2,7 @@
 //! irqchip, and the kick that forces it out of `KVM_RUN`.
 
 use std::sync::Once;
+use std::time::Duration;
 
 use kvm_bindings::{kvm_interrupt, CpuId};
 use kvm_ioctls::VcpuFd;
@@ -86,7 +87,11 @@ impl Vcpu {
         let state = words.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, w| {
             (h ^ w).wrapping_mul(0x0000_0100_0000_01b3)
         });
-        Ok(StallSample { rip: r.rip, state })
+        Ok(StallSample {
+            rip: r.rip,
+            state,
+            cpu: thread_cpu_time(),
+        })
     }
 
     /// Registers, control registers and the code at RIP, for a fault report.
@@ -95,6 +100,24 @@ impl Vcpu {
         let sregs = self.fd.get_sregs().map_err(VcpuError::GetRegs)?;
         Ok(CpuSnapshot::capture(regs, &sregs, mem))
     }
+}
+
+/// CPU time of the calling thread (the vCPU thread: its guest execution is accounted to it).
+/// Zero if the clock cannot be read, which makes the stall policy wait rather than guess.
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through the pointer, valid for the call.
+    let ret = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if ret != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(
+        ts.tv_sec.max(0) as u64,
+        ts.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
 }
 
 /// Sends the kick signal to the vCPU thread. The signal's only job is to make `KVM_RUN` return

@@ -7,7 +7,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::{
     CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIGH_MEMORY_START, MMIO_HOLE_END, MMIO_HOLE_START,
-    PAGE_SIZE, ZERO_PAGE_START,
+    PAGE_SIZE, SETUP_DATA_START, ZERO_PAGE_START,
 };
 
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
@@ -18,6 +18,10 @@ const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x0100_0000;
 const E820_RAM: u32 = 1;
 const E820_RESERVED: u32 = 2;
 const E820_MAX_ENTRIES_ZEROPAGE: usize = 128;
+/// `setup_data` type of a boot-loader RNG seed (`arch/x86/include/uapi/asm/setup_data.h`).
+const SETUP_RNG_SEED: u32 = 9;
+/// `struct setup_data`'s header: `u64 next; u32 type; u32 len;`, then the payload.
+const SETUP_DATA_HEADER_LEN: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootParamsError {
@@ -186,6 +190,40 @@ pub fn write_boot_params(
         })
 }
 
+/// Hands the kernel `seed` as boot-loader entropy: a `SETUP_RNG_SEED` node at
+/// [`SETUP_DATA_START`], linked from the zero page (written before, by [`write_boot_params`]).
+///
+/// Linux 6.12 mixes it into its input pool in `setup_arch()` and, with
+/// `random.trust_bootloader` on (the default), credits it: 32 bytes are the 256 bits its crng
+/// needs to be ready, so `getrandom()` in early user space does not wait in the jitter-entropy
+/// loop (a timer spin). The kernel wipes the node after reading it.
+pub fn write_rng_seed(mem: &GuestMemoryMmap, seed: &[u8]) -> Result<(), BootParamsError> {
+    let write = |what, addr, bytes: &[u8]| {
+        mem.write_slice(bytes, GuestAddress(addr))
+            .map_err(|source| BootParamsError::Write { what, addr, source })
+    };
+    let mut node = Vec::with_capacity(SETUP_DATA_HEADER_LEN + seed.len());
+    node.extend_from_slice(&0u64.to_le_bytes());
+    node.extend_from_slice(&SETUP_RNG_SEED.to_le_bytes());
+    node.extend_from_slice(&(seed.len() as u32).to_le_bytes());
+    node.extend_from_slice(seed);
+    write("RNG seed", SETUP_DATA_START, &node)?;
+    let mut params: boot_params =
+        mem.read_obj(GuestAddress(ZERO_PAGE_START))
+            .map_err(|source| BootParamsError::Write {
+                what: "zero page",
+                addr: ZERO_PAGE_START,
+                source,
+            })?;
+    params.hdr.setup_data = SETUP_DATA_START;
+    mem.write_obj(params, GuestAddress(ZERO_PAGE_START))
+        .map_err(|source| BootParamsError::Write {
+            what: "zero page",
+            addr: ZERO_PAGE_START,
+            source,
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,5 +276,28 @@ mod tests {
             .unwrap();
         assert_eq!(&cmdline, b"console=ttyS0\0");
         assert!(write_cmdline(&mem, &"x".repeat(CMDLINE_MAX_SIZE)).is_err());
+    }
+
+    #[test]
+    fn the_rng_seed_is_a_setup_data_node_linked_from_the_zero_page() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        write_boot_params(&mem, 0, None, 1 << 30).unwrap();
+        let seed: Vec<u8> = (1..=32).collect();
+        write_rng_seed(&mem, &seed).unwrap();
+        let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+        assert_eq!({ params.hdr.setup_data }, SETUP_DATA_START);
+        // Writing the seed kept the rest of the zero page.
+        assert_eq!({ params.hdr.header }, KERNEL_HDR_MAGIC);
+        assert_eq!(params.e820_entries, 3);
+        let mut node = [0u8; SETUP_DATA_HEADER_LEN + 32];
+        mem.read_slice(&mut node, GuestAddress(SETUP_DATA_START))
+            .unwrap();
+        assert_eq!(&node[..8], &[0; 8], "the list ends here");
+        assert_eq!(u32::from_le_bytes(node[8..12].try_into().unwrap()), 9);
+        assert_eq!(u32::from_le_bytes(node[12..16].try_into().unwrap()), 32);
+        assert_eq!(&node[16..], &seed[..]);
+        // Nothing else the boot writes lies there.
+        assert!(SETUP_DATA_START >= CMDLINE_START + CMDLINE_MAX_SIZE as u64);
+        assert!(SETUP_DATA_START + node.len() as u64 <= EBDA_START);
     }
 }

@@ -22,6 +22,9 @@ pub const IDENTITY_MAPPED_GIB: u64 = 4;
 pub const CMDLINE_START: u64 = 0x20000;
 /// x86's `COMMAND_LINE_SIZE`, including the terminating NUL.
 pub const CMDLINE_MAX_SIZE: usize = 2048;
+/// The `setup_data` list (the boot RNG seed), after the command line. Linux reserves the first
+/// MiB and every `setup_data` node before it allocates memory, so nothing overwrites it first.
+pub const SETUP_DATA_START: u64 = 0x21000;
 /// Start of the Extended BIOS Data Area: conventional RAM ends here.
 pub const EBDA_START: u64 = 0x9fc00;
 /// Start of RAM above the legacy VGA/BIOS hole.

@@ -18,7 +18,7 @@ pub use pic::PicPair;
 pub use pit::Pit;
 pub use serial::Serial;
 
-use rrr_guest::protocol::{CONTROL_PORT, CONTROL_PORT_LEN};
+use rrr_guest::protocol::{CONTROL_PORT, CONTROL_PORT_LEN, PROGRESS_PORT, PROGRESS_PORT_LEN};
 
 /// Which of the board's devices decodes a port range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +30,7 @@ pub enum BoardDevice {
     DebugPort,
     Serial,
     Control,
+    Progress,
 }
 
 /// One port range the board decodes.
@@ -113,6 +114,12 @@ pub const BOARD_PORTS: &[PortRange] = &[
         CONTROL_PORT_LEN as u64,
         BoardDevice::Control,
         "rrr control port",
+    ),
+    range(
+        PROGRESS_PORT as u64,
+        PROGRESS_PORT_LEN as u64,
+        BoardDevice::Progress,
+        "rrr progress port",
     ),
 ];
 
