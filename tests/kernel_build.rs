@@ -105,6 +105,13 @@ fn fake_kernel_tree(dir: &std::path::Path) {
     )
     .unwrap();
     std::fs::write(dir.join("init/main.c"), version("first")).unwrap();
+    // Every guest kernel gets rrr's source patches (the progress counter, no TSC); the stand-in
+    // holds the text they rewrite, in files its Makefile never compiles.
+    for (file, anchor) in rrr_kernels::patches::patch_anchors() {
+        let path = dir.join(file);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, format!("/* stand-in */\n{anchor}}}\n")).unwrap();
+    }
 }
 
 /// A C file whose object holds `text`.

@@ -104,6 +104,12 @@ fn patches() -> Vec<Patch> {
     ]
 }
 
+/// Each file rrr patches and the text it must hold once: enough for a stand-in tree (tests of
+/// the build driver) to take the patches as a real tree does.
+pub fn patch_anchors() -> Vec<(&'static str, String)> {
+    patches().into_iter().map(|p| (p.file, p.find)).collect()
+}
+
 impl Patch {
     /// `original` patched, or why this kernel's file cannot take the patch.
     fn apply(&self, original: &str) -> Result<String, String> {
@@ -140,17 +146,22 @@ pub fn patched_identity(identity: &str) -> String {
     format!("{identity}{}", identity_suffix())
 }
 
-/// A patched copy of `source` under `cache_dir/sources/`, made on first use.
+/// A patched copy of `source` under `cache_dir/sources/`, one per source tree: made on first
+/// use and made again when the tree's contents change. Its place depends only on where the tree
+/// is, so a local tree's objects (kept per source directory) survive edits and the next build
+/// is an incremental `make`.
 pub fn patched_source(
     source: &ResolvedSource,
     cache_dir: &Path,
     progress: &dyn Fn(crate::Progress),
 ) -> Result<ResolvedSource, KernelError> {
     let identity = patched_identity(&source.identity);
-    let name = hex::encode(Sha256::digest(identity.as_bytes()));
+    let place = format!("{}{}", source.dir.display(), identity_suffix());
+    let name = hex::encode(Sha256::digest(place.as_bytes()));
     let sources = cache_dir.join("sources");
     let dir = sources.join(format!("patched-{}", &name[..16]));
-    if !dir.join(MARKER).is_file() {
+    let current = std::fs::read_to_string(dir.join(MARKER)).ok();
+    if current.as_deref().map(str::trim_end) != Some(identity.as_str()) {
         progress(crate::Progress::Stage(crate::Stage::Patch));
         tracing::info!("patching a copy of the source (rrr's progress counter, no TSC)");
         make_patched_copy(&source.dir, &sources, &dir, &identity)?;
@@ -174,27 +185,40 @@ fn make_patched_copy(
                 path: path.clone(),
                 reason,
             })?;
-        patched.push((patch.file, text));
+        let mtime = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .map_err(KernelError::io(&path))?;
+        patched.push((patch.file, text, mtime));
     }
     std::fs::create_dir_all(parent).map_err(KernelError::io(parent))?;
     let tmp = parent.join(format!(".patch-{}", crate::store::unique_suffix()));
     let result = (|| {
         copy_tree(src, &tmp)?;
-        for (file, text) in &patched {
+        for (file, text, mtime) in &patched {
             // The copy's file is a hard link to the shared tree's: unlink it before writing.
             let target = tmp.join(file);
             std::fs::remove_file(&target).map_err(KernelError::io(&target))?;
             std::fs::write(&target, text).map_err(KernelError::io(&target))?;
+            // The original's time: a copy made again after an edit elsewhere must not make
+            // every file that includes these headers look new to make.
+            std::fs::File::options()
+                .write(true)
+                .open(&target)
+                .and_then(|f| f.set_modified(*mtime))
+                .map_err(KernelError::io(&target))?;
         }
         let marker = tmp.join(MARKER);
         std::fs::write(&marker, format!("{identity}\n")).map_err(KernelError::io(&marker))?;
         if dest.exists() {
-            // An earlier, interrupted copy without its marker.
+            // A copy of the tree as it was before an edit, or an interrupted one.
             std::fs::remove_dir_all(dest).map_err(KernelError::io(dest))?;
         }
+        let done = |d: &Path| {
+            std::fs::read_to_string(d.join(MARKER)).is_ok_and(|m| m.trim_end() == identity)
+        };
         match std::fs::rename(&tmp, dest) {
             // Another process finished the same copy first; theirs is as good as ours.
-            Err(_) if dest.join(MARKER).is_file() => Ok(()),
+            Err(_) if done(dest) => Ok(()),
             other => other.map_err(KernelError::io(dest)),
         }
     })();

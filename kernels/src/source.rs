@@ -253,12 +253,12 @@ fn stat_manifest(root: &Path) -> Result<String, KernelError> {
                 b"f"
             };
             hash_part(&mut hasher, kind);
+            // Not the ctime: rrr's own patched copy of a tree hard-links its files, which moves
+            // their ctime without changing a byte, and would make every build a new key.
             for n in [
                 meta.size(),
                 meta.mtime() as u64,
                 meta.mtime_nsec() as u64,
-                meta.ctime() as u64,
-                meta.ctime_nsec() as u64,
                 meta.ino(),
             ] {
                 hasher.update(n.to_le_bytes());
