@@ -141,20 +141,29 @@ fn carrier_checks(needed: bool) -> Vec<Check> {
     checks
 }
 
+/// The commands rrr needs and the Debian package of each: the very list `scripts/setup` checks
+/// after installing (`scripts/check-requirements`), so the two cannot disagree.
+const REQUIREMENTS: &str = include_str!("../../scripts/requirements");
+
+fn requirements() -> Vec<(&'static str, &'static str)> {
+    REQUIREMENTS
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            Some((words.next()?, words.next()?))
+        })
+        .collect()
+}
+
 fn tool_checks() -> Vec<Check> {
     let mut checks = Vec::new();
-    for (tool, package) in [
-        ("gcc", "build-essential"),
-        ("make", "build-essential"),
-        ("flex", "flex"),
-        ("bison", "bison"),
-        ("bc", "bc"),
-        ("tar", "tar"),
-        ("xz", "xz-utils"),
-        ("mke2fs", "e2fsprogs"),
-        ("cpio", "cpio"),
-        ("qemu-img", "qemu-utils"),
-    ] {
+    // QEMU's system emulator is the carrier's, checked (and required only where needed) above.
+    for (tool, package) in requirements()
+        .into_iter()
+        .filter(|(tool, _)| *tool != "qemu-system-x86_64")
+    {
         checks.push(match find_in_path(tool) {
             Some(path) => Check::new(tool, Status::Ok, path.display().to_string()),
             None => Check::new(tool, Status::Fail, "not found").fix(apt(package)),
@@ -336,6 +345,28 @@ mod tests {
         assert_eq!(static_elf("/bin/sh"), Ok(false));
         let err = static_elf("/etc/hostname").unwrap_err();
         assert!(err.contains("not a 64-bit ELF"), "{err}");
+    }
+
+    #[test]
+    fn doctor_checks_the_list_setup_checks() {
+        let list = requirements();
+        for tool in [
+            "gcc",
+            "make",
+            "mke2fs",
+            "qemu-img",
+            "qemu-system-x86_64",
+            "git",
+        ] {
+            assert!(list.iter().any(|(t, _)| *t == tool), "{tool} missing");
+        }
+        assert!(list.contains(&("qemu-img", "qemu-utils")));
+        let names: Vec<String> = tool_checks().into_iter().map(|c| c.name).collect();
+        assert!(names.iter().any(|n| n == "qemu-img"), "{names:?}");
+        assert!(
+            !names.iter().any(|n| n == "qemu-system-x86_64"),
+            "{names:?}"
+        );
     }
 
     #[test]
