@@ -45,16 +45,9 @@ pub fn run(args: Args) -> Result<i32> {
     std::fs::create_dir_all(&output_dir)
         .with_context(|| format!("cannot create {}", output_dir.display()))?;
     if run::needs_carrier(args.run.direct) {
-        // The same command line inside, with the output named (it defaults to the run
-        // directory, which the handover names too).
-        let mut words: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-        words.extend(["--output".into(), output.clone().into()]);
-        let code = run::carrier_handover(&prepared, Some(words), &[output_dir])?;
-        eprintln!(
-            "rrr: total wall time {:.1} s (builds, carrier and VM)",
-            started.elapsed().as_secs_f64()
-        );
-        return Ok(code);
+        // The same command line runs inside: a given -o is made reachable like every path
+        // word, and the default output lies in the run directory the handover names.
+        return run::carrier_handover(&prepared, None, &[output_dir], started);
     }
     let Prepared {
         kernel,

@@ -263,12 +263,7 @@ fn run_as(args: Args, command_line: Option<Vec<OsString>>) -> Result<i32> {
     let started = Instant::now();
     let prepared = prepare(&args)?;
     if needs_carrier(args.direct) {
-        let code = carrier_handover(&prepared, command_line, &[])?;
-        eprintln!(
-            "rrr: total wall time {:.1} s (builds, carrier and VM)",
-            started.elapsed().as_secs_f64()
-        );
-        return Ok(code);
+        return carrier_handover(&prepared, command_line, &[], started);
     }
     let Prepared {
         kernel,
@@ -345,11 +340,12 @@ pub fn needs_carrier(direct: bool) -> bool {
 
 /// Re-executes this command line (or `command_line`) in the carrier, handing over what
 /// `prepare` built so nothing is compiled under emulation; `writable` are more host directories
-/// the command inside writes.
+/// the command inside writes. Says the total wall time since `started` when it is over.
 pub fn carrier_handover(
     prepared: &Prepared,
     command_line: Option<Vec<OsString>>,
     writable: &[PathBuf],
+    started: Instant,
 ) -> Result<i32> {
     // Digests are memoized in the cache; computing them here, natively, spares the carrier
     // from hashing the kernel under emulation.
@@ -371,7 +367,12 @@ pub fn carrier_handover(
         writable: dirs,
         command_line,
     };
-    crate::carrier::reexec_in_carrier(handover)
+    let code = crate::carrier::reexec_in_carrier(handover)?;
+    eprintln!(
+        "rrr: total wall time {:.1} s (builds, carrier and VM)",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(code)
 }
 
 /// Record and replay read the snapshot's memory at restore instead of mapping it lazily.
