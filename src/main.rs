@@ -10,6 +10,7 @@ mod digest;
 mod machine;
 mod progress;
 mod syzbot;
+mod trace;
 
 use clap::{Parser, Subcommand};
 

@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 
 use super::run::{self, Finished, Ready, Session};
 use crate::machine::{MachineSpec, StartKind};
+use crate::trace::{self, EmitFilter, TraceArgs, TracedReplay, Tracer};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -44,6 +45,12 @@ pub struct Args {
     /// recorded one.
     #[arg(long)]
     pub rootfs: Option<PathBuf>,
+    /// Trace the replay: every kernel function call (or those the filters keep) with its
+    /// arguments and return value, and the system calls, per task, as a Perfetto trace.
+    #[arg(long)]
+    pub trace: bool,
+    #[command(flatten)]
+    pub trace_args: TraceArgs,
 }
 
 pub fn run(args: Args) -> Result<i32> {
@@ -139,12 +146,27 @@ pub fn run(args: Args) -> Result<i32> {
         if args.quiet {
             cmd.push("--quiet".into());
         }
+        let trace_output = std::path::absolute(args.trace_args.output_for(&recording_path))
+            .unwrap_or_else(|_| args.trace_args.output_for(&recording_path));
+        if args.trace {
+            let mut words = TraceArgs {
+                output: Some(trace_output.clone()),
+                ..args.trace_args.clone()
+            }
+            .to_words();
+            cmd.push("--trace".into());
+            cmd.append(&mut words);
+        }
         let mut opts = crate::carrier::CarrierOptions::default();
         opts.shares.extend(
-            [recording_path.parent(), run_args.run_dir.as_deref()]
-                .into_iter()
-                .flatten()
-                .map(Path::to_path_buf),
+            [
+                recording_path.parent(),
+                run_args.run_dir.as_deref(),
+                args.trace.then(|| trace_output.parent()).flatten(),
+            ]
+            .into_iter()
+            .flatten()
+            .map(Path::to_path_buf),
         );
         let code = crate::carrier::run_in_carrier(&cmd, &opts)?;
         eprintln!(
@@ -155,9 +177,24 @@ pub fn run(args: Args) -> Result<i32> {
     }
 
     let records = recording.records.len();
+    let trace_output = args.trace_args.output_for(&args.recording);
+    let header = recording.header.clone();
+    let replayer = Replayer::new(recording);
+    let mode = if args.trace {
+        let index = trace::load_index(&kernel)?;
+        let functions = trace::choose_functions(&index, &args.trace_args)?;
+        let filter = EmitFilter {
+            pids: args.trace_args.pids.clone(),
+            depth: args.trace_args.depth,
+        };
+        let tracer = Tracer::new(index, &functions, &trace_output, filter)?;
+        ReplayMode::Traced(Box::new(TracedReplay { replayer, tracer }))
+    } else {
+        ReplayMode::Plain(replayer)
+    };
     let mut session = ReplaySession {
-        header: recording.header.clone(),
-        replayer: Some(Replayer::new(recording)),
+        header,
+        mode: Some(mode),
         plain: Plain,
     };
     let replayed = run::run_vm(
@@ -191,6 +228,14 @@ pub fn run(args: Args) -> Result<i32> {
         }
     };
     run::print_summary(&summary);
+    if let Some(stats) = summary
+        .rr
+        .as_ref()
+        .and_then(|rr| rr.get("trace"))
+        .filter(|t| !t.is_null())
+    {
+        print_trace(&trace_output, stats);
+    }
     match summary.rr.as_ref().and_then(|rr| rr["partial_end"].as_u64()) {
         Some(exits) => println!(
             "rrr: replayed the partial recording up to its last whole record (exit {exits}): every checkpoint on the way matched"
@@ -249,16 +294,48 @@ fn check_usable(recording: &Recording, args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// Where the trace is, what is in it, and how to open it.
+fn print_trace(output: &Path, stats: &serde_json::Value) {
+    let n = |k: &str| stats[k].as_u64().unwrap_or(0);
+    let size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "rrr: trace: {} events ({} calls, {} system calls, {} tasks, {} switches; {} probes), {:.1} MiB",
+        n("events"),
+        n("entries"),
+        n("syscalls"),
+        n("tasks"),
+        n("switches"),
+        n("probes"),
+        size as f64 / (1024.0 * 1024.0)
+    );
+    println!("rrr: the trace is {}", output.display());
+    println!(
+        "rrr: open it in Perfetto: rrr serve {}   (then {})",
+        output.display(),
+        rrr_perfetto::ui_link(
+            rrr_perfetto::DEFAULT_PORT,
+            &output.file_name().unwrap_or_default().to_string_lossy()
+        )
+    );
+}
+
+/// The replay's mode: plain, or with the trace pass.
+enum ReplayMode {
+    Plain(Replayer),
+    Traced(Box<TracedReplay>),
+}
+
 struct ReplaySession {
     header: Header,
-    replayer: Option<Replayer>,
+    mode: Option<ReplayMode>,
     plain: Plain,
 }
 
 impl Session for ReplaySession {
     fn mode(&mut self) -> &mut dyn ExecMode {
-        match &mut self.replayer {
-            Some(replayer) => replayer,
+        match &mut self.mode {
+            Some(ReplayMode::Plain(replayer)) => replayer,
+            Some(ReplayMode::Traced(traced)) => traced.as_mut(),
             None => &mut self.plain,
         }
     }
@@ -301,6 +378,9 @@ impl Session for ReplaySession {
                 header.start_time_ns
             );
         }
+        if let Some(ReplayMode::Traced(traced)) = &mut self.mode {
+            traced.tracer.start(ready.vmm)?;
+        }
         Ok(())
     }
 
@@ -315,10 +395,23 @@ impl Session for ReplaySession {
     }
 
     fn finish(&mut self, end: &Finished<'_>) -> Result<Option<serde_json::Value>> {
-        let mut replayer = self
-            .replayer
+        let (mut replayer, trace) = match self
+            .mode
             .take()
-            .context("the run ended before READY: nothing was replayed")?;
+            .context("the run ended before READY: nothing was replayed")?
+        {
+            ReplayMode::Plain(replayer) => (replayer, None),
+            ReplayMode::Traced(traced) => {
+                let TracedReplay {
+                    replayer,
+                    mut tracer,
+                } = *traced;
+                // The guest's memory is its own again before anything hashes it.
+                tracer.lift(end.vmm)?;
+                let stats = tracer.finish(end.stats.virtual_time)?;
+                (replayer, Some(serde_json::to_value(stats)?))
+            }
+        };
         if let Some(exits) = end
             .summary
             .vm_end
@@ -328,6 +421,7 @@ impl Session for ReplaySession {
             return Ok(Some(json!({
                 "partial_end": exits,
                 "stats": replayer.stats(),
+                "trace": trace,
             })));
         }
         let recorded = replayer
@@ -365,6 +459,7 @@ impl Session for ReplaySession {
             "matched": true,
             "state_hash": format!("{:#018x}", recorded.state_hash),
             "stats": replayer.stats(),
+            "trace": trace,
         })))
     }
 }

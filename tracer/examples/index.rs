@@ -84,7 +84,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Ok(t) = index.task_layout() {
         println!("task_struct     {t:?}");
     }
+    println!("return sites    {}", index.return_sites.len());
+    println!("syscalls        {}", index.syscalls.len());
     for name in args {
+        if let Some(params) = index.syscalls.get(&name) {
+            let shown: Vec<String> = params
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{} {}",
+                        index.type_name(p.ty),
+                        p.name.as_deref().unwrap_or("?")
+                    )
+                })
+                .collect();
+            println!("syscall {name}({})", shown.join(", "));
+        }
         for f in index.functions_named(&name) {
             println!(
                 "{} @ {:#x} fentry {:?} unit {}",

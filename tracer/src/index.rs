@@ -10,12 +10,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::dwarf::{self, R};
 use crate::merge::merge;
-use crate::model::{CurrentTask, Function, Inlined, Layout, Symbol, SymbolKind, TypeId};
+use crate::model::{
+    CurrentTask, Function, Inlined, Layout, Symbol, SymbolKind, SyscallParam, TypeId,
+};
+use crate::returns::ReturnSite;
 use crate::types::{TypeTable, ValueKind};
 use crate::IndexError;
 
 /// Bumped whenever the serialized shape changes; a cache in another format is rebuilt.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 const MAGIC: &[u8; 8] = b"rrridx\0\0";
 
 /// Everything the trace pass needs to know about one kernel (or user binary).
@@ -37,6 +40,11 @@ pub struct Index {
     pub symbols: Vec<Symbol>,
     /// `call __fentry__` sites, sorted.
     pub fentry_sites: Vec<u64>,
+    /// Where traceable functions in the permanent text return, sorted by address.
+    pub return_sites: Vec<ReturnSite>,
+    /// System call signatures by name (`openat`), from `__do_sys_openat`'s DWARF. Calls defined
+    /// without arguments have none.
+    pub syscalls: BTreeMap<String, Vec<SyscallParam>>,
     pub current_task: Option<CurrentTask>,
     /// Units the walk could not read (their functions are missing, symbols still name them).
     pub bad_units: usize,
@@ -120,12 +128,24 @@ impl Index {
             .section_by_name(".data..percpu")
             .map(|s| (s.address(), s.address() + s.size()));
 
+        let text = match (by_addr_name.get("_stext"), by_addr_name.get("_etext")) {
+            (Some(&start), Some(&end)) => (start, end),
+            // A user binary: its text sections are all permanent.
+            _ => code
+                .iter()
+                .fold((u64::MAX, 0), |(lo, hi), &(s, e)| (lo.min(s), hi.max(e))),
+        };
+        let thunk = by_addr_name.get("__x86_return_thunk").copied();
         let (mut index, unlocated) = merge(partials, &code);
         index.symbols = symbols;
         index.fentry_sites = fentry_sites;
         index.finish_lookups();
         index.attach_fentry();
         index.fill_abi_locations(&unlocated);
+        index.return_sites =
+            crate::returns::return_sites(&index.functions, text, thunk, |addr, len| {
+                crate::elf::read_at(&elf, addr, len)
+            });
         index.current_task = index.find_current_task(percpu);
         index.source_root = source_root(&index.units);
         Ok(index)
@@ -291,6 +311,14 @@ impl Index {
             };
             (site, name, f)
         })
+    }
+
+    /// The return site at `addr`, if a traceable function returns there.
+    pub fn return_site(&self, addr: u64) -> Option<&ReturnSite> {
+        self.return_sites
+            .binary_search_by_key(&addr, |s| s.address)
+            .ok()
+            .map(|i| &self.return_sites[i])
     }
 
     pub fn type_name(&self, ty: TypeId) -> String {

@@ -15,6 +15,7 @@ mod introspect;
 mod location;
 mod merge;
 mod model;
+mod returns;
 mod types;
 
 pub use error::IndexError;
@@ -22,6 +23,7 @@ pub use index::{BuildOptions, Index};
 pub use introspect::{MemberInfo, TaskLayout};
 pub use model::{
     CurrentTask, Function, Inlined, Layout, Location, Member, Param, Range, Reg, Symbol,
-    SymbolKind, Type, TypeId,
+    SymbolKind, SyscallParam, Type, TypeId,
 };
+pub use returns::{ReturnKind, ReturnSite};
 pub use types::{format_enum, TypeTable, ValueKind};

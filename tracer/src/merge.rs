@@ -1,11 +1,11 @@
 //! Assembling the index from the walkers' partial results and the ELF: one type table, functions
 //! in address order, their `__fentry__` sites, and ABI locations where DWARF has none.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::dwarf;
 use crate::location::abi_registers;
-use crate::model::{Function, Inlined, Layout, Location, TypeId};
+use crate::model::{Function, Inlined, Layout, Location, SyscallParam, TypeId};
 use crate::types::TypeTable;
 use crate::Index;
 
@@ -79,6 +79,7 @@ pub(crate) fn merge(
     let mut layouts: HashMap<String, (usize, Layout)> = HashMap::new();
     let mut bad_units = 0;
     let mut unlocated = Vec::new();
+    let mut syscalls: BTreeMap<String, Vec<SyscallParam>> = BTreeMap::new();
     for part in partials {
         let map = types.absorb(part.types);
         let m = |id: TypeId| map[id.0 as usize];
@@ -110,6 +111,14 @@ pub(crate) fn merge(
                 x.caller = *c;
                 inlined.push(x);
             }
+        }
+        for (name, params) in part.syscalls {
+            syscalls.entry(name).or_insert_with(|| {
+                params
+                    .into_iter()
+                    .map(|(name, ty)| SyscallParam { name, ty: m(ty) })
+                    .collect()
+            });
         }
         for (name, (ordinal, mut layout)) in part.layouts {
             if layouts.get(&name).is_some_and(|(o, _)| *o < ordinal) {
@@ -150,6 +159,8 @@ pub(crate) fn merge(
         layouts: layouts.into_iter().map(|(n, (_, l))| (n, l)).collect(),
         symbols: Vec::new(),
         fentry_sites: Vec::new(),
+        return_sites: Vec::new(),
+        syscalls,
         current_task: None,
         bad_units,
         by_name: HashMap::new(),

@@ -250,3 +250,10 @@ pub struct CurrentTask {
     /// kernel it is a plain variable at `address`.
     pub per_cpu: bool,
 }
+
+/// A system call parameter, from the `SYSCALL_DEFINE` body's DWARF.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyscallParam {
+    pub name: Option<String>,
+    pub ty: TypeId,
+}

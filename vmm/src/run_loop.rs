@@ -215,6 +215,8 @@ enum Step {
     InternalError,
     Fault(FaultKind),
     Kick,
+    /// A probe's `hlt`, handled by the mode: not part of the timeline.
+    Probe,
 }
 
 /// Console input from the host, crossing threads through a channel and handed to the guest only
@@ -389,8 +391,12 @@ impl Runner<'_> {
                 self.landmark()?;
                 continue;
             }
-            let step = self.enter()?;
+            let mut step = self.enter()?;
+            if matches!(step, Step::Halt) {
+                step = self.probe_or_halt()?;
+            }
             let end = match step {
+                Step::Probe => continue,
                 Step::Kick => {
                     tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, "kick");
                     self.stats.kicks += 1;
@@ -470,11 +476,7 @@ impl Runner<'_> {
                 self.last_exit = ExitWhat::Window;
                 Step::Sync
             }
-            Ok(VcpuExit::Hlt) => {
-                tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, "hlt");
-                self.last_exit = ExitWhat::Halt;
-                Step::Halt
-            }
+            Ok(VcpuExit::Hlt) => Step::Halt,
             Ok(VcpuExit::Shutdown) => Step::Shutdown,
             Ok(VcpuExit::InternalError) => Step::InternalError,
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
@@ -491,6 +493,18 @@ impl Runner<'_> {
             Err(e) => return Err(RunError::KvmRun(e)),
         };
         Ok(step)
+    }
+
+    /// A `hlt` exit: a probe of the mode's (handled there, not part of the timeline), or the
+    /// guest's own.
+    fn probe_or_halt(&mut self) -> Result<Step, RunError> {
+        let now = self.clock.now();
+        if self.mode.probe_hit(self.vmm, self.stats.exits, now)? {
+            return Ok(Step::Probe);
+        }
+        tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, "hlt");
+        self.last_exit = ExitWhat::Halt;
+        Ok(Step::Halt)
     }
 
     fn handle_pio(&mut self) -> Result<(), RunError> {

@@ -41,6 +41,10 @@ pub(crate) struct Partial {
     /// Parameters DWARF gives no location for: (function, parameter). The index fills them from
     /// the ABI where the function kept its signature.
     pub no_location: Vec<(u32, u16)>,
+    /// System call signatures: `__do_sys_NAME`'s parameters (name, type), from its abstract
+    /// instance (it is always inlined into the `__x64_sys_NAME` wrapper, which only takes
+    /// `pt_regs`).
+    pub syscalls: Vec<(String, Vec<(Option<String>, TypeId)>)>,
     pub bad_units: usize,
 }
 
@@ -95,6 +99,9 @@ enum Scope {
     /// A subprogram without code (abstract or a declaration): its children are not parameters
     /// of anything we index.
     Abstract,
+    /// The abstract instance of a system call's body (`__do_sys_NAME`): its parameters are
+    /// the system call's, with their types (an index into `Partial::syscalls`).
+    Syscall(usize),
     Other,
 }
 
@@ -158,8 +165,19 @@ impl<'a, 'u> UnitWalker<'a, 'u> {
                             frame_base,
                         }
                     }
-                    None => Scope::Abstract,
+                    None => self.syscall(die)?,
                 },
+                DW_TAG_formal_parameter if matches!(parent, Some(Scope::Syscall(_))) => {
+                    if let Some(&Scope::Syscall(at)) = parent {
+                        let name = self.name(die)?;
+                        let ty = match type_ref(die) {
+                            Some(off) => self.type_at(off, 0)?,
+                            None => self.part.types.intern(Type::Unknown),
+                        };
+                        self.part.syscalls[at].1.push((name, ty));
+                    }
+                    Scope::Other
+                }
                 DW_TAG_formal_parameter => {
                     if let Some(&Scope::Function {
                         idx,
@@ -204,6 +222,22 @@ impl<'a, 'u> UnitWalker<'a, 'u> {
             }
         }
         Ok(())
+    }
+
+    /// A subprogram without code: a system call's signature if it is `__do_sys_NAME`'s
+    /// abstract instance, otherwise nothing we index.
+    fn syscall(&mut self, die: &Die<'a>) -> Result<Scope, IndexError> {
+        if die.has_attr(DW_AT_declaration) {
+            return Ok(Scope::Abstract);
+        }
+        let Some(name) = self.name(die)? else {
+            return Ok(Scope::Abstract);
+        };
+        let Some(call) = name.strip_prefix("__do_sys_") else {
+            return Ok(Scope::Abstract);
+        };
+        self.part.syscalls.push((call.to_owned(), Vec::new()));
+        Ok(Scope::Syscall(self.part.syscalls.len() - 1))
     }
 
     /// A subprogram with code becomes a function; one without (abstract, declaration) is `None`.

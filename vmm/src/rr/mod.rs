@@ -99,6 +99,9 @@ pub enum RrError {
     Dirty(#[from] VmError),
     #[error("reading guest page {page:#x} failed")]
     Memory { page: u64 },
+    /// A probe of the mode (the trace pass) failed.
+    #[error("the trace pass failed: {0}")]
+    Probe(String),
 }
 
 /// What the run loop asks of the mode. Every method has the plain-run default: no log, host
@@ -159,6 +162,22 @@ pub trait ExecMode {
         _cause: LandmarkCause,
     ) -> Result<(), RrError> {
         Ok(())
+    }
+
+    /// A `hlt` exit that may be a probe the mode planted (the trace pass puts a one-byte `hlt`
+    /// where it wants an exit: KVM hands every guest `hlt` to the VMM when the irqchip is ours,
+    /// inside the carrier too, where the emulated SVM does not intercept `int3`). Returns whether
+    /// it was one, and then the mode has moved the vCPU on; otherwise the run loop idles as for
+    /// any `hlt`. Probe hits are not synchronous exits: they advance neither the exit count nor
+    /// virtual time, and nothing is injected at them, so a probed run keeps the recording's
+    /// timeline.
+    fn probe_hit(
+        &mut self,
+        _vmm: &mut Vmm,
+        _exits: u64,
+        _now: VirtualTime,
+    ) -> Result<bool, RrError> {
+        Ok(false)
     }
 
     /// Before entering the guest: whether a logged landmark is due here. The mode has moved the

@@ -65,6 +65,12 @@ impl Replayer {
         self.stats
     }
 
+    /// Whether a logged landmark is to be given at exit `exits` (a probe that plants
+    /// breakpoints lifts them while the replayer finds the landmark with its own).
+    pub fn landmark_at(&self, exits: u64) -> bool {
+        matches!(self.peek(), Some(Record::Landmark(l)) if l.exits == exits)
+    }
+
     fn peek(&self) -> Option<&Record> {
         self.records.get(self.next)
     }

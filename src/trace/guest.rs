@@ -1,0 +1,136 @@
+//! Reading guest memory by virtual address for the trace pass. Every address comes from the
+//! guest (registers, pointers in its structs), so every read can fail and is bounded.
+//!
+//! Kernel text, data and the direct map keep their translations for the whole run, so those
+//! pages are translated once; anything else (user memory, vmalloc'd stacks) is walked again
+//! through the page tables the vCPU uses now.
+
+use std::collections::HashMap;
+
+use rrr_vmm::arch::x86_64::walk::PagingMode;
+use rrr_vmm::builder::Vmm;
+use vm_memory::{Bytes, GuestAddress};
+
+/// The direct map of a kernel without memory randomisation, and the kernel image mapping.
+const DIRECT_MAP: std::ops::Range<u64> = 0xffff_8880_0000_0000..0xffff_c880_0000_0000;
+const KERNEL_IMAGE: u64 = 0xffff_ffff_8000_0000;
+
+pub struct GuestReader {
+    paging: Option<PagingMode>,
+    stable_pages: HashMap<u64, u64>,
+}
+
+impl GuestReader {
+    pub fn new() -> Self {
+        GuestReader {
+            paging: None,
+            stable_pages: HashMap::new(),
+        }
+    }
+
+    /// Forgets the page-table root: the next walk takes the vCPU's current one (after a
+    /// switch to another address space).
+    pub fn refresh(&mut self) {
+        self.paging = None;
+    }
+
+    fn paging(&mut self, vmm: &Vmm) -> Option<PagingMode> {
+        if self.paging.is_none() {
+            let s = vmm.vcpu.fd.get_sregs().ok()?;
+            self.paging = Some(PagingMode {
+                cr0: s.cr0,
+                cr3: s.cr3,
+                cr4: s.cr4,
+                efer: s.efer,
+            });
+        }
+        self.paging
+    }
+
+    /// The guest-physical address of `gva`.
+    pub fn translate(&mut self, vmm: &Vmm, gva: u64) -> Option<u64> {
+        let stable = DIRECT_MAP.contains(&gva) || gva >= KERNEL_IMAGE;
+        let page = gva & !0xfff;
+        if stable {
+            if let Some(gpa) = self.stable_pages.get(&page) {
+                return Some(gpa | (gva & 0xfff));
+            }
+        }
+        let paging = self.paging(vmm)?;
+        let gpa = match paging.translate(&vmm.mem, gva) {
+            Ok(gpa) => gpa,
+            Err(_) => {
+                // The root may be another task's (or the user half's under PTI): try the
+                // vCPU's current one once.
+                self.paging = None;
+                self.paging(vmm)?.translate(&vmm.mem, gva).ok()?
+            }
+        };
+        if stable {
+            self.stable_pages.insert(page, gpa & !0xfff);
+        }
+        Some(gpa)
+    }
+
+    pub fn read_u64(&mut self, vmm: &Vmm, gva: u64) -> Option<u64> {
+        let mut bytes = [0u8; 8];
+        self.read(vmm, gva, &mut bytes)?;
+        Some(u64::from_le_bytes(bytes))
+    }
+
+    pub fn read_u32(&mut self, vmm: &Vmm, gva: u64) -> Option<u32> {
+        let mut bytes = [0u8; 4];
+        self.read(vmm, gva, &mut bytes)?;
+        Some(u32::from_le_bytes(bytes))
+    }
+
+    /// Reads `out.len()` bytes at `gva`, page by page.
+    pub fn read(&mut self, vmm: &Vmm, gva: u64, out: &mut [u8]) -> Option<()> {
+        let mut done = 0usize;
+        while done < out.len() {
+            let at = gva.checked_add(done as u64)?;
+            let in_page = (0x1000 - (at & 0xfff)) as usize;
+            let n = in_page.min(out.len() - done);
+            let gpa = self.translate(vmm, at)?;
+            vmm.mem
+                .read_slice(&mut out[done..done + n], GuestAddress(gpa))
+                .ok()?;
+            done += n;
+        }
+        Some(())
+    }
+
+    /// A NUL-terminated string of at most `max` bytes; `None` if its first byte cannot be
+    /// read. The flag says whether it was cut at `max`.
+    pub fn read_c_string(&mut self, vmm: &Vmm, gva: u64, max: usize) -> Option<(String, bool)> {
+        let mut bytes = Vec::new();
+        let mut at = gva;
+        while bytes.len() < max {
+            let in_page = (0x1000 - (at & 0xfff)) as usize;
+            let n = in_page.min(max - bytes.len());
+            let mut chunk = vec![0u8; n];
+            if self.read(vmm, at, &mut chunk).is_none() {
+                if bytes.is_empty() {
+                    return None;
+                }
+                break;
+            }
+            if let Some(end) = chunk.iter().position(|&b| b == 0) {
+                bytes.extend_from_slice(&chunk[..end]);
+                return Some((String::from_utf8_lossy(&bytes).into_owned(), false));
+            }
+            bytes.extend_from_slice(&chunk);
+            at += n as u64;
+        }
+        Some((String::from_utf8_lossy(&bytes).into_owned(), true))
+    }
+
+    /// Writes guest memory at `gva` (the probes' breakpoint bytes).
+    pub fn write(&mut self, vmm: &Vmm, gva: u64, bytes: &[u8]) -> Option<()> {
+        for (i, b) in bytes.iter().enumerate() {
+            let gpa = self.translate(vmm, gva + i as u64)?;
+            vmm.mem.write_obj(*b, GuestAddress(gpa)).ok()?;
+        }
+        Some(())
+    }
+}

@@ -1,0 +1,562 @@
+//! The trace pass proper: what happens at each probe hit. The vCPU is moved past the probe as
+//! the instruction under it would move it; the hit becomes a function entry or return on the
+//! current task's track, with its arguments or return value decoded by type; the kernel's
+//! system call wrappers (`__x64_sys_NAME`) become the syscall layer.
+//!
+//! Each task keeps a shadow stack of the calls it is in. A return closes the frames entered at
+//! the same or a deeper stack pointer on the same stack: that also closes a function that
+//! tail-called the returning one, and frames whose return was never seen.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::Path;
+
+use rrr_perfetto::{Arg, Event, Kind, TraceWriter, TrackId, Value, MAX_DEPTH};
+use rrr_tracer::{Index, TaskLayout};
+use rrr_vmm::builder::Vmm;
+use rrr_vmm::clock::VirtualTime;
+use rrr_vmm::rr::RrError;
+
+use super::decode::{self, Shown};
+use super::guest::GuestReader;
+use super::probes::{Probe, ProbeSet};
+
+/// Kernel stacks (task and interrupt stacks) are 16 KiB and aligned to it: an address's stack.
+const STACK_SHIFT: u32 = 14;
+/// The idle task has pid 0, which Perfetto does not take: it gets this one.
+const IDLE_PID: i32 = 0x3fff_ffff;
+const SYSCALL_PREFIXES: [&str; 2] = ["__x64_sys_", "__ia32_sys_"];
+
+/// What the trace shows, beyond which functions carry probes.
+#[derive(Debug, Clone, Default)]
+pub struct EmitFilter {
+    /// Only these tasks (by pid or thread-group id); empty: all.
+    pub pids: Vec<i32>,
+    /// Only this many levels of calls per task (the syscall layer counts as one).
+    pub depth: Option<u32>,
+}
+
+/// Counts of one trace pass.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct TraceStats {
+    pub probes: usize,
+    pub probes_dropped: usize,
+    pub entries: u64,
+    pub returns: u64,
+    pub syscalls: u64,
+    pub events: u64,
+    pub tasks: usize,
+    pub switches: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FrameKind {
+    Function,
+    Syscall,
+}
+
+#[derive(Debug)]
+struct Frame {
+    stack: u64,
+    entry_rsp: u64,
+    function: u32,
+    kind: FrameKind,
+    emitted: bool,
+}
+
+struct Task {
+    pid: i32,
+    tgid: i32,
+    comm: String,
+    track: TrackId,
+    frames: Vec<Frame>,
+    shown: bool,
+}
+
+/// Where `struct pt_regs` keeps a system call's number and arguments.
+struct PtRegs {
+    args: [u64; 6],
+    orig_ax: u64,
+}
+
+pub struct Tracer {
+    index: Index,
+    probes: ProbeSet,
+    mem: GuestReader,
+    writer: TraceWriter<BufWriter<File>>,
+    filter: EmitFilter,
+    task_layout: TaskLayout,
+    pt_regs: Option<PtRegs>,
+    /// Where the current task's pointer is (per-CPU offsets applied).
+    current_at: u64,
+    tasks: HashMap<u64, Task>,
+    last_task: Option<u64>,
+    last_ts: u64,
+    next_flow: u64,
+    stats: TraceStats,
+}
+
+impl Tracer {
+    pub fn new(
+        index: Index,
+        functions: &[u32],
+        output: &Path,
+        filter: EmitFilter,
+    ) -> anyhow::Result<Tracer> {
+        use anyhow::Context;
+        let task_layout = index
+            .task_layout()
+            .context("the kernel's DWARF has no usable task_struct (pid, tgid, comm)")?;
+        let pt_regs = (|| {
+            let off = |m: &str| index.member_offset("pt_regs", m);
+            Some(PtRegs {
+                args: [
+                    off("di")?,
+                    off("si")?,
+                    off("dx")?,
+                    off("r10")?,
+                    off("r8")?,
+                    off("r9")?,
+                ],
+                orig_ax: off("orig_ax")?,
+            })
+        })();
+        let probes = ProbeSet::new(&index, functions);
+        let writer = TraceWriter::create(output)
+            .with_context(|| format!("cannot create the trace {}", output.display()))?;
+        Ok(Tracer {
+            stats: TraceStats {
+                probes: probes.len(),
+                ..Default::default()
+            },
+            index,
+            probes,
+            mem: GuestReader::new(),
+            writer,
+            filter,
+            task_layout,
+            pt_regs,
+            current_at: 0,
+            tasks: HashMap::new(),
+            last_task: None,
+            last_ts: 0,
+            next_flow: 1,
+        })
+    }
+
+    pub fn stats(&self) -> TraceStats {
+        TraceStats {
+            tasks: self.tasks.len(),
+            events: self.writer.stats().events,
+            ..self.stats
+        }
+    }
+
+    /// Plants the probes: at READY, once the snapshot is restored.
+    pub fn start(&mut self, vmm: &Vmm) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let current = self
+            .index
+            .current_task
+            .clone()
+            .context("the kernel's symbols do not say where the current task is")?;
+        self.current_at = current.address;
+        if current.per_cpu {
+            // One vCPU: CPU 0's per-CPU area.
+            let offsets = self
+                .index
+                .symbol("__per_cpu_offset")
+                .context("a per-CPU kernel without __per_cpu_offset")?
+                .address;
+            let base = self
+                .mem
+                .read_u64(vmm, offsets)
+                .context("cannot read CPU 0's per-CPU offset")?;
+            self.current_at = self.current_at.wrapping_add(base);
+        }
+        self.stats.probes_dropped = self.probes.plant(vmm, &mut self.mem)?;
+        self.stats.probes = self.probes.len();
+        Ok(())
+    }
+
+    /// Lifts the probes (the guest's memory is its own again).
+    pub fn lift(&mut self, vmm: &Vmm) -> Result<(), RrError> {
+        self.probes
+            .lift(vmm, &mut self.mem)
+            .map_err(|e| RrError::Probe(e.to_string()))
+    }
+
+    pub fn replant(&mut self, vmm: &Vmm) -> Result<(), RrError> {
+        self.probes
+            .plant(vmm, &mut self.mem)
+            .map(|_| ())
+            .map_err(|e| RrError::Probe(e.to_string()))
+    }
+
+    pub fn planted(&self) -> bool {
+        self.probes.planted()
+    }
+
+    /// Ends every open slice and writes the rest of the trace.
+    pub fn finish(mut self, now: VirtualTime) -> anyhow::Result<TraceStats> {
+        let ts = self.timestamp(now);
+        let unfinished = [Arg::new("unfinished", Value::Bool(true))];
+        for task in self.tasks.values_mut() {
+            while let Some(frame) = task.frames.pop() {
+                if frame.emitted {
+                    self.writer.end(ts, task.track, &unfinished)?;
+                }
+            }
+        }
+        let stats = self.stats();
+        self.writer.finish()?;
+        Ok(stats)
+    }
+
+    fn timestamp(&mut self, now: VirtualTime) -> u64 {
+        // Virtual time moves at exits only; events between two exits get one nanosecond each
+        // so they keep their order on every track.
+        self.last_ts = now.as_nanos().max(self.last_ts + 1);
+        self.last_ts
+    }
+
+    /// One `hlt` exit. Returns false if it was the guest's own `hlt`.
+    pub fn hit(&mut self, vmm: &mut Vmm, now: VirtualTime) -> Result<bool, RrError> {
+        let regs = vmm.vcpu.fd.get_regs().map_err(RrError::Vcpu)?;
+        // User memory and vmalloc'd stacks are read through the page tables in use now.
+        self.mem.refresh();
+        // KVM completed the `hlt` before it exited: RIP is past it.
+        let at = regs.rip.wrapping_sub(1);
+        let Some(probe) = self.probes.get(at) else {
+            return Ok(false);
+        };
+        tracing::trace!(
+            rip = format_args!("{:#x}", regs.rip),
+            at = format_args!("{at:#x}"),
+            ?probe,
+            rsp = format_args!("{:#x}", regs.rsp),
+            "probe hit"
+        );
+        let mut moved = regs;
+        match probe {
+            Probe::Entry(_) => moved.rip = at + 5,
+            Probe::Return(_) => {
+                let ret = self.mem.read_u64(vmm, regs.rsp).ok_or_else(|| {
+                    RrError::Probe(format!(
+                        "cannot read the return address at rsp {:#x} (return at {at:#x})",
+                        regs.rsp
+                    ))
+                })?;
+                moved.rip = ret;
+                moved.rsp = regs.rsp.wrapping_add(8);
+            }
+        }
+        vmm.vcpu.fd.set_regs(&moved).map_err(RrError::Vcpu)?;
+        let ts = self.timestamp(now);
+        let result = match probe {
+            Probe::Entry(f) => self.entered(vmm, f, &regs, ts),
+            Probe::Return(f) => self.returned(vmm, f, &regs, ts),
+        };
+        result.map_err(|e| RrError::Probe(e.to_string()))?;
+        Ok(true)
+    }
+
+    /// The task running now, read from the guest (and its identity when it is new).
+    fn current(&mut self, vmm: &Vmm) -> anyhow::Result<u64> {
+        let ptr = self
+            .mem
+            .read_u64(vmm, self.current_at)
+            .ok_or_else(|| anyhow::anyhow!("cannot read the current task pointer"))?;
+        if !self.tasks.contains_key(&ptr) {
+            let task = self.read_task(vmm, ptr)?;
+            self.tasks.insert(ptr, task);
+        }
+        if self.last_task != Some(ptr) {
+            self.switched(ptr)?;
+        }
+        Ok(ptr)
+    }
+
+    fn read_task(&mut self, vmm: &Vmm, ptr: u64) -> anyhow::Result<Task> {
+        let l = &self.task_layout;
+        let (pid_at, tgid_at) = (ptr + l.pid, ptr + l.tgid);
+        let pid = self.mem.read_u32(vmm, pid_at).unwrap_or(0) as i32;
+        let tgid = self.mem.read_u32(vmm, tgid_at).unwrap_or(0) as i32;
+        let comm = self.read_comm(vmm, ptr);
+        let (p, t) = displayed_ids(pid, tgid);
+        let shown = self.filter.pids.is_empty()
+            || self.filter.pids.contains(&pid)
+            || self.filter.pids.contains(&tgid);
+        let track = self.writer.thread(t, p, &comm)?;
+        if tgid == pid {
+            self.writer.process(t, Some(&comm))?;
+        }
+        Ok(Task {
+            pid,
+            tgid,
+            comm,
+            track,
+            frames: Vec::new(),
+            shown,
+        })
+    }
+
+    fn read_comm(&mut self, vmm: &Vmm, ptr: u64) -> String {
+        let l = &self.task_layout;
+        self.mem
+            .read_c_string(vmm, ptr + l.comm, l.comm_len as usize)
+            .map(|(s, _)| s)
+            .unwrap_or_else(|| "?".into())
+    }
+
+    /// A switch between tasks: an arrow from where the last one stopped to where this one
+    /// goes on.
+    fn switched(&mut self, to: u64) -> anyhow::Result<()> {
+        let ts = self.last_ts;
+        if let Some(from) = self.last_task {
+            let id = [self.next_flow];
+            self.next_flow += 1;
+            self.stats.switches += 1;
+            let from_track = self.tasks[&from].track;
+            let to_track = self.tasks[&to].track;
+            self.writer.event(
+                &Event::new(ts, from_track, Kind::Instant("switched out"))
+                    .category("sched")
+                    .flows(&id),
+            )?;
+            self.writer.event(
+                &Event::new(ts, to_track, Kind::Instant("switched in"))
+                    .category("sched")
+                    .terminating_flows(&id),
+            )?;
+        }
+        self.last_task = Some(to);
+        Ok(())
+    }
+
+    fn entered(
+        &mut self,
+        vmm: &Vmm,
+        function: u32,
+        regs: &kvm_bindings::kvm_regs,
+        ts: u64,
+    ) -> anyhow::Result<()> {
+        self.stats.entries += 1;
+        let ptr = self.current(vmm)?;
+        let name = self.index.functions[function as usize].name.as_str();
+        let syscall = SYSCALL_PREFIXES
+            .iter()
+            .find_map(|p| name.strip_prefix(p))
+            .map(str::to_owned);
+        let kind = if syscall.is_some() {
+            FrameKind::Syscall
+        } else {
+            FrameKind::Function
+        };
+        let task = &self.tasks[&ptr];
+        let depth = task.frames.iter().filter(|f| f.emitted).count() as u32;
+        let emitted =
+            task.shown && depth + 1 < MAX_DEPTH && self.filter.depth.is_none_or(|max| depth < max);
+        if emitted {
+            match &syscall {
+                Some(call) => self.begin_syscall(vmm, ptr, call, regs.rdi, ts)?,
+                None => self.begin_function(vmm, ptr, function, regs, ts)?,
+            }
+        }
+        let task = self.tasks.get_mut(&ptr).expect("current() inserted it");
+        task.frames.push(Frame {
+            stack: regs.rsp >> STACK_SHIFT,
+            entry_rsp: regs.rsp,
+            function,
+            kind,
+            emitted,
+        });
+        Ok(())
+    }
+
+    fn begin_function(
+        &mut self,
+        vmm: &Vmm,
+        ptr: u64,
+        function: u32,
+        regs: &kvm_bindings::kvm_regs,
+        ts: u64,
+    ) -> anyhow::Result<()> {
+        let f = &self.index.functions[function as usize];
+        let mut shown: Vec<(&str, Shown)> = Vec::with_capacity(f.params.len());
+        for (i, p) in f.params.iter().enumerate() {
+            let raw = match &p.location {
+                rrr_tracer::Location::Reg(r)
+                | rrr_tracer::Location::Abi(r)
+                | rrr_tracer::Location::RegPair(r, _) => Some(register(regs, *r)),
+                rrr_tracer::Location::Stack(off) => {
+                    self.mem.read_u64(vmm, regs.rsp.wrapping_add(*off as u64))
+                }
+                rrr_tracer::Location::Const(v) => Some(*v),
+                rrr_tracer::Location::Expr(_) | rrr_tracer::Location::Unavailable => None,
+            };
+            let name = p.name.as_deref().unwrap_or(ARG_NAMES[i.min(5)]);
+            let value = match raw {
+                Some(raw) => decode::show(&self.index, p.ty, raw, vmm, &mut self.mem),
+                None => Shown::Str("<optimized out>".into()),
+            };
+            shown.push((name, value));
+        }
+        let args: Vec<Arg<'_>> = shown.iter().map(|(n, v)| Arg::new(n, v.value())).collect();
+        let category = self.index.source_path(f).split('/').next().unwrap_or("");
+        let track = self.tasks[&ptr].track;
+        self.writer.event(
+            &Event::new(ts, track, Kind::Begin(&f.name))
+                .category(category)
+                .args(&args),
+        )?;
+        Ok(())
+    }
+
+    fn begin_syscall(
+        &mut self,
+        vmm: &Vmm,
+        ptr: u64,
+        call: &str,
+        regs_ptr: u64,
+        ts: u64,
+    ) -> anyhow::Result<()> {
+        self.stats.syscalls += 1;
+        let mut shown: Vec<(String, Shown)> = Vec::new();
+        if let Some(layout) = &self.pt_regs {
+            let nr = self.mem.read_u64(vmm, regs_ptr + layout.orig_ax);
+            if let Some(nr) = nr {
+                shown.push(("nr".into(), Shown::Int(nr as i64)));
+            }
+            let params = self.index.syscalls.get(call).cloned().unwrap_or_default();
+            for (i, p) in params.iter().enumerate().take(6) {
+                let name = p.name.clone().unwrap_or_else(|| ARG_NAMES[i].to_string());
+                let value = match self.mem.read_u64(vmm, regs_ptr + layout.args[i]) {
+                    Some(raw) => decode::show(&self.index, p.ty, raw, vmm, &mut self.mem),
+                    None => Shown::Str("<unreadable>".into()),
+                };
+                shown.push((name, value));
+            }
+        }
+        // A new program's name shows from its first system call on.
+        let comm = self.read_comm(vmm, ptr);
+        let task = self.tasks.get_mut(&ptr).expect("current() inserted it");
+        if comm != task.comm {
+            task.comm = comm;
+            let (p, t) = displayed_ids(task.pid, task.tgid);
+            let comm = task.comm.clone();
+            self.writer.thread(t, p, &comm)?;
+            if p == t {
+                self.writer.process(t, Some(&comm))?;
+            }
+        }
+        let args: Vec<Arg<'_>> = shown.iter().map(|(n, v)| Arg::new(n, v.value())).collect();
+        let track = self.tasks[&ptr].track;
+        self.writer.event(
+            &Event::new(ts, track, Kind::Begin(call))
+                .category("syscall")
+                .args(&args),
+        )?;
+        Ok(())
+    }
+
+    fn returned(
+        &mut self,
+        vmm: &Vmm,
+        function: u32,
+        regs: &kvm_bindings::kvm_regs,
+        ts: u64,
+    ) -> anyhow::Result<()> {
+        self.stats.returns += 1;
+        let ptr = self.current(vmm)?;
+        let stack = regs.rsp >> STACK_SHIFT;
+        let frames = &self.tasks[&ptr].frames;
+        // The frames this return closes: from the top, those on this stack entered at or below
+        // this stack pointer, and any left above them on other stacks (an interrupt's frames
+        // whose return was missed).
+        let mut first = None;
+        for (i, f) in frames.iter().enumerate().rev() {
+            if f.stack == stack {
+                if f.entry_rsp <= regs.rsp {
+                    first = Some(i);
+                } else {
+                    break;
+                }
+            }
+        }
+        let Some(first) = first else {
+            // A return from a call entered before the probes were planted.
+            return Ok(());
+        };
+        let task = self.tasks.get_mut(&ptr).expect("current() inserted it");
+        let closed: Vec<Frame> = task.frames.drain(first..).rev().collect();
+        let track = task.track;
+        for frame in closed {
+            if !frame.emitted {
+                continue;
+            }
+            // The function that returned, and those that tail-called it, return its value.
+            let returns_here = frame.entry_rsp == regs.rsp && frame.stack == stack;
+            let mut shown: Vec<(&str, Shown)> = Vec::new();
+            if returns_here {
+                match frame.kind {
+                    FrameKind::Syscall => {
+                        let (value, errno) = decode::syscall_return(regs.rax);
+                        shown.push(("return", Shown::Int(value)));
+                        if let Some(errno) = errno {
+                            shown.push(("errno", Shown::Str(errno.into())));
+                        }
+                    }
+                    FrameKind::Function => {
+                        if let Some(ty) = self.index.functions[frame.function as usize].ret {
+                            let value = decode::show(&self.index, ty, regs.rax, vmm, &mut self.mem);
+                            shown.push(("return", value));
+                        }
+                    }
+                }
+                if frame.function != function {
+                    let by = &self.index.functions[function as usize].name;
+                    shown.push(("returned through", Shown::Str(by.clone())));
+                }
+            } else {
+                shown.push(("return", Shown::Str("<not seen>".into())));
+            }
+            let args: Vec<Arg<'_>> = shown.iter().map(|(n, v)| Arg::new(n, v.value())).collect();
+            self.writer.end(ts, track, &args)?;
+        }
+        Ok(())
+    }
+}
+
+const ARG_NAMES: [&str; 6] = ["arg0", "arg1", "arg2", "arg3", "arg4", "arg5"];
+
+/// (pid, tid) as Perfetto shows them: the thread group is the process, the idle task gets a
+/// pid Perfetto accepts.
+fn displayed_ids(pid: i32, tgid: i32) -> (i32, i32) {
+    let pid = if pid == 0 { IDLE_PID } else { pid };
+    let tgid = if tgid == 0 { IDLE_PID } else { tgid };
+    (pid, tgid)
+}
+
+fn register(regs: &kvm_bindings::kvm_regs, reg: rrr_tracer::Reg) -> u64 {
+    use rrr_tracer::Reg::*;
+    match reg {
+        Rax => regs.rax,
+        Rdx => regs.rdx,
+        Rcx => regs.rcx,
+        Rbx => regs.rbx,
+        Rsi => regs.rsi,
+        Rdi => regs.rdi,
+        Rbp => regs.rbp,
+        Rsp => regs.rsp,
+        R8 => regs.r8,
+        R9 => regs.r9,
+        R10 => regs.r10,
+        R11 => regs.r11,
+        R12 => regs.r12,
+        R13 => regs.r13,
+        R14 => regs.r14,
+        R15 => regs.r15,
+    }
+}
