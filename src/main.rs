@@ -50,6 +50,11 @@ enum Command {
     Record(commands::record::Args),
     /// Replay a recording: the same console, the same verdict, every checkpoint checked.
     Replay(commands::replay::Args),
+    /// Replay a recording with the trace pass: a Perfetto trace of every kernel call and
+    /// system call, per task, with typed arguments.
+    Trace(commands::trace::Args),
+    /// Serve a trace on 127.0.0.1 to the Perfetto UI and print the link that opens it.
+    Serve(commands::serve::Args),
     /// The README's main job: doctor, default kernel, example stimulus, end to end.
     Demo(commands::demo::Args),
 }
@@ -67,6 +72,8 @@ fn main() {
         Command::Run(args) => commands::run::run(args),
         Command::Record(args) => commands::record::run(args),
         Command::Replay(args) => commands::replay::run(args),
+        Command::Trace(args) => commands::trace::run(args),
+        Command::Serve(args) => commands::serve::run(args),
         Command::Demo(args) => commands::demo::run(args),
         Command::FromSyzbot(args) => commands::from_syzbot::run(args),
     };

@@ -1,5 +1,7 @@
 //! `rrr demo`: the README's main job on the built-in default. Checks the machine, builds the
-//! default kernel and a rootfs with the example stimulus, boots it, runs the stimulus and reports.
+//! default kernel and a rootfs with the example stimulus, takes (or restores) the snapshot,
+//! records the stimulus, replays the recording with the trace pass, and says where the trace is
+//! and how to open it.
 
 use anyhow::{Context, Result};
 
@@ -36,9 +38,11 @@ pub fn run(args: Args) -> Result<i32> {
             .with_context(|| format!("cannot write {}", stimulus.display()))?;
     }
 
+    let recording = stimulus_dir.join("hello.rrr");
     eprintln!(
-        "==> rrr run {} (rootfs, boot or snapshot restore, GO, verdict)",
-        stimulus.display()
+        "==> rrr record {} -o {} --trace (rootfs, snapshot, record, then replay with the trace pass)",
+        stimulus.display(),
+        recording.display()
     );
     // As the user would type it: the carrier re-executes these words, not `rrr demo`.
     let mut words: Vec<std::ffi::OsString> = vec![
@@ -47,9 +51,12 @@ pub fn run(args: Args) -> Result<i32> {
         kernel.dir.clone().into(),
         "--time-limit".into(),
         args.time_limit.to_string().into(),
+        "-o".into(),
+        recording.into(),
+        "--trace".into(),
     ];
     if args.quiet {
         words.push("--quiet".into());
     }
-    super::run::run_words(&words)
+    super::record::run_words(&words)
 }

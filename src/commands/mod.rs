@@ -10,4 +10,6 @@ pub mod record;
 pub mod replay;
 pub mod rootfs;
 pub mod run;
+pub mod serve;
 pub mod snapshot;
+pub mod trace;

@@ -23,9 +23,34 @@ pub struct Args {
     /// Where to write the recording (default: `recording.rrr` in the run directory).
     #[arg(short = 'o', long = "output", value_name = "REC")]
     pub output: Option<PathBuf>,
+    /// Then replay it with the trace pass (`rrr trace`) and print where the trace is.
+    #[arg(long)]
+    pub trace: bool,
+    #[command(flatten)]
+    pub trace_args: crate::trace::TraceArgs,
 }
 
 pub fn run(args: Args) -> Result<i32> {
+    run_as(args, None)
+}
+
+/// `rrr record` from `words` (what would follow `rrr record` on a command line), for commands
+/// that record on the user's behalf: in the carrier, these words are what runs.
+pub fn run_words(words: &[std::ffi::OsString]) -> Result<i32> {
+    #[derive(clap::Parser)]
+    #[command(name = "rrr record")]
+    struct Line {
+        #[command(flatten)]
+        args: Args,
+    }
+    let argv = std::iter::once("rrr record".into()).chain(words.iter().cloned());
+    let line = <Line as clap::Parser>::try_parse_from(argv)?;
+    let mut command_line = vec![std::ffi::OsString::from("record")];
+    command_line.extend(words.iter().cloned());
+    run_as(line.args, Some(command_line))
+}
+
+fn run_as(args: Args, command_line: Option<Vec<std::ffi::OsString>>) -> Result<i32> {
     if args.run.boot {
         bail!("rrr record starts from the machine's snapshot (a replay restores it); --boot is for rrr run");
     }
@@ -47,7 +72,7 @@ pub fn run(args: Args) -> Result<i32> {
     if run::needs_carrier(args.run.direct) {
         // The same command line runs inside: a given -o is made reachable like every path
         // word, and the default output lies in the run directory the handover names.
-        return run::carrier_handover(&prepared, None, &[output_dir], started);
+        return run::carrier_handover(&prepared, command_line, &[output_dir], started);
     }
     let Prepared {
         kernel,
@@ -77,7 +102,22 @@ pub fn run(args: Args) -> Result<i32> {
         output.display(),
         output.display()
     );
-    Ok(0)
+    if !args.trace {
+        return Ok(0);
+    }
+    println!("rrr: tracing the recording (a replay with the trace pass)");
+    super::replay::run(super::replay::Args {
+        recording: output,
+        partial: false,
+        quiet: true,
+        run_dir: None,
+        direct: args.run.direct,
+        dump: false,
+        kernel: Some(kernel),
+        rootfs: Some(rootfs),
+        trace: true,
+        trace_args: args.trace_args,
+    })
 }
 
 struct RecordSession {

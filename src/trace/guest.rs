@@ -16,7 +16,11 @@ const DIRECT_MAP: std::ops::Range<u64> = 0xffff_8880_0000_0000..0xffff_c880_0000
 const KERNEL_IMAGE: u64 = 0xffff_ffff_8000_0000;
 
 pub struct GuestReader {
+    /// The page tables in use now, for user addresses; taken again after [`refresh`].
     paging: Option<PagingMode>,
+    /// Page tables that map the kernel: the kernel half is the same in every address space
+    /// (without page-table isolation), so kernel addresses need no fresh root.
+    kernel_paging: Option<PagingMode>,
     stable_pages: HashMap<u64, u64>,
 }
 
@@ -24,12 +28,13 @@ impl GuestReader {
     pub fn new() -> Self {
         GuestReader {
             paging: None,
+            kernel_paging: None,
             stable_pages: HashMap::new(),
         }
     }
 
-    /// Forgets the page-table root: the next walk takes the vCPU's current one (after a
-    /// switch to another address space).
+    /// Forgets the page-table root for user addresses: the next walk of one takes the vCPU's
+    /// current root (the task, and so the address space, may have changed).
     pub fn refresh(&mut self) {
         self.paging = None;
     }
@@ -47,6 +52,21 @@ impl GuestReader {
         self.paging
     }
 
+    /// Translates with the kernel's tables, taking the current ones the first time (or after
+    /// a walk failed with them).
+    fn kernel_translate(&mut self, vmm: &Vmm, gva: u64) -> Option<u64> {
+        if let Some(paging) = self.kernel_paging {
+            if let Ok(gpa) = paging.translate(&vmm.mem, gva) {
+                return Some(gpa);
+            }
+        }
+        self.paging = None;
+        let paging = self.paging(vmm)?;
+        let gpa = paging.translate(&vmm.mem, gva).ok()?;
+        self.kernel_paging = Some(paging);
+        Some(gpa)
+    }
+
     /// The guest-physical address of `gva`.
     pub fn translate(&mut self, vmm: &Vmm, gva: u64) -> Option<u64> {
         let stable = DIRECT_MAP.contains(&gva) || gva >= KERNEL_IMAGE;
@@ -56,15 +76,10 @@ impl GuestReader {
                 return Some(gpa | (gva & 0xfff));
             }
         }
-        let paging = self.paging(vmm)?;
-        let gpa = match paging.translate(&vmm.mem, gva) {
-            Ok(gpa) => gpa,
-            Err(_) => {
-                // The root may be another task's (or the user half's under PTI): try the
-                // vCPU's current one once.
-                self.paging = None;
-                self.paging(vmm)?.translate(&vmm.mem, gva).ok()?
-            }
+        let gpa = if gva >> 63 == 1 {
+            self.kernel_translate(vmm, gva)?
+        } else {
+            self.paging(vmm)?.translate(&vmm.mem, gva).ok()?
         };
         if stable {
             self.stable_pages.insert(page, gpa & !0xfff);

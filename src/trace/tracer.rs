@@ -12,6 +12,7 @@ use std::fs::File;
 use std::io::BufWriter;
 use std::path::Path;
 
+use kvm_ioctls::SyncReg;
 use rrr_perfetto::{Arg, Event, Kind, TraceWriter, TrackId, Value, MAX_DEPTH};
 use rrr_tracer::{Index, TaskLayout};
 use rrr_vmm::builder::Vmm;
@@ -48,6 +49,9 @@ pub struct TraceStats {
     pub events: u64,
     pub tasks: usize,
     pub switches: u64,
+    /// Host time spent handling probe hits (the rest of a traced replay's extra time is the
+    /// exits themselves).
+    pub handling_ns: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +98,8 @@ pub struct Tracer {
     last_task: Option<u64>,
     last_ts: u64,
     next_flow: u64,
+    /// Whether KVM keeps the registers in the run page (turned on at the first hit).
+    sync_regs: bool,
     stats: TraceStats,
 }
 
@@ -142,6 +148,7 @@ impl Tracer {
             last_task: None,
             last_ts: 0,
             next_flow: 1,
+            sync_regs: false,
         })
     }
 
@@ -223,7 +230,21 @@ impl Tracer {
 
     /// One `hlt` exit. Returns false if it was the guest's own `hlt`.
     pub fn hit(&mut self, vmm: &mut Vmm, now: VirtualTime) -> Result<bool, RrError> {
-        let regs = vmm.vcpu.fd.get_regs().map_err(RrError::Vcpu)?;
+        let started = std::time::Instant::now();
+        let r = self.hit_inner(vmm, now);
+        self.stats.handling_ns += started.elapsed().as_nanos() as u64;
+        r
+    }
+
+    fn hit_inner(&mut self, vmm: &mut Vmm, now: VirtualTime) -> Result<bool, RrError> {
+        // After the first hit, KVM leaves the registers in the run page at every exit and takes
+        // them back from it when told (KVM_CAP_SYNC_REGS): two ioctls fewer per probe, which
+        // inside the carrier is most of a probe's cost.
+        let regs = if self.sync_regs {
+            vmm.vcpu.fd.sync_regs().regs
+        } else {
+            vmm.vcpu.fd.get_regs().map_err(RrError::Vcpu)?
+        };
         // User memory and vmalloc'd stacks are read through the page tables in use now.
         self.mem.refresh();
         // KVM completed the `hlt` before it exited: RIP is past it.
@@ -252,7 +273,14 @@ impl Tracer {
                 moved.rsp = regs.rsp.wrapping_add(8);
             }
         }
-        vmm.vcpu.fd.set_regs(&moved).map_err(RrError::Vcpu)?;
+        if self.sync_regs {
+            vmm.vcpu.fd.sync_regs_mut().regs = moved;
+            vmm.vcpu.fd.set_sync_dirty_reg(SyncReg::Register);
+        } else {
+            vmm.vcpu.fd.set_regs(&moved).map_err(RrError::Vcpu)?;
+            vmm.vcpu.fd.set_sync_valid_reg(SyncReg::Register);
+            self.sync_regs = true;
+        }
         let ts = self.timestamp(now);
         let result = match probe {
             Probe::Entry(f) => self.entered(vmm, f, &regs, ts),
@@ -356,8 +384,9 @@ impl Tracer {
         };
         let task = &self.tasks[&ptr];
         let depth = task.frames.iter().filter(|f| f.emitted).count() as u32;
-        let emitted =
-            task.shown && depth + 1 < MAX_DEPTH && self.filter.depth.is_none_or(|max| depth < max);
+        let emitted = task.shown
+            && depth + 1 < MAX_DEPTH
+            && self.filter.depth.map_or(true, |max| depth < max);
         if emitted {
             match &syscall {
                 Some(call) => self.begin_syscall(vmm, ptr, call, regs.rdi, ts)?,

@@ -116,7 +116,10 @@ pub(crate) fn merge(
             syscalls.entry(name).or_insert_with(|| {
                 params
                     .into_iter()
-                    .map(|(name, ty)| SyscallParam { name, ty: m(ty) })
+                    .map(|p| SyscallParam {
+                        name: p.name,
+                        ty: m(p.ty),
+                    })
                     .collect()
             });
         }

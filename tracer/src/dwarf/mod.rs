@@ -16,7 +16,7 @@ use gimli::{
 };
 
 use crate::location::{at_entry, FrameBase};
-use crate::model::{Function, Inlined, Layout, Location, Param, Range, Type, TypeId};
+use crate::model::{Function, Inlined, Layout, Location, Param, Range, SyscallParam, Type, TypeId};
 use crate::types::TypeTable;
 use crate::IndexError;
 
@@ -44,7 +44,7 @@ pub(crate) struct Partial {
     /// System call signatures: `__do_sys_NAME`'s parameters (name, type), from its abstract
     /// instance (it is always inlined into the `__x64_sys_NAME` wrapper, which only takes
     /// `pt_regs`).
-    pub syscalls: Vec<(String, Vec<(Option<String>, TypeId)>)>,
+    pub syscalls: Vec<(String, Vec<SyscallParam>)>,
     pub bad_units: usize,
 }
 
@@ -174,7 +174,7 @@ impl<'a, 'u> UnitWalker<'a, 'u> {
                             Some(off) => self.type_at(off, 0)?,
                             None => self.part.types.intern(Type::Unknown),
                         };
-                        self.part.syscalls[at].1.push((name, ty));
+                        self.part.syscalls[at].1.push(SyscallParam { name, ty });
                     }
                     Scope::Other
                 }
