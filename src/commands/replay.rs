@@ -105,6 +105,15 @@ pub fn run(args: Args) -> Result<i32> {
     let stimulus_binary = run_dir.join("stimulus.bin");
     std::fs::write(&stimulus_binary, &header.stimulus)
         .with_context(|| format!("cannot write {}", stimulus_binary.display()))?;
+    // The trace's index and filters are checked here, before any VM (or carrier) starts: a
+    // filter that matches nothing is an error in a second, not after a boot.
+    let traced = if args.trace {
+        let index = trace::load_index(&kernel)?;
+        let functions = trace::choose_functions(&index, &args.trace_args)?;
+        Some((index, functions))
+    } else {
+        None
+    };
     let run_args = run::Args {
         stimulus: PathBuf::from(&header.stimulus_name),
         kernel: Some(kernel.clone()),
@@ -180,9 +189,7 @@ pub fn run(args: Args) -> Result<i32> {
     let trace_output = args.trace_args.output_for(&args.recording);
     let header = recording.header.clone();
     let replayer = Replayer::new(recording);
-    let mode = if args.trace {
-        let index = trace::load_index(&kernel)?;
-        let functions = trace::choose_functions(&index, &args.trace_args)?;
+    let mode = if let Some((index, functions)) = traced {
         let filter = EmitFilter {
             pids: args.trace_args.pids.clone(),
             depth: args.trace_args.depth,

@@ -48,6 +48,9 @@ pub struct Index {
     pub current_task: Option<CurrentTask>,
     /// Units the walk could not read (their functions are missing, symbols still name them).
     pub bad_units: usize,
+    /// Whether the functions came from DWARF. Without it they come from the ELF symbols: names
+    /// and address ranges, no parameters, no types.
+    pub dwarf: bool,
     #[serde(skip)]
     pub(crate) by_name: HashMap<String, Vec<u32>>,
     #[serde(skip)]
@@ -137,6 +140,11 @@ impl Index {
         };
         let thunk = by_addr_name.get("__x86_return_thunk").copied();
         let (mut index, unlocated) = merge(partials, &code);
+        index.dwarf = !index.functions.is_empty();
+        if !index.dwarf {
+            index.functions = functions_from_symbols(&symbols);
+            index.units.push(String::new());
+        }
         index.symbols = symbols;
         index.fentry_sites = fentry_sites;
         index.finish_lookups();
@@ -217,7 +225,7 @@ impl Index {
     /// Whether the binary had DWARF. Without it only symbols name code: a trace can still show
     /// function names from [`Index::traceable`] and [`Index::name_at`], but no arguments.
     pub fn has_dwarf(&self) -> bool {
-        !self.functions.is_empty()
+        self.dwarf
     }
 
     /// The source path of `function`, relative to the kernel tree where there is one
@@ -331,6 +339,32 @@ impl Index {
 }
 
 /// The directory a kernel's `init/main.c` unit sits under, when unit names are absolute.
+/// Functions as the symbol table gives them, for a binary without DWARF: each function symbol
+/// with a size, in the one nameless unit.
+fn functions_from_symbols(symbols: &[Symbol]) -> Vec<Function> {
+    let mut functions: Vec<Function> = symbols
+        .iter()
+        .filter(|s| s.kind == SymbolKind::Function && s.size > 0)
+        .map(|s| Function {
+            name: s.name.clone(),
+            entry: s.address,
+            ranges: vec![crate::model::Range {
+                start: s.address,
+                end: s.address + s.size,
+            }],
+            params: Vec::new(),
+            ret: None,
+            variadic: false,
+            external: s.global,
+            unit: 0,
+            fentry: None,
+        })
+        .collect();
+    functions.sort_by_key(|f| f.entry);
+    functions.dedup_by_key(|f| f.entry);
+    functions
+}
+
 fn source_root(units: &[String]) -> Option<String> {
     units
         .iter()

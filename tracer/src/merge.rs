@@ -166,6 +166,7 @@ pub(crate) fn merge(
         syscalls,
         current_task: None,
         bad_units,
+        dwarf: true,
         by_name: HashMap::new(),
         symbols_by_name: HashMap::new(),
         ranges: Vec::new(),

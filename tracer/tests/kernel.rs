@@ -373,3 +373,90 @@ fn the_index_is_deterministic() {
         assert_eq!(sig(&one, f), sig(&a, g), "{}", f.name);
     }
 }
+
+#[test]
+fn return_sites_are_the_ret_instructions_objdump_shows() {
+    let index = index();
+    let f = index
+        .function("do_sys_openat2")
+        .expect("do_sys_openat2 is indexed");
+    let fi = index
+        .functions
+        .iter()
+        .position(|g| std::ptr::eq(g, f))
+        .unwrap() as u32;
+    let ours: Vec<u64> = index
+        .return_sites
+        .iter()
+        .filter(|s| s.function == fi)
+        .map(|s| s.address)
+        .collect();
+    assert!(!ours.is_empty(), "do_sys_openat2 returns somewhere");
+    let range = &f.ranges[0];
+    let listing = run(Command::new("objdump")
+        .arg("-d")
+        .arg(format!("--start-address={:#x}", range.start))
+        .arg(format!("--stop-address={:#x}", range.end))
+        .arg(vmlinux()));
+    let objdump: Vec<u64> = listing
+        .lines()
+        .filter(|l| l.contains("\tret") || l.ends_with(" ret"))
+        .filter_map(|l| u64::from_str_radix(l.trim().split(':').next()?, 16).ok())
+        .collect();
+    let in_first_range: Vec<u64> = ours
+        .iter()
+        .copied()
+        .filter(|a| range.contains(*a))
+        .collect();
+    assert_eq!(in_first_range, objdump, "rets in {listing}");
+}
+
+#[test]
+fn system_call_signatures_come_from_the_syscall_define_bodies() {
+    let index = index();
+    let shown = |call: &str| -> Vec<String> {
+        index.syscalls[call]
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} {}",
+                    index.type_name(p.ty),
+                    p.name.as_deref().unwrap_or("?")
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        shown("openat"),
+        [
+            "int dfd",
+            "const char * filename",
+            "int flags",
+            "umode_t mode"
+        ]
+    );
+    assert_eq!(shown("close"), ["unsigned int fd"]);
+    assert!(index.syscalls.len() > 200, "{}", index.syscalls.len());
+}
+
+#[test]
+fn a_kernel_without_dwarf_is_traced_from_its_symbols() {
+    let dir = tempfile::tempdir().unwrap();
+    let stripped = dir.path().join("vmlinux");
+    run(Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(vmlinux())
+        .arg(&stripped));
+    let index = Index::build(&stripped).unwrap();
+    assert!(!index.has_dwarf());
+    let f = index
+        .function("do_sys_openat2")
+        .expect("named by its symbol");
+    assert!(f.params.is_empty());
+    assert!(f.fentry.is_some(), "its __fentry__ site is attached");
+    assert!(
+        index.return_sites.len() > 1000,
+        "{}",
+        index.return_sites.len()
+    );
+}

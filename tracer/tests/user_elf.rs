@@ -242,9 +242,14 @@ fn without_dwarf_the_symbols_still_name_the_code() {
     assert!(st.success());
     let index = Index::build(&stripped).unwrap();
     assert!(!index.has_dwarf());
-    assert!(index.functions.is_empty());
     let sym = index.symbol("probe_fn").expect("the symbol table survives");
     assert_eq!(index.name_at(sym.address + 2), Some(("probe_fn", 2)));
+    // The functions come from the symbols: names and ranges, no parameters.
+    let f = index
+        .function("probe_fn")
+        .expect("a function from the symbol");
+    assert_eq!((f.entry, f.params.len()), (sym.address, 0));
+    assert_eq!(f.ranges[0].end - f.ranges[0].start, sym.size);
 }
 
 #[test]
