@@ -26,6 +26,7 @@ def main(path):
     tracks = {}  # uuid -> descriptor summary
     state = {}  # sequence id -> {"valid": bool, tables}
     depth = {}  # track uuid -> open slices
+    last_ts = {}  # track uuid -> last timestamp
     events = []
     for i, p in enumerate(trace.packet):
         if not p.HasField("trusted_packet_sequence_id"):
@@ -115,6 +116,9 @@ def main(path):
             else:
                 fail(f"packet {i}: annotation {an} has no value")
 
+        if p.timestamp < last_ts.get(e.track_uuid, 0):
+            fail(f"packet {i}: time goes backwards on track {e.track_uuid}")
+        last_ts[e.track_uuid] = p.timestamp
         d = depth.setdefault(e.track_uuid, 0)
         if e.type == TE.TYPE_SLICE_BEGIN:
             if d + 1 > 512:
@@ -125,7 +129,8 @@ def main(path):
                 fail(f"packet {i}: slice end with no open slice")
             depth[e.track_uuid] = d - 1
         kind = TE.Type.Name(e.type)
-        ev = {"ts": p.timestamp, "track": tracks[e.track_uuid]["name"], "type": kind, "name": name,
+        ev = {"ts": p.timestamp, "track": tracks[e.track_uuid]["name"], "uuid": e.track_uuid,
+              "type": kind, "name": name,
               "cats": cats, "args": args, "flows": list(e.flow_ids),
               "terminating_flows": list(e.terminating_flow_ids)}
         if e.type == TE.TYPE_COUNTER:

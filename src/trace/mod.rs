@@ -25,7 +25,11 @@ pub use tracer::{EmitFilter, Tracer};
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct TraceArgs {
     /// Where to write the trace (default: beside the recording, as `REC.pftrace`).
-    #[arg(long = "trace-output", value_name = "FILE.pftrace")]
+    #[arg(
+        id = "trace_output",
+        long = "trace-output",
+        value_name = "FILE.pftrace"
+    )]
     pub output: Option<PathBuf>,
     /// Only kernel functions whose name matches (a glob: `*` and `?`); repeatable. System
     /// calls are always traced.

@@ -1,0 +1,420 @@
+//! The trace pass end to end: a stimulus is recorded and traced (`rrr record --trace`), the
+//! trace is decoded with Google's own `perfetto` classes (`perfetto/tests/check_trace.py`, which
+//! also enforces Perfetto's rules), and what it shows is checked against what the stimulus did.
+//! The traced replay must pass every check a plain replay passes (the transparency check), and
+//! `rrr serve` is driven by a real HTTP client the way the UI fetches a trace.
+//!
+//! The VMs run in the carrier where this host's KVM is software-only.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+
+use serde_json::Value;
+
+const RRR: &str = env!("CARGO_BIN_EXE_rrr");
+
+/// The tests that start VMs take the machine one at a time (two cores, see DESIGN.md).
+static MACHINE: Mutex<()> = Mutex::new(());
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn test_dir(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("trace-tests")
+        .join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn rrr(args: &[&str]) -> std::process::Output {
+    Command::new(RRR)
+        .args(args)
+        .output()
+        .expect("cannot start rrr")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The trace decoded by Google's classes; panics with the broken rule if there is one.
+fn decode(trace: &Path) -> Value {
+    let out = Command::new("python3")
+        .arg(root().join("perfetto/tests/check_trace.py"))
+        .arg(trace)
+        .output()
+        .expect("python3 is needed to decode traces (scripts/setup installs it)");
+    assert!(
+        out.status.success(),
+        "the trace breaks Perfetto's rules or does not decode:\n{}",
+        text(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("check_trace.py prints JSON")
+}
+
+/// One slice: its name, category, arguments at the beginning and at the end, depth on its
+/// track, and the slices opened inside it.
+#[derive(Debug, Clone)]
+struct Slice {
+    name: String,
+    category: String,
+    args: Value,
+    end_args: Value,
+    depth: usize,
+    children: Vec<Slice>,
+}
+
+/// The slices of one track, nested as the trace nests them.
+fn slices(events: &[Value], track: u64) -> Vec<Slice> {
+    let mut roots = Vec::new();
+    let mut open: Vec<Slice> = Vec::new();
+    for e in events.iter().filter(|e| e["uuid"] == track) {
+        match e["type"].as_str().unwrap() {
+            "TYPE_SLICE_BEGIN" => open.push(Slice {
+                name: e["name"].as_str().unwrap().into(),
+                category: e["cats"][0].as_str().unwrap_or("").into(),
+                args: e["args"].clone(),
+                end_args: Value::Null,
+                depth: open.len(),
+                children: Vec::new(),
+            }),
+            "TYPE_SLICE_END" => {
+                let mut done = open.pop().expect("check_trace.py checked the nesting");
+                done.end_args = e["args"].clone();
+                match open.last_mut() {
+                    Some(parent) => parent.children.push(done),
+                    None => roots.push(done),
+                }
+            }
+            _ => {}
+        }
+    }
+    roots.extend(open);
+    roots
+}
+
+fn flatten(slices: &[Slice], out: &mut Vec<Slice>) {
+    for s in slices {
+        out.push(s.clone());
+        flatten(&s.children, out);
+    }
+}
+
+fn str_arg<'a>(args: &'a Value, name: &str) -> &'a str {
+    args[name]["str"].as_str().unwrap_or("")
+}
+
+fn int_arg(args: &Value, name: &str) -> Option<i64> {
+    args[name]["int"]
+        .as_i64()
+        .or_else(|| args[name]["uint"].as_u64().map(|v| v as i64))
+}
+
+#[test]
+fn a_traced_recording_shows_its_system_calls_and_kernel_calls_and_replays_unchanged() {
+    let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = test_dir("semantic");
+    let rec = dir.join("ow.rrr");
+    let trace = dir.join("ow.pftrace");
+    let stimulus = root().join("examples/stimuli/open_write_close.c");
+    let out = rrr(&[
+        "record",
+        stimulus.to_str().unwrap(),
+        "-o",
+        rec.to_str().unwrap(),
+        "--quiet",
+        "--trace",
+        "--trace-output",
+        trace.to_str().unwrap(),
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "rrr record --trace failed:\n{stdout}\n{}",
+        text(&out.stderr)
+    );
+    // The transparency check: the traced replay passed every checkpoint and ended with the
+    // recording's console, verdict and final state hash.
+    assert!(
+        stdout.contains("rrr: the replay matches the recording")
+            && stdout.contains("the final state"),
+        "the traced replay did not match its recording:\n{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("rrr: the trace is {}", trace.display())),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("https://ui.perfetto.dev/#!/?url=http://127.0.0.1:9001/ow.pftrace"),
+        "{stdout}"
+    );
+
+    let decoded = decode(&trace);
+    let tracks = decoded["tracks"].as_array().unwrap();
+    let events = decoded["events"].as_array().unwrap();
+    assert!(
+        events.len() > 10_000,
+        "a whole-kernel trace has many events: {}",
+        events.len()
+    );
+    let threads: Vec<&Value> = tracks.iter().filter(|t| t.get("tid").is_some()).collect();
+    assert!(
+        threads
+            .iter()
+            .all(|t| !t["name"].as_str().unwrap_or("").is_empty()),
+        "every thread is named by its comm: {threads:?}"
+    );
+    // The stimulus's thread: the one whose system calls open our file.
+    let mut found = None;
+    for t in &threads {
+        let uuid = t["uuid"].as_u64().unwrap();
+        let roots = slices(events, uuid);
+        let mut all = Vec::new();
+        flatten(&roots, &mut all);
+        if all.iter().any(|s| {
+            s.category == "syscall" && str_arg(&s.args, "filename").contains("rrr-trace-probe.txt")
+        }) {
+            found = Some((t, all));
+        }
+    }
+    let (thread, all) = found.expect("a thread whose openat names rrr-trace-probe.txt");
+    assert_ne!(thread["tid"], 0);
+    let calls: Vec<&Slice> = all.iter().filter(|s| s.category == "syscall").collect();
+    let open_at = calls
+        .iter()
+        .position(|s| {
+            s.name == "openat" && str_arg(&s.args, "filename").contains("rrr-trace-probe.txt")
+        })
+        .unwrap();
+    let open = calls[open_at];
+    let fd = int_arg(&open.end_args, "return").expect("openat's return value");
+    assert!(fd >= 3, "openat returned {fd}: {open:?}");
+    assert_eq!(int_arg(&open.args, "nr"), Some(257), "{open:?}");
+    let rest: Vec<&&Slice> = calls[open_at + 1..].iter().collect();
+    let write = rest
+        .iter()
+        .find(|s| s.name == "write")
+        .expect("a write after the open");
+    assert_eq!(int_arg(&write.args, "fd"), Some(fd), "{write:?}");
+    assert_eq!(int_arg(&write.args, "count"), Some(14), "{write:?}");
+    assert_eq!(int_arg(&write.end_args, "return"), Some(14), "{write:?}");
+    let close = rest
+        .iter()
+        .find(|s| s.name == "close")
+        .expect("a close after the write");
+    assert_eq!(int_arg(&close.args, "fd"), Some(fd), "{close:?}");
+    assert_eq!(int_arg(&close.end_args, "return"), Some(0), "{close:?}");
+    let order: Vec<&str> = rest
+        .iter()
+        .map(|s| s.name.as_str())
+        .filter(|n| ["write", "close"].contains(n))
+        .collect();
+    assert_eq!(&order[..2], ["write", "close"]);
+    let missing = rest
+        .iter()
+        .find(|s| {
+            s.name == "openat" && str_arg(&s.args, "filename").contains("rrr-trace-missing.txt")
+        })
+        .expect("the open of the missing file");
+    assert_eq!(
+        int_arg(&missing.end_args, "return"),
+        Some(-2),
+        "{missing:?}"
+    );
+    assert_eq!(str_arg(&missing.end_args, "errno"), "ENOENT", "{missing:?}");
+
+    // Under the system call, the kernel's own functions, with their typed arguments.
+    let mut inside = Vec::new();
+    flatten(&open.children, &mut inside);
+    let do_open = inside
+        .iter()
+        .find(|s| s.name == "do_sys_openat2")
+        .unwrap_or_else(|| {
+            panic!(
+                "do_sys_openat2 under openat: {:?}",
+                inside.iter().map(|s| &s.name).collect::<Vec<_>>()
+            )
+        });
+    assert!(do_open.depth > open.depth);
+    assert!(
+        str_arg(&do_open.args, "filename").contains("rrr-trace-probe.txt"),
+        "{do_open:?}"
+    );
+    assert_eq!(
+        int_arg(&do_open.args, "dfd"),
+        Some(-100),
+        "AT_FDCWD: {do_open:?}"
+    );
+    assert!(
+        str_arg(&do_open.args, "how").ends_with("(struct open_how *)"),
+        "{do_open:?}"
+    );
+    assert_eq!(
+        int_arg(&do_open.end_args, "return"),
+        Some(fd),
+        "{do_open:?}"
+    );
+    assert_eq!(do_open.category, "fs");
+}
+
+#[test]
+fn filters_choose_what_is_traced_and_one_that_matches_nothing_says_so() {
+    let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = test_dir("filters");
+    let rec = dir.join("hello.rrr");
+    let out = rrr(&[
+        "record",
+        root()
+            .join("examples/stimuli/open_write_close.c")
+            .to_str()
+            .unwrap(),
+        "-o",
+        rec.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let started = std::time::Instant::now();
+    let out = rrr(&[
+        "trace",
+        rec.to_str().unwrap(),
+        "--function",
+        "no_such_function_*",
+    ]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("no traceable kernel function matches the filters"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "refused before any VM started"
+    );
+
+    let trace = dir.join("fs.pftrace");
+    let out = rrr(&[
+        "trace",
+        rec.to_str().unwrap(),
+        "--source",
+        "fs/",
+        "--depth",
+        "3",
+        "--trace-output",
+        trace.to_str().unwrap(),
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(
+        stdout.contains("rrr: the replay matches the recording"),
+        "{stdout}"
+    );
+    let decoded = decode(&trace);
+    let events = decoded["events"].as_array().unwrap();
+    let begins: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["type"] == "TYPE_SLICE_BEGIN")
+        .collect();
+    assert!(!begins.is_empty());
+    for e in &begins {
+        let cat = e["cats"][0].as_str().unwrap_or("");
+        assert!(
+            cat == "syscall" || cat == "fs",
+            "only fs/ and system calls: {e}"
+        );
+    }
+    for t in decoded["tracks"].as_array().unwrap() {
+        let depth = slices(events, t["uuid"].as_u64().unwrap());
+        let mut all = Vec::new();
+        flatten(&depth, &mut all);
+        assert!(
+            all.iter().all(|s| s.depth < 3),
+            "--depth 3 keeps three levels"
+        );
+    }
+}
+
+/// `rrr serve` answered with a real HTTP client the way the Perfetto UI asks.
+#[test]
+fn rrr_serve_answers_as_the_perfetto_ui_expects() {
+    let dir = test_dir("serve");
+    let trace = dir.join("t.pftrace");
+    std::fs::write(&trace, b"\x0a\x00trace bytes").unwrap();
+    let mut child = Command::new(RRR)
+        .args(["serve", trace.to_str().unwrap(), "--port", "0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("cannot start rrr serve");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let url = first
+        .split(" at ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no URL in {first:?}"))
+        .to_owned();
+    let link = lines.next().unwrap().unwrap();
+    assert!(
+        link.contains("https://ui.perfetto.dev/#!/?url=http://127.0.0.1:"),
+        "{link}"
+    );
+    let base = url.trim_end_matches("/t.pftrace").to_owned();
+
+    let agent = ureq::AgentBuilder::new().build();
+    let got = agent
+        .get(&url)
+        .set("Origin", "https://ui.perfetto.dev")
+        .call()
+        .expect("GET the trace");
+    assert_eq!(got.status(), 200);
+    assert_eq!(
+        got.header("Access-Control-Allow-Origin"),
+        Some("https://ui.perfetto.dev")
+    );
+    let mut body = Vec::new();
+    std::io::Read::read_to_end(&mut got.into_reader(), &mut body).unwrap();
+    assert_eq!(body, std::fs::read(&trace).unwrap());
+
+    let preflight = agent
+        .request("OPTIONS", &url)
+        .set("Origin", "https://ui.perfetto.dev")
+        .set("Access-Control-Request-Method", "GET")
+        .call()
+        .expect("the preflight");
+    assert_eq!(preflight.status(), 204);
+
+    match agent.post(&format!("{base}/status")).send_string("") {
+        Err(ureq::Error::Status(404, r)) => assert_eq!(
+            r.header("Access-Control-Allow-Origin"),
+            Some("https://ui.perfetto.dev")
+        ),
+        other => panic!(
+            "POST /status must be 404 so the UI does not take us for trace_processor: {other:?}"
+        ),
+    }
+    assert!(matches!(
+        agent.get(&format!("{base}/other.pftrace")).call(),
+        Err(ureq::Error::Status(404, _))
+    ));
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // A port in use is named, with what to do.
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let out = rrr(&["serve", trace.to_str().unwrap(), "--port", &port]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!("port {port}")) && err.contains("in use") && err.contains("--port"),
+        "{err}"
+    );
+    let out = rrr(&["serve", dir.join("missing.pftrace").to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("missing.pftrace"));
+}
