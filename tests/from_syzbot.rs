@@ -441,7 +441,28 @@ fn end_to_end_from_a_served_bug_to_a_run_that_crashes_as_the_bug_did() {
         .collect();
     assert_eq!(
         stages,
-        ["fetch", "source", "config", "build", "snapshot", "run"]
+        ["fetch", "source", "config", "build", "snapshot", "record", "trace"]
+    );
+    // The recording replays and the trace was written from it.
+    let recording = work.join("recording.rrr");
+    let trace = work.join("recording.pftrace");
+    assert_eq!(
+        verdict["recording"],
+        recording.to_str().unwrap(),
+        "{verdict:#}"
+    );
+    assert_eq!(verdict["trace"], trace.to_str().unwrap(), "{verdict:#}");
+    assert!(
+        std::fs::metadata(&trace).unwrap().len() > 1000,
+        "an empty trace"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "replay it with `rrr replay {}`",
+            recording.display()
+        )) && stdout
+            .contains("https://ui.perfetto.dev/#!/?url=http://127.0.0.1:9001/recording.pftrace"),
+        "{stdout}"
     );
     assert!(
         stdout.contains("the crash is the bug (same title)"),

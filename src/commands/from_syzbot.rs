@@ -1,7 +1,8 @@
-//! `rrr from-syzbot <bug>`: from a syzbot bug to a run of its reproducer on the kernel it crashed,
-//! as a pipeline of stages (fetch, kernel source, config, build, snapshot, run). Each stage says
-//! what it does and how long it took; each keeps its products in the bug's work directory or in
-//! rrr's cache, so a rerun skips what is done. Record and trace are the stages to come after run.
+//! `rrr from-syzbot <bug>`: from a syzbot bug to a recording of its reproducer on the kernel it
+//! crashed, and a trace of that recording, as a pipeline of stages (fetch, kernel source,
+//! config, build, snapshot, record, trace). Each stage says what it does and how long it took;
+//! the stages up to the snapshot keep their products in the bug's work directory or in rrr's
+//! cache, so a rerun skips what is done.
 //!
 //! `--repro FILE --config FILE --kernel-src DIR` runs the same stages from local files.
 
@@ -71,9 +72,12 @@ pub struct Args {
     /// Do not stream the guest console.
     #[arg(long, short)]
     pub quiet: bool,
+    /// What the trace stage traces (default: every kernel function).
+    #[command(flatten)]
+    pub trace: crate::trace::TraceArgs,
 }
 
-/// The pipeline, in order. Record and trace come after `Run` once they exist.
+/// The pipeline, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Stage {
@@ -82,7 +86,8 @@ pub enum Stage {
     Config,
     Build,
     Snapshot,
-    Run,
+    Record,
+    Trace,
 }
 
 impl Stage {
@@ -93,7 +98,8 @@ impl Stage {
             Stage::Config => "config",
             Stage::Build => "build",
             Stage::Snapshot => "snapshot",
-            Stage::Run => "run",
+            Stage::Record => "record",
+            Stage::Trace => "trace",
         }
     }
 }
@@ -171,6 +177,8 @@ struct Verdict<'a> {
     config_changes: Option<PathBuf>,
     m32: Option<String>,
     run_dir: Option<PathBuf>,
+    recording: Option<PathBuf>,
+    trace: Option<PathBuf>,
     crashed: Option<bool>,
     crash_title: Option<String>,
     title_match: Option<TitleMatch>,
@@ -180,7 +188,7 @@ struct Verdict<'a> {
 pub fn run(args: Args) -> Result<i32> {
     let cache = crate::cache::cache_dir()?;
     let mut pipeline = Pipeline {
-        stop_after: args.stop_after.unwrap_or(Stage::Run),
+        stop_after: args.stop_after.unwrap_or(Stage::Trace),
         timings: Vec::new(),
     };
     let started = Instant::now();
@@ -197,6 +205,8 @@ pub fn run(args: Args) -> Result<i32> {
         config_changes: None,
         m32: repro::needs_m32(&inputs.repro, &inputs.repro_opts),
         run_dir: None,
+        recording: None,
+        trace: None,
         crashed: None,
         crash_title: None,
         title_match: None,
@@ -223,12 +233,29 @@ pub fn run(args: Args) -> Result<i32> {
         verdict.kernel = Some(kernel.dir.clone());
         pipeline.stage(Stage::Snapshot, |say| snapshot(&args, kernel, say))?;
     }
+    let recording = inputs.work.join("recording.rrr");
     let summary = match &kernel {
-        Some(kernel) => pipeline.stage(Stage::Run, |say| {
-            run_repro(&args, &inputs, kernel, verdict.m32.is_some(), say)
+        Some(kernel) => pipeline.stage(Stage::Record, |say| {
+            record_repro(
+                &args,
+                &inputs,
+                kernel,
+                &recording,
+                verdict.m32.is_some(),
+                say,
+            )
         })?,
         None => None,
     };
+    if summary.is_some() {
+        verdict.recording = Some(recording.clone());
+        let trace = args.trace.output_for(&recording);
+        if let Some(()) = pipeline.stage(Stage::Trace, |say| {
+            trace_recording(&args, &recording, &trace, say)
+        })? {
+            verdict.trace = Some(trace);
+        }
+    }
     if let Some((run_dir, summary)) = &summary {
         verdict.run_dir = Some(run_dir.clone());
         verdict.crashed = Some(summary.crash_title.is_some());
@@ -560,10 +587,45 @@ fn snapshot(
     Ok(((), !taken))
 }
 
-fn run_repro(
+/// The trace stage: the recording replayed with the trace pass (every check of a replay still
+/// applies: a traced replay that parts from the recording fails the stage).
+fn trace_recording(
+    args: &Args,
+    recording: &Path,
+    trace: &Path,
+    say: &dyn Fn(&str),
+) -> Result<((), bool)> {
+    say(&format!(
+        "replaying {} with the trace pass",
+        recording.display()
+    ));
+    let code = super::trace::run(super::trace::Args {
+        recording: recording.to_owned(),
+        trace: crate::trace::TraceArgs {
+            output: Some(trace.to_owned()),
+            ..args.trace.clone()
+        },
+        partial: false,
+        console: false,
+        direct: false,
+        serve: false,
+        port: rrr_perfetto::DEFAULT_PORT,
+    })?;
+    if code != 0 {
+        bail!(
+            "the traced replay of {} ended with exit status {code} (see above)",
+            recording.display()
+        );
+    }
+    Ok(((), false))
+}
+
+/// The record stage: the reproducer run under its time limit and recorded.
+fn record_repro(
     args: &Args,
     inputs: &Inputs,
     kernel: &rrr_kernels::KernelBuild,
+    recording: &Path,
     m32: bool,
     say: &dyn Fn(&str),
 ) -> Result<((PathBuf, super::run::RunSummary), bool)> {
@@ -589,6 +651,8 @@ fn run_repro(
         args.mem.to_string().into(),
         "--run-dir".into(),
         run_dir.clone().into(),
+        "-o".into(),
+        recording.into(),
     ];
     if let Some(append) = &args.append {
         words.extend(["--append".into(), append.into()]);
@@ -599,7 +663,7 @@ fn run_repro(
     if args.quiet {
         words.push("--quiet".into());
     }
-    let code = super::run::run_words(&words)?;
+    let code = super::record::run_words(&words)?;
     let summary_path = run_dir.join("summary.json");
     let text = std::fs::read_to_string(&summary_path).with_context(|| {
         format!(
@@ -647,4 +711,22 @@ fn print_verdict(verdict: &Verdict, path: &Path, started: Instant) {
         started.elapsed().as_secs_f64(),
         path.display()
     );
+    if let Some(recording) = &verdict.recording {
+        println!(
+            "rrr: the recording is {}; replay it with `rrr replay {}`",
+            recording.display(),
+            recording.display()
+        );
+    }
+    if let Some(trace) = &verdict.trace {
+        println!(
+            "rrr: the trace is {}; open it with `rrr serve {}`, then {}",
+            trace.display(),
+            trace.display(),
+            rrr_perfetto::ui_link(
+                rrr_perfetto::DEFAULT_PORT,
+                &trace.file_name().unwrap_or_default().to_string_lossy()
+            )
+        );
+    }
 }

@@ -242,22 +242,6 @@ pub fn run(args: Args) -> Result<i32> {
     run_as(args, None)
 }
 
-/// `rrr run` from `words` (what would follow `rrr run` on a command line), for commands that run
-/// a stimulus on the user's behalf: in the carrier, these words are what runs.
-pub fn run_words(words: &[OsString]) -> Result<i32> {
-    #[derive(clap::Parser)]
-    #[command(name = "rrr run")]
-    struct Line {
-        #[command(flatten)]
-        args: Args,
-    }
-    let argv = std::iter::once(OsString::from("rrr run")).chain(words.iter().cloned());
-    let line = <Line as clap::Parser>::try_parse_from(argv)?;
-    let mut command_line = vec![OsString::from("run")];
-    command_line.extend(words.iter().cloned());
-    run_as(line.args, Some(command_line))
-}
-
 /// `command_line`: what the carrier runs, when not this process's own command line.
 fn run_as(args: Args, command_line: Option<Vec<OsString>>) -> Result<i32> {
     let started = Instant::now();
