@@ -94,21 +94,54 @@ pub enum TrapError {
     #[error("cannot read the linked stimulus as an x86 ELF file: {0}")]
     Elf(String),
     #[error(
-        "cannot rewrite `{instruction}` at {address:#x} ({bytes}) into a trap: rrr rewrites only \
-         the register forms with operand-size, address-size and segment prefixes; change the \
-         code to use getrandom() instead"
+        "cannot rewrite `{instruction}` at {address:#x}{place} ({bytes}) into a trap: rrr \
+         rewrites only the register forms with operand-size, address-size and segment \
+         prefixes; change the code to use getrandom() instead"
     )]
     Unrewritable {
         instruction: &'static str,
         address: u64,
+        /// " in SYMBOL+OFFSET" where the symbol table says, else empty.
+        place: String,
         bytes: String,
     },
     #[error(
-        "the instruction at {address:#x} ({bytes}) is a `ud1` of the form rrr gives a rewritten \
-         rdrand/rdseed (a register ModRM with reg field 6 or 7): its SIGILL handler would \
-         emulate it instead of letting it trap; remove it from the stimulus"
+        "the instruction at {address:#x}{place} ({bytes}) is a `ud1` of the form rrr gives a \
+         rewritten rdrand/rdseed (a register ModRM with reg field 6 or 7): its SIGILL handler \
+         would emulate it instead of letting it trap; remove it from the stimulus"
     )]
-    MarkerCollision { address: u64, bytes: String },
+    MarkerCollision {
+        address: u64,
+        place: String,
+        bytes: String,
+    },
+}
+
+impl TrapError {
+    /// Names the function the address is in, from the binary's symbol table.
+    fn locate(mut self, elf: &[u8]) -> Self {
+        if let TrapError::Unrewritable { address, place, .. }
+        | TrapError::MarkerCollision { address, place, .. } = &mut self
+        {
+            *place = symbol_of(elf, *address)
+                .map(|(name, offset)| format!(" in {name}+{offset:#x}"))
+                .unwrap_or_default();
+        }
+        self
+    }
+}
+
+/// The function symbol holding `address`, and how far into it the address is.
+fn symbol_of(elf: &[u8], address: u64) -> Option<(String, u64)> {
+    use object::ObjectSymbol;
+    let file = object::File::parse(elf).ok()?;
+    file.symbols()
+        .filter(|symbol| symbol.kind() == object::SymbolKind::Text)
+        .find(|symbol| {
+            (symbol.address()..symbol.address().saturating_add(symbol.size().max(1)))
+                .contains(&address)
+        })
+        .and_then(|symbol| Some((symbol.name().ok()?.to_owned(), address - symbol.address())))
 }
 
 /// A trap site as the runtime's `rrr_marker()` recognizes it, or the `rdrand`/`rdseed` it was
@@ -175,7 +208,9 @@ pub fn rewrite_elf(elf: &mut [u8]) -> Result<TrapReport, TrapError> {
         let code = elf
             .get_mut(offset..offset.saturating_add(size))
             .ok_or_else(|| TrapError::Elf(format!("section at {address:#x} lies past the end")))?;
-        rewrite_code(code, address, bitness, &mut report)?;
+        if let Err(error) = rewrite_code(code, address, bitness, &mut report) {
+            return Err(error.locate(elf));
+        }
     }
     Ok(report)
 }
@@ -228,6 +263,7 @@ fn rewrite_code(
                 if parse_form(bytes, MARKER_OPCODE, bitness).is_some() {
                     return Err(TrapError::MarkerCollision {
                         address: instruction.ip(),
+                        place: String::new(),
                         bytes: hex(bytes),
                     });
                 }
@@ -247,6 +283,7 @@ fn rewrite_code(
             .ok_or_else(|| TrapError::Unrewritable {
                 instruction: kind.name(),
                 address: instruction.ip(),
+                place: String::new(),
                 bytes: hex(bytes),
             })?;
         to_patch.push(at + form.opcode_at);
@@ -378,6 +415,7 @@ mod tests {
             err,
             TrapError::MarkerCollision {
                 address: BASE + 1,
+                place: String::new(),
                 bytes: "0f b9 f0".into()
             }
         );

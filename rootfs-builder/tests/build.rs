@@ -235,7 +235,7 @@ fn a_genuine_trap_still_kills_and_a_lookalike_of_rrrs_marker_is_refused() {
         matches!(err, RootfsError::Traps { .. })
             && text.contains("ud1.c")
             && text.contains("0f b9 f0")
-            && text.contains(" at 0x"),
+            && text.contains(" in main+0x"),
         "{text}"
     );
 }
