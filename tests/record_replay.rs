@@ -465,3 +465,36 @@ fn recordings_that_cannot_replay_here_are_refused_with_the_reason() {
     let err = replay_fails(&dir.join("missing.rrr"));
     assert!(err.contains("cannot read the recording"), "{err}");
 }
+
+#[test]
+fn time_and_entropy_instructions_replay_exactly() {
+    // rdtsc/rdtscp read virtual time and the rewritten rdrand/rdseed the VMM's PRNG, whose state
+    // is in the snapshot: nothing of them needs logging, and a replay prints the same values.
+    let _alone = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    let m = machine("torture/tsc_rand.c");
+    let group = test_dir("tsc_rand");
+    let rec = group.join("tsc_rand.rrr");
+    let (record_dir, replay_dir) = (group.join("record"), group.join("replay"));
+    in_one_carrier(
+        &group,
+        &[
+            record_line(&m, &record_dir, &rec),
+            replay_line(&m, &replay_dir, &rec, ""),
+        ],
+    );
+    let (recorded, replay) = (Outcome::load(&record_dir), Outcome::load(&replay_dir));
+    assert_eq!(recorded.rc, 0, "{}", recorded.context());
+    assert!(
+        recorded.console.contains("tsc_rand: done"),
+        "{}",
+        recorded.context()
+    );
+    assert_eq!(replay.rc, 0, "{}", replay.context());
+    assert!(
+        replay.stdout.contains("the replay matches the recording"),
+        "{}",
+        replay.context()
+    );
+    assert_eq!(replay.console, recorded.console);
+    assert_eq!(replay.verdict(), recorded.verdict());
+}

@@ -784,3 +784,83 @@ fn getrandom_is_ready_at_once_and_follows_the_seed() {
     );
     assert_ne!(mine[1], theirs[1], "another seed gave the same addresses");
 }
+
+#[test]
+fn tsc_and_random_instructions_read_virtual_values_and_follow_the_seed() {
+    // rdtsc/rdtscp trap into the runtime, which reads the VMM's virtual TSC; rdrand/rdseed were
+    // rewritten into traps answered from the VMM's seeded PRNG. So two runs print the same
+    // values, another seed other random numbers, and the TSC is virtual time at 500 MHz.
+    let runs = rrr_steps_in_one_carrier(
+        "torture/tsc_rand.c",
+        &["--time-limit", "60"],
+        &[
+            Step::Run("first", &[]),
+            Step::Run("second", &[]),
+            Step::Run("other-seed", &["--seed", "1"]),
+        ],
+    );
+    let [first, second, other] = &runs[..] else {
+        unreachable!()
+    };
+    for run in &runs {
+        let (kind, end) = run.stimulus_end();
+        assert_eq!(kind, "exited", "{}", run.context());
+        // The stimulus checks flags, register widths and monotonic readings itself.
+        assert_eq!(end["status"], 0, "{}", run.context());
+        assert!(run.console.contains("tsc_rand: done"), "{}", run.context());
+    }
+    assert_same_run_without_landmarks(first, second);
+
+    let numbers = |run: &Run, prefix: &str| -> Vec<u64> {
+        let line = run
+            .console
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} line:\n{}", run.context()));
+        line.split(|c: char| !c.is_ascii_digit())
+            .filter_map(|word| word.parse().ok())
+            .collect()
+    };
+    let tsc = numbers(first, "tsc_rand: rdtsc ");
+    let [rdtsc, rdtscp, aux] = tsc[..] else {
+        panic!("{tsc:?}")
+    };
+    assert_eq!(aux, 0, "rdtscp's TSC_AUX is CPU 0");
+    assert!(
+        rdtscp > rdtsc && rdtscp - rdtsc < 500_000,
+        "rdtscp {rdtscp} is not a little after rdtsc {rdtsc}"
+    );
+    // 500 MHz of virtual time since the VM was created: a little more than the guest's boot
+    // time (the kernel starts its clock after the VM), and less than the whole run.
+    let boot_ns = numbers(first, "tsc_rand: boot time ")[0];
+    let tsc_ns = rdtsc * 2;
+    let run_ns = first.summary["virtual_time_ns"].as_u64().unwrap();
+    assert!(
+        tsc_ns > boot_ns && tsc_ns - boot_ns < 1_000_000_000 && tsc_ns < run_ns,
+        "rdtsc {rdtsc} is not 500 MHz of virtual time (boot time {boot_ns} ns, run {run_ns} ns)"
+    );
+    // A 10 ms sleep on a 250 Hz jiffies clock is 2 to 4 ticks of it: 6 to 20 ms of TSC.
+    let slept = numbers(first, "tsc_rand: 10 ms asleep: ")[0];
+    assert!(
+        (3_000_000..10_000_000).contains(&slept),
+        "10 ms asleep took {slept} TSC ticks:\n{}",
+        first.context()
+    );
+
+    let random = |run: &Run| -> Vec<String> {
+        run.console
+            .lines()
+            .filter(|l| l.starts_with("tsc_rand: rdrand") || l.starts_with("tsc_rand: rdseed"))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(random(first).len(), 12, "{}", first.context());
+    assert_eq!(other.summary["seed"], 1);
+    let theirs = random(other);
+    for line in random(first) {
+        assert!(
+            !theirs.contains(&line),
+            "another seed gave the same {line:?}"
+        );
+    }
+}

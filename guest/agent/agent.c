@@ -37,6 +37,8 @@
 static int have_port;
 /* Whether the stimulus may write the progress port (its trace-pc runtime checks RRR_PROGRESS). */
 static int have_progress_port;
+/* Whether the stimulus may read the TSC and random ports (its traps.c checks RRR_TRAPS). */
+static int have_trap_ports;
 /* Whether an rrr VMM answered on the control port. */
 static int have_vmm;
 
@@ -245,8 +247,15 @@ static pid_t spawn_stimulus(const char *path)
 		if (chdir(STIMULUS_CWD) < 0)
 			(void)chdir("/");
 		char *const argv[] = { (char *)path, NULL };
-		char *const envp[] = { "PATH=/sbin:/usr/sbin:/bin:/usr/bin", "HOME=/root", "TERM=linux",
-				       have_progress_port ? "RRR_PROGRESS=1" : NULL, NULL };
+		char *envp[6] = { "PATH=/sbin:/usr/sbin:/bin:/usr/bin", "HOME=/root", "TERM=linux" };
+		int envc = 3;
+		if (have_progress_port)
+			envp[envc++] = "RRR_PROGRESS=1";
+		/* Only an rrr VMM decodes the trap ports: elsewhere (plain QEMU) they read all-ones,
+		 * and the stimulus's rdtsc is better left to the hardware. */
+		if (have_trap_ports && have_vmm)
+			envp[envc++] = "RRR_TRAPS=1";
+		envp[envc] = NULL;
 		execve(path, argv, envp);
 		int err = errno;
 		(void)write(pipefd[1], &err, sizeof(err));
@@ -371,6 +380,12 @@ int main(void)
 	else
 		say("ioperm(%#x) failed: %s; the stimulus runs without progress exits",
 		    RRR_PROGRESS_PORT, strerror(errno));
+	if (ioperm(RRR_TSC_PORT, RRR_TSC_PORT_LEN, 1) == 0 &&
+	    ioperm(RRR_RANDOM_PORT, RRR_RANDOM_PORT_LEN, 1) == 0)
+		have_trap_ports = 1;
+	else
+		say("ioperm(%#x, %#x) failed: %s; the stimulus's rdtsc reads the host's TSC",
+		    RRR_TSC_PORT, RRR_RANDOM_PORT, strerror(errno));
 
 	uint32_t limit = wait_for_go();
 	const char *stimulus = load_stimulus();

@@ -28,6 +28,17 @@
 #define RRR_PROGRESS_FROM_KERNEL 0x4b
 #define RRR_PROGRESS_FROM_USER 0x55
 
+/* The stimulus's time and entropy traps (trace_pc.c's sibling traps.c). An inl at RRR_TSC_PORT
+ * reads the low half of the virtual TSC (RRR_TSC_KHZ) at that exit, at RRR_TSC_PORT + 4 the high
+ * half; an inl at RRR_RANDOM_PORT reads 32 bits from the VMM's seeded PRNG. The agent grants both
+ * with ioperm when an rrr VMM answered, and says so with RRR_TRAPS=1 in the stimulus's
+ * environment. */
+#define RRR_TSC_PORT 0x0798
+#define RRR_TSC_PORT_LEN 8
+#define RRR_TSC_KHZ 500000
+#define RRR_RANDOM_PORT 0x07a0
+#define RRR_RANDOM_PORT_LEN 4
+
 #define RRR_GO 0x60
 #define RRR_ARG_MASK 0x00ffffffu
 

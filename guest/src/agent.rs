@@ -9,19 +9,30 @@ pub const PROTOCOL_H: &str = include_str!("../agent/rrr_protocol.h");
 /// code); compiled next to `rrr_protocol.h`, without instrumentation.
 pub const TRACE_PC_C: &str = include_str!("../agent/trace_pc.c");
 
-/// The files to place side by side before compiling `agent.c` or `trace_pc.c` (name, contents).
-pub const SOURCES: [(&str, &str); 3] = [
+/// `agent/traps.c`: the time and entropy traps linked into every stimulus next to `trace_pc.c`
+/// (`rdtsc`/`rdtscp` made to fault and answered from the VMM's virtual TSC; the `rdrand`/`rdseed`
+/// sites rrr rewrote answered from its PRNG); compiled the same way.
+pub const TRAPS_C: &str = include_str!("../agent/traps.c");
+
+/// The files to place side by side before compiling `agent.c` or the stimulus runtime
+/// (name, contents).
+pub const SOURCES: [(&str, &str); 4] = [
     ("agent.c", AGENT_C),
     ("rrr_protocol.h", PROTOCOL_H),
     ("trace_pc.c", TRACE_PC_C),
+    ("traps.c", TRAPS_C),
 ];
+
+/// The stimulus runtime's C files, each compiled uninstrumented and linked into every stimulus.
+pub const RUNTIME_SOURCES: [&str; 2] = ["trace_pc.c", "traps.c"];
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::protocol::{
         Command, ARG_MASK, CONTROL_PORT, CONTROL_PORT_LEN, GO, PROGRESS_ENV, PROGRESS_FROM_KERNEL,
-        PROGRESS_FROM_USER, PROGRESS_INTERVAL, PROGRESS_PORT, PROGRESS_PORT_LEN,
+        PROGRESS_FROM_USER, PROGRESS_INTERVAL, PROGRESS_PORT, PROGRESS_PORT_LEN, RANDOM_PORT,
+        RANDOM_PORT_LEN, TRAPS_ENV, TSC_KHZ, TSC_PORT, TSC_PORT_LEN,
     };
     use std::collections::HashMap;
 
@@ -75,6 +86,11 @@ mod tests {
             u32::from(PROGRESS_FROM_KERNEL)
         );
         assert_eq!(get("RRR_PROGRESS_FROM_USER"), u32::from(PROGRESS_FROM_USER));
+        assert_eq!(get("RRR_TSC_PORT"), u32::from(TSC_PORT));
+        assert_eq!(get("RRR_TSC_PORT_LEN"), u32::from(TSC_PORT_LEN));
+        assert_eq!(u64::from(get("RRR_TSC_KHZ")), TSC_KHZ);
+        assert_eq!(get("RRR_RANDOM_PORT"), u32::from(RANDOM_PORT));
+        assert_eq!(get("RRR_RANDOM_PORT_LEN"), u32::from(RANDOM_PORT_LEN));
         let commands = [
             ("RRR_CMD_READY", Command::Ready),
             ("RRR_CMD_EXITED", Command::Exited),
@@ -105,6 +121,14 @@ mod tests {
     fn agent_includes_the_header() {
         assert!(AGENT_C.contains("#include \"rrr_protocol.h\""));
         assert!(TRACE_PC_C.contains("#include \"rrr_protocol.h\""));
+        assert!(TRAPS_C.contains("#include \"rrr_protocol.h\""));
+    }
+
+    #[test]
+    fn the_agent_announces_the_trap_ports_the_runtime_checks() {
+        let assignment = format!("\"{TRAPS_ENV}=1\"");
+        assert!(AGENT_C.contains(&assignment), "agent.c lacks {assignment}");
+        assert!(TRAPS_C.contains(&format!("getenv(\"{TRAPS_ENV}\")")));
     }
 
     #[test]

@@ -28,6 +28,28 @@ pub const PROGRESS_FROM_USER: u8 = 0x55; // 'U'
 /// with `ioperm`; without it the runtime only counts, since `outb` would fault.
 pub const PROGRESS_ENV: &str = "RRR_PROGRESS";
 
+/// The virtual TSC: a 32-bit `inl` at this port reads the low half of the TSC at that exit, at
+/// `TSC_PORT + 4` the high half. The stimulus's runtime makes `rdtsc`/`rdtscp` fault
+/// (`PR_SET_TSC`) and answers them from here, so user space never reads the host's TSC.
+pub const TSC_PORT: u16 = 0x0798;
+/// How many ports the TSC device decodes (the 64-bit value, little endian).
+pub const TSC_PORT_LEN: u16 = 8;
+/// The virtual TSC's frequency in kHz: 500 MHz. The guest kernel never reads a TSC
+/// (`clearcpuid=tsc`); what it believes about CPU speed is `lpj=2000000` at `HZ=250` (rrr's
+/// kernels), 500 million delay loops per second, which is what a TSC-based delay loop would
+/// count on a 500 MHz TSC (BogoMIPS 1000.00 = 2 x MHz, as on hardware).
+pub const TSC_KHZ: u64 = 500_000;
+/// Deterministic entropy: every `inl` (or narrower `in`) here reads fresh bits from a PRNG that
+/// is VMM device state (seeded from the machine's `--seed`, saved in snapshots). The runtime
+/// answers the stimulus's rewritten `rdrand`/`rdseed` from it.
+pub const RANDOM_PORT: u16 = 0x07a0;
+/// How many ports the random device decodes.
+pub const RANDOM_PORT_LEN: u16 = 4;
+/// Set (to "1") in the stimulus's environment by the agent once an rrr VMM answered and it
+/// granted [`TSC_PORT`] and [`RANDOM_PORT`] with `ioperm`; only then does the runtime trap
+/// `rdtsc`/`rdtscp` (outside rrr they run natively, and rewritten sites use `getrandom`).
+pub const TRAPS_ENV: &str = "RRR_TRAPS";
+
 /// Commands the agent writes with `outl`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]

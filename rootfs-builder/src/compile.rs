@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::tool::{combined, GCC};
+use crate::traps::{self, TrapReport};
 use crate::RootfsError;
 
 /// Where the stimulus's source directory appears in its debug info, so the binary (and the image)
@@ -25,9 +26,14 @@ pub struct StimulusBuild<'a> {
 pub const TRACE_PC_FLAG: &str = "-fsanitize-coverage=trace-pc";
 
 /// Compiles the stimulus into `out` with `gcc -O2 -g -pthread` and [`TRACE_PC_FLAG`], static,
-/// symbols kept, linked with rrr's trace-pc runtime. Links as `-static-pie` where the toolchain
-/// can and falls back to `-static`. No `-Werror`: reproducers are generated code and warn a lot.
-pub fn compile_stimulus(build: &StimulusBuild, work: &Path, out: &Path) -> Result<(), RootfsError> {
+/// symbols kept, linked with rrr's runtime, its `rdrand`/`rdseed` rewritten into traps
+/// ([`crate::traps`]). Links as `-static-pie` where the toolchain can and falls back to
+/// `-static`. No `-Werror`: reproducers are generated code and warn a lot.
+pub fn compile_stimulus(
+    build: &StimulusBuild,
+    work: &Path,
+    out: &Path,
+) -> Result<TrapReport, RootfsError> {
     let source = build
         .source
         .canonicalize()
@@ -63,7 +69,7 @@ pub fn compile_stimulus(build: &StimulusBuild, work: &Path, out: &Path) -> Resul
         });
     }
     log_warnings(&source, &output);
-    let runtime = compile_trace_pc_runtime(build, work)?;
+    let runtime = compile_runtime(build, work)?;
 
     let mut last = String::new();
     for link_mode in ["-static-pie", "-static"] {
@@ -73,11 +79,11 @@ pub fn compile_stimulus(build: &StimulusBuild, work: &Path, out: &Path) -> Resul
             .arg("-o")
             .arg(out)
             .arg(&object)
-            .arg(&runtime);
+            .args(&runtime);
         let output = GCC.output(&mut link)?;
         if output.status.success() {
             tracing::info!(stimulus = %source.display(), link_mode, "stimulus compiled");
-            return Ok(());
+            return rewrite_traps(&source, out);
         }
         last = combined(&output);
         tracing::debug!(link_mode, diagnostics = %last, "link attempt failed");
@@ -88,28 +94,62 @@ pub fn compile_stimulus(build: &StimulusBuild, work: &Path, out: &Path) -> Resul
     })
 }
 
-/// The trace-pc runtime's object, built like the stimulus (same word size) but neither
-/// instrumented (it would call itself) nor with the user's extra flags (which may instrument).
-fn compile_trace_pc_runtime(build: &StimulusBuild, work: &Path) -> Result<PathBuf, RootfsError> {
+/// Rewrites the linked binary's `rdrand`/`rdseed` in place (see [`crate::traps`]).
+fn rewrite_traps(source: &Path, binary: &Path) -> Result<TrapReport, RootfsError> {
+    let mut image = std::fs::read(binary)
+        .map_err(RootfsError::io(format!("cannot read {}", binary.display())))?;
+    let report = traps::rewrite_elf(&mut image).map_err(|error| RootfsError::Traps {
+        file: source.to_path_buf(),
+        error,
+    })?;
+    if !report.trapped.is_empty() {
+        let addresses: Vec<String> = report
+            .trapped
+            .iter()
+            .map(|site| format!("{} {:#x}", site.kind.name(), site.address))
+            .collect();
+        tracing::info!(
+            stimulus = %source.display(),
+            "rdtsc/rdtscp answered from virtual time at run time: {}",
+            addresses.join(", ")
+        );
+    }
+    if !report.rewritten.is_empty() {
+        std::fs::write(binary, &image).map_err(RootfsError::io(format!(
+            "cannot write {}",
+            binary.display()
+        )))?;
+    }
+    Ok(report)
+}
+
+/// The stimulus runtime's objects (`trace_pc.c`, `traps.c`), built like the stimulus (same word
+/// size) but neither instrumented (the trace-pc hook would call itself) nor with the user's extra
+/// flags (which may instrument).
+fn compile_runtime(build: &StimulusBuild, work: &Path) -> Result<Vec<PathBuf>, RootfsError> {
     let dir = work.join("runtime-src");
     write_guest_sources(&dir)?;
-    let object = work.join("trace_pc.o");
-    let mut compile = GCC.command();
-    compile
-        .current_dir(&dir)
-        .args(["-O2", "-Wall", "-c"])
-        .arg(format!("-frandom-seed={}", build.seed));
-    if build.m32 {
-        compile.arg("-m32");
+    let mut objects = Vec::new();
+    for source in rrr_guest::agent::RUNTIME_SOURCES {
+        let object = work.join(Path::new(source).with_extension("o"));
+        let mut compile = GCC.command();
+        compile
+            .current_dir(&dir)
+            .args(["-O2", "-Wall", "-c"])
+            .arg(format!("-frandom-seed={}", build.seed));
+        if build.m32 {
+            compile.arg("-m32");
+        }
+        compile.arg("-o").arg(&object).arg(source);
+        let output = GCC.output(&mut compile)?;
+        if !output.status.success() {
+            return Err(RootfsError::RuntimeCompileFailed {
+                diagnostics: combined(&output),
+            });
+        }
+        objects.push(object);
     }
-    compile.arg("-o").arg(&object).arg("trace_pc.c");
-    let output = GCC.output(&mut compile)?;
-    if !output.status.success() {
-        return Err(RootfsError::RuntimeCompileFailed {
-            diagnostics: combined(&output),
-        });
-    }
-    Ok(object)
+    Ok(objects)
 }
 
 /// Writes the guest's C sources (agent, runtime, protocol header) side by side into `dir`.

@@ -37,9 +37,15 @@ pub enum RootfsError {
     AgentCompileFailed { diagnostics: String },
 
     #[error(
-        "cannot compile rrr's trace-pc runtime for the stimulus (a bug in rrr):\n{diagnostics}"
+        "cannot compile rrr's stimulus runtime (trace-pc, traps) (a bug in rrr):\n{diagnostics}"
     )]
     RuntimeCompileFailed { diagnostics: String },
+
+    #[error("{file}: {error}")]
+    Traps {
+        file: PathBuf,
+        error: crate::traps::TrapError,
+    },
 
     #[error(
         "{path} is not a statically linked busybox ({why}); \

@@ -4,7 +4,8 @@ use sha2::{Digest, Sha256};
 
 /// Bump when the builder changes what it puts in an image, so old cached images are not reused.
 /// v2: the stimulus is instrumented (`-fsanitize-coverage=trace-pc`) and linked with rrr's runtime.
-pub const BUILDER_VERSION: &str = "rrr-rootfs image v2";
+/// v3: its `rdrand`/`rdseed` are rewritten into traps, and the runtime traps `rdtsc`.
+pub const BUILDER_VERSION: &str = "rrr-rootfs image v3";
 
 /// The inputs of one image, as bytes.
 pub struct KeyInputs<'a> {
@@ -42,6 +43,13 @@ impl Fields {
             self.add(flag.as_bytes());
         }
         self.add(inputs.compiler.as_bytes());
+        // The runtime is linked into every stimulus, so a change to it is a new binary.
+        for (name, text) in rrr_guest::agent::SOURCES {
+            if name != "agent.c" {
+                self.add(name.as_bytes());
+                self.add(text.as_bytes());
+            }
+        }
     }
 
     fn system(&mut self, compiler: &str, busybox: &[u8]) {

@@ -10,6 +10,7 @@ mod error;
 mod image;
 mod key;
 mod tool;
+pub mod traps;
 mod tree;
 
 use std::path::{Path, PathBuf};
@@ -52,6 +53,9 @@ pub struct RootfsImage {
     pub key: String,
     /// True when the image was already in the cache.
     pub cached: bool,
+    /// What the stimulus's scan for time and entropy instructions found and rewrote, when it was
+    /// compiled now (`None` from the cache, and for the base image).
+    pub traps: Option<traps::TrapReport>,
 }
 
 /// Builds (or finds in the cache) the image for `spec` under `cache_dir/rootfs/`.
@@ -75,6 +79,7 @@ pub fn build(spec: &RootfsSpec, cache_dir: &Path) -> Result<RootfsImage, RootfsE
         stimulus_binary: dir.join(format!("{key}.stimulus")),
         key,
         cached: true,
+        traps: None,
     };
     if image.path.is_file() && image.stimulus_binary.is_file() {
         tracing::info!(image = %image.path.display(), "rootfs image found in the cache");
@@ -94,7 +99,7 @@ pub fn build(spec: &RootfsSpec, cache_dir: &Path) -> Result<RootfsImage, RootfsE
         )))?;
     let work = work.path();
     let stimulus_bin = work.join("stimulus");
-    compile::compile_stimulus(
+    let traps = compile::compile_stimulus(
         &compile::StimulusBuild {
             source: &spec.stimulus,
             m32: spec.m32,
@@ -132,6 +137,7 @@ pub fn build(spec: &RootfsSpec, cache_dir: &Path) -> Result<RootfsImage, RootfsE
     tracing::info!(image = %image.path.display(), size_mib = size, "rootfs image built");
     Ok(RootfsImage {
         cached: false,
+        traps: Some(traps),
         ..image
     })
 }
@@ -151,6 +157,7 @@ pub fn build_base(cache_dir: &Path) -> Result<RootfsImage, RootfsError> {
         path,
         key,
         cached: true,
+        traps: None,
     };
     if image.path.is_file() {
         return Ok(image);
@@ -194,6 +201,9 @@ pub struct StimulusBinary {
     pub path: PathBuf,
     pub key: String,
     pub cached: bool,
+    /// What the scan for time and entropy instructions found and rewrote, when it was compiled
+    /// now (`None` from the cache).
+    pub traps: Option<traps::TrapReport>,
 }
 
 /// Compiles (or finds in the cache) the stimulus of `spec`, under
@@ -214,6 +224,7 @@ pub fn build_stimulus(spec: &RootfsSpec, cache_dir: &Path) -> Result<StimulusBin
         path: dir.join(&key),
         key,
         cached: true,
+        traps: None,
     };
     if binary.path.is_file() {
         return Ok(binary);
@@ -222,7 +233,7 @@ pub fn build_stimulus(spec: &RootfsSpec, cache_dir: &Path) -> Result<StimulusBin
         .map_err(RootfsError::io(format!("cannot create {}", dir.display())))?;
     let work = scratch_dir(&dir)?;
     let out = work.path().join("stimulus");
-    compile::compile_stimulus(
+    let traps = compile::compile_stimulus(
         &compile::StimulusBuild {
             source: &spec.stimulus,
             m32: spec.m32,
@@ -235,6 +246,7 @@ pub fn build_stimulus(spec: &RootfsSpec, cache_dir: &Path) -> Result<StimulusBin
     rename(&out, &binary.path)?;
     Ok(StimulusBinary {
         cached: false,
+        traps: Some(traps),
         ..binary
     })
 }

@@ -159,3 +159,83 @@ fn the_stimulus_counts_basic_blocks_and_writes_the_port_only_when_granted() {
 
 /// The signal of a user-mode `outb` without an I/O permission (x86-64 Linux).
 const SIGSEGV: i32 = 11;
+
+/// The signal of an invalid instruction (x86-64 Linux).
+const SIGILL: i32 = 4;
+
+fn signal_of(status: std::process::ExitStatus) -> Option<i32> {
+    use std::os::unix::process::ExitStatusExt;
+    status.signal()
+}
+
+#[test]
+fn rdrand_and_rdseed_are_rewritten_into_traps_the_runtime_answers() {
+    // Outside rrr (no RRR_TRAPS) the rewritten sites are answered from getrandom() and rdtsc
+    // runs natively, so the stimulus's own checks (flags, register widths, monotonic TSC) run
+    // here, on the host, through the same SIGILL handler the guest uses.
+    let cache = tempfile::tempdir().unwrap();
+    let spec = RootfsSpec::new(example("torture/tsc_rand.c"));
+    let binary = rrr_rootfs::build_stimulus(&spec, cache.path()).unwrap();
+    let report = binary.traps.expect("compiled now, so scanned now");
+    // rdrand and rdseed: a 64-bit (in a loop), a 32-bit, a 16-bit and one into r9 each.
+    assert_eq!(report.rewritten.len(), 8, "{report:?}");
+    let note = report.note().unwrap();
+    assert!(note.starts_with("rrr: rewrote 8 rdrand/rdseed"), "{note}");
+    assert!(report.trapped.len() >= 3, "rdtsc, rdtscp: {report:?}");
+
+    // The binary holds the markers now: a second scan finds the first one (and would refuse
+    // to take it for a genuine ud1).
+    let mut image = std::fs::read(&binary.path).unwrap();
+    match rrr_rootfs::traps::rewrite_elf(&mut image) {
+        Err(rrr_rootfs::traps::TrapError::MarkerCollision { address, .. }) => {
+            assert_eq!(address, report.rewritten[0].address)
+        }
+        other => panic!("the rewritten binary scans as {other:?}"),
+    }
+
+    let output = Command::new(&binary.path)
+        .env_remove(rrr_guest::protocol::TRAPS_ENV)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("tsc_rand: done"),
+        "{}\n{stdout}",
+        output.status
+    );
+    assert!(stdout.contains("tsc_rand: rdseed r9 "), "{stdout}");
+
+    // With the grant announced but no port (a host process), the handler's port read faults,
+    // and that fault, not its own, ends the program as any other SIGSEGV would: no loop.
+    let granted = Command::new(&binary.path)
+        .env(rrr_guest::protocol::TRAPS_ENV, "1")
+        .output()
+        .unwrap();
+    assert_eq!(signal_of(granted.status), Some(SIGSEGV), "{granted:?}");
+}
+
+#[test]
+fn a_genuine_trap_still_kills_and_a_lookalike_of_rrrs_marker_is_refused() {
+    let cache = tempfile::tempdir().unwrap();
+    let source = cache.path().join("trap.c");
+    std::fs::write(&source, "int main(void) { __builtin_trap(); }\n").unwrap();
+    let binary = rrr_rootfs::build_stimulus(&RootfsSpec::new(&source), cache.path()).unwrap();
+    let status = Command::new(&binary.path).status().unwrap();
+    assert_eq!(signal_of(status), Some(SIGILL), "{status}");
+
+    let source = cache.path().join("ud1.c");
+    std::fs::write(
+        &source,
+        "int main(void) { __asm__ volatile(\".byte 0x0f, 0xb9, 0xf0\"); return 0; }\n",
+    )
+    .unwrap();
+    let err = rrr_rootfs::build_stimulus(&RootfsSpec::new(&source), cache.path()).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, RootfsError::Traps { .. })
+            && text.contains("ud1.c")
+            && text.contains("0f b9 f0")
+            && text.contains(" in main+0x"),
+        "{text}"
+    );
+}

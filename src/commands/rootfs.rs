@@ -92,9 +92,18 @@ pub fn ensure_stimulus(stimulus: &Path, m32: bool) -> Result<PathBuf> {
         &cache,
     );
     spinner.finish_and_clear();
-    Ok(result
-        .with_context(|| format!("cannot compile the stimulus {}", stimulus.display()))?
-        .path)
+    let binary =
+        result.with_context(|| format!("cannot compile the stimulus {}", stimulus.display()))?;
+    print_trap_note(binary.traps.as_ref());
+    Ok(binary.path)
+}
+
+/// The one line saying that rdrand/rdseed were rewritten into traps (on stderr: stdout carries
+/// the command's result).
+fn print_trap_note(traps: Option<&rrr_rootfs::traps::TrapReport>) {
+    if let Some(note) = traps.and_then(|traps| traps.note()) {
+        eprintln!("{note}");
+    }
 }
 
 fn build_spec(spec: &rrr_rootfs::RootfsSpec) -> Result<PathBuf> {
@@ -107,6 +116,7 @@ fn build_spec(spec: &rrr_rootfs::RootfsSpec) -> Result<PathBuf> {
     spinner.finish_and_clear();
     let image =
         result.with_context(|| format!("cannot build a rootfs for {}", spec.stimulus.display()))?;
+    print_trap_note(image.traps.as_ref());
     if image.cached {
         tracing::info!(image = %image.path.display(), "rootfs from the cache");
     }

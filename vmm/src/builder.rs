@@ -22,6 +22,8 @@ use crate::devices::legacy::{
     BoardDevice, Cmos, DebugPort, PicPair, Pit, Serial, BOARD_PORTS, I8042,
 };
 use crate::devices::progress::{ProgressCounts, ProgressPort};
+use crate::devices::random::RandomPort;
+use crate::devices::tsc::TscPort;
 use crate::devices::virtio::mmio::{MmioTransport, MmioTransportState};
 use crate::host::KvmKind;
 use crate::irq::IsaIrq;
@@ -65,6 +67,7 @@ pub struct LegacyDevices {
     pub i8042: Arc<Mutex<I8042>>,
     pub control: Arc<Mutex<ControlPort>>,
     pub progress: Arc<Mutex<ProgressPort>>,
+    pub random: Arc<Mutex<RandomPort>>,
 }
 
 /// The legacy devices' snapshot state. The PIC, PIT, CMOS and i8042 hold no host handle, so
@@ -79,6 +82,7 @@ pub struct LegacyState {
     pub i8042: I8042,
     pub control: ControlState,
     pub progress: ProgressCounts,
+    pub random: RandomPort,
 }
 
 impl LegacyDevices {
@@ -91,6 +95,7 @@ impl LegacyDevices {
             i8042: lock(&self.i8042).clone(),
             control: lock(&self.control).save(),
             progress: lock(&self.progress).counts(),
+            random: lock(&self.random).clone(),
         }
     }
 
@@ -102,6 +107,7 @@ impl LegacyDevices {
         *lock(&self.i8042) = state.i8042.clone();
         lock(&self.control).restore_state(&state.control);
         lock(&self.progress).restore_counts(state.progress);
+        *lock(&self.random) = state.random.clone();
     }
 }
 
@@ -242,7 +248,10 @@ pub fn attach_legacy_devices(
             config.progress_interval,
             config.block_ns,
         ))),
+        random: Arc::new(Mutex::new(RandomPort::new(&config.rng_seed))),
     };
+    // Stateless: the virtual TSC is a function of virtual time.
+    let tsc: SharedDevice = Arc::new(Mutex::new(TscPort));
     let debug_port: SharedDevice = Arc::new(Mutex::new(DebugPort::new()));
     for range in BOARD_PORTS {
         let device: SharedDevice = match range.owner {
@@ -254,6 +263,8 @@ pub fn attach_legacy_devices(
             BoardDevice::Serial => devices.serial.clone(),
             BoardDevice::Control => devices.control.clone(),
             BoardDevice::Progress => devices.progress.clone(),
+            BoardDevice::Tsc => tsc.clone(),
+            BoardDevice::Random => devices.random.clone(),
         };
         pio.insert(range.base, range.len, device)
             .map_err(|source| BuildError::Bus {

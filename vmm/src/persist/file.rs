@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 
 pub const MAGIC: [u8; 8] = *b"RRRSNAP\0";
 /// Bumped whenever the layout or any state struct changes; older and newer files are refused.
-pub const FORMAT_VERSION: u32 = 1;
+/// v2: the random port's PRNG state joined the devices.
+pub const FORMAT_VERSION: u32 = 2;
 const ENTRY_LEN: usize = 32;
 const MAX_SECTIONS: u32 = 16;
 pub const PAGE: u64 = 4096;

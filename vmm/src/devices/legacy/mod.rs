@@ -18,7 +18,10 @@ pub use pic::PicPair;
 pub use pit::Pit;
 pub use serial::Serial;
 
-use rrr_guest::protocol::{CONTROL_PORT, CONTROL_PORT_LEN, PROGRESS_PORT, PROGRESS_PORT_LEN};
+use rrr_guest::protocol::{
+    CONTROL_PORT, CONTROL_PORT_LEN, PROGRESS_PORT, PROGRESS_PORT_LEN, RANDOM_PORT, RANDOM_PORT_LEN,
+    TSC_PORT, TSC_PORT_LEN,
+};
 
 /// Which of the board's devices decodes a port range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +34,8 @@ pub enum BoardDevice {
     Serial,
     Control,
     Progress,
+    Tsc,
+    Random,
 }
 
 /// One port range the board decodes.
@@ -120,6 +125,18 @@ pub const BOARD_PORTS: &[PortRange] = &[
         PROGRESS_PORT_LEN as u64,
         BoardDevice::Progress,
         "rrr progress port",
+    ),
+    range(
+        TSC_PORT as u64,
+        TSC_PORT_LEN as u64,
+        BoardDevice::Tsc,
+        "rrr virtual TSC port",
+    ),
+    range(
+        RANDOM_PORT as u64,
+        RANDOM_PORT_LEN as u64,
+        BoardDevice::Random,
+        "rrr random port",
     ),
 ];
 
