@@ -154,7 +154,6 @@ impl Tracer {
 
     pub fn stats(&self) -> TraceStats {
         TraceStats {
-            tasks: self.tasks.len(),
             events: self.writer.stats().events,
             ..self.stats
         }
@@ -182,8 +181,19 @@ impl Tracer {
                 .context("cannot read CPU 0's per-CPU offset")?;
             self.current_at = self.current_at.wrapping_add(base);
         }
+        let wanted = self.probes.len();
         self.stats.probes_dropped = self.probes.plant(vmm, &mut self.mem)?;
         self.stats.probes = self.probes.len();
+        // A few sites may have changed since the build (code the kernel patched at boot); most
+        // not matching means the code in memory is not this vmlinux's.
+        if self.stats.probes_dropped * 10 > wanted {
+            self.probes.lift(vmm, &mut self.mem)?;
+            anyhow::bail!(
+                "{} of {wanted} probe sites in the guest do not hold the instructions {} has there: the kernel in memory is not this vmlinux, or it is relocated (KASLR: boot with nokaslr, as rrr's command line does)",
+                self.stats.probes_dropped,
+                "the vmlinux"
+            );
+        }
         Ok(())
     }
 
@@ -208,15 +218,10 @@ impl Tracer {
     /// Ends every open slice and writes the rest of the trace.
     pub fn finish(mut self, now: VirtualTime) -> anyhow::Result<TraceStats> {
         let ts = self.timestamp(now);
-        let unfinished = [Arg::new("unfinished", Value::Bool(true))];
-        for task in self.tasks.values_mut() {
-            while let Some(frame) = task.frames.pop() {
-                if frame.emitted {
-                    self.writer.end(ts, task.track, &unfinished)?;
-                }
-            }
-        }
         let stats = self.stats();
+        for (_, task) in std::mem::take(&mut self.tasks) {
+            self.end_all(task, ts)?;
+        }
         self.writer.finish()?;
         Ok(stats)
     }
@@ -296,22 +301,44 @@ impl Tracer {
             .mem
             .read_u64(vmm, self.current_at)
             .ok_or_else(|| anyhow::anyhow!("cannot read the current task pointer"))?;
-        if !self.tasks.contains_key(&ptr) {
-            let task = self.read_task(vmm, ptr)?;
-            self.tasks.insert(ptr, task);
-        }
         if self.last_task != Some(ptr) {
+            // A task runs after a switch, and a new task's first run is one: this is where a
+            // task_struct the kernel reused for another task is told from the one we knew.
+            let known = self.tasks.get(&ptr).map(|t| (t.pid, t.tgid));
+            if known.is_none() || known != Some(self.read_ids(vmm, ptr)) {
+                let task = self.read_task(vmm, ptr)?;
+                if let Some(old) = self.tasks.insert(ptr, task) {
+                    self.end_all(old, self.last_ts)?;
+                }
+            }
             self.switched(ptr)?;
         }
         Ok(ptr)
     }
 
-    fn read_task(&mut self, vmm: &Vmm, ptr: u64) -> anyhow::Result<Task> {
+    fn read_ids(&mut self, vmm: &Vmm, ptr: u64) -> (i32, i32) {
         let l = &self.task_layout;
         let (pid_at, tgid_at) = (ptr + l.pid, ptr + l.tgid);
         let pid = self.mem.read_u32(vmm, pid_at).unwrap_or(0) as i32;
         let tgid = self.mem.read_u32(vmm, tgid_at).unwrap_or(0) as i32;
+        (pid, tgid)
+    }
+
+    /// Ends the open slices of a task that is gone (its task_struct now holds another).
+    fn end_all(&mut self, mut task: Task, ts: u64) -> anyhow::Result<()> {
+        let unfinished = [Arg::new("unfinished", Value::Bool(true))];
+        while let Some(frame) = task.frames.pop() {
+            if frame.emitted {
+                self.writer.end(ts, task.track, &unfinished)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn read_task(&mut self, vmm: &Vmm, ptr: u64) -> anyhow::Result<Task> {
+        let (pid, tgid) = self.read_ids(vmm, ptr);
         let comm = self.read_comm(vmm, ptr);
+        self.stats.tasks += 1;
         let (p, t) = displayed_ids(pid, tgid);
         let shown = self.filter.pids.is_empty()
             || self.filter.pids.contains(&pid)
