@@ -77,16 +77,23 @@ pub fn show(index: &Index, ty: TypeId, raw: u64, vmm: &Vmm, mem: &mut GuestReade
                 None => Shown::Pointer(raw),
             },
         },
-        ValueKind::StructPtr { name, union } => Shown::Str(format!(
-            "{raw:#x} ({} {} *)",
-            if union { "union" } else { "struct" },
-            name.unwrap_or("<anonymous>")
-        )),
+        // The type is in the argument's name (see `arg_name`): the value stays a pointer, so
+        // the UI shows it in hex and the trace does not intern one string per address.
+        ValueKind::StructPtr { .. } => Shown::Pointer(raw),
         ValueKind::Pointer => Shown::Pointer(raw),
         ValueKind::Float { .. } | ValueKind::Struct { .. } | ValueKind::Void => {
             Shown::Str(index.type_name(ty))
         }
         ValueKind::Unknown => Shown::Uint(raw),
+    }
+}
+
+/// How an argument is named in the trace: a struct pointer carries its type
+/// (`how (struct open_how *)`), everything else its C name.
+pub fn arg_name(index: &Index, name: &str, ty: TypeId) -> String {
+    match index.value_kind(ty) {
+        ValueKind::StructPtr { .. } => format!("{name} ({})", index.type_name(ty)),
+        _ => name.to_owned(),
     }
 }
 

@@ -100,6 +100,7 @@ pub struct Tracer {
     next_flow: u64,
     /// Whether KVM keeps the registers in the run page (turned on at the first hit).
     sync_regs: bool,
+    arg_names: HashMap<u32, std::rc::Rc<[String]>>,
     stats: TraceStats,
 }
 
@@ -149,6 +150,7 @@ impl Tracer {
             last_ts: 0,
             next_flow: 1,
             sync_regs: false,
+            arg_names: HashMap::new(),
         })
     }
 
@@ -439,6 +441,7 @@ impl Tracer {
         regs: &kvm_bindings::kvm_regs,
         ts: u64,
     ) -> anyhow::Result<()> {
+        let names = self.arg_names(function);
         let f = &self.index.functions[function as usize];
         let mut shown: Vec<(&str, Shown)> = Vec::with_capacity(f.params.len());
         for (i, p) in f.params.iter().enumerate() {
@@ -452,12 +455,11 @@ impl Tracer {
                 rrr_tracer::Location::Const(v) => Some(*v),
                 rrr_tracer::Location::Expr(_) | rrr_tracer::Location::Unavailable => None,
             };
-            let name = p.name.as_deref().unwrap_or(ARG_NAMES[i.min(5)]);
             let value = match raw {
                 Some(raw) => decode::show(&self.index, p.ty, raw, vmm, &mut self.mem),
                 None => Shown::Str("<optimized out>".into()),
             };
-            shown.push((name, value));
+            shown.push((names[i].as_str(), value));
         }
         let args: Vec<Arg<'_>> = shown.iter().map(|(n, v)| Arg::new(n, v.value())).collect();
         let category = self.index.source_path(f).split('/').next().unwrap_or("");
@@ -468,6 +470,25 @@ impl Tracer {
                 .args(&args),
         )?;
         Ok(())
+    }
+
+    /// The names a function's arguments have in the trace, made once per function.
+    fn arg_names(&mut self, function: u32) -> std::rc::Rc<[String]> {
+        if let Some(names) = self.arg_names.get(&function) {
+            return names.clone();
+        }
+        let f = &self.index.functions[function as usize];
+        let names: std::rc::Rc<[String]> = f
+            .params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let name = p.name.as_deref().unwrap_or(ARG_NAMES[i.min(5)]);
+                decode::arg_name(&self.index, name, p.ty)
+            })
+            .collect();
+        self.arg_names.insert(function, names.clone());
+        names
     }
 
     fn begin_syscall(
@@ -487,7 +508,8 @@ impl Tracer {
             }
             let params = self.index.syscalls.get(call).cloned().unwrap_or_default();
             for (i, p) in params.iter().enumerate().take(6) {
-                let name = p.name.clone().unwrap_or_else(|| ARG_NAMES[i].to_string());
+                let name = p.name.as_deref().unwrap_or(ARG_NAMES[i]);
+                let name = decode::arg_name(&self.index, name, p.ty);
                 let value = match self.mem.read_u64(vmm, regs_ptr + layout.args[i]) {
                     Some(raw) => decode::show(&self.index, p.ty, raw, vmm, &mut self.mem),
                     None => Shown::Str("<unreadable>".into()),
