@@ -301,6 +301,18 @@ fn filters_choose_what_is_traced_and_one_that_matches_nothing_says_so() {
         "refused before any VM started"
     );
 
+    // A kernel other than the recording's is refused, saying which one to pass.
+    let carrier = rrr(&["kernel", "build", "--carrier"]);
+    assert!(carrier.status.success(), "{}", text(&carrier.stderr));
+    let other = text(&carrier.stdout).trim().to_owned();
+    let out = rrr(&["trace", rec.to_str().unwrap(), "--kernel", &other]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("another kernel") && err.contains("pass --kernel"),
+        "{err}"
+    );
+
     let trace = dir.join("fs.pftrace");
     let out = rrr(&[
         "trace",

@@ -608,6 +608,8 @@ fn trace_recording(
         partial: false,
         console: false,
         direct: false,
+        kernel: None,
+        rootfs: None,
         serve: false,
         port: rrr_perfetto::DEFAULT_PORT,
     })?;

@@ -85,8 +85,10 @@ pub fn run(args: Args) -> Result<i32> {
     let expected = spec.expected_identity()?;
     if let Some(difference) = header.snapshot.difference(&expected) {
         bail!(
-            "the recording {} was made from another snapshot: {difference}",
-            args.recording.display()
+            "the recording {} was made from another snapshot: {difference}; it was recorded with the kernel {} and the rootfs {}: pass --kernel and --rootfs with those (the same contents) to replay or trace it",
+            args.recording.display(),
+            header.kernel_path,
+            header.rootfs_path
         );
     }
     let run_dir = match &args.run_dir {

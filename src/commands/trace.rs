@@ -23,6 +23,13 @@ pub struct Args {
     /// Run on this host's /dev/kvm even if it is software-only (no carrier).
     #[arg(long)]
     pub direct: bool,
+    /// The kernel build directory or vmlinux the recording was made with (default: where it
+    /// was when recorded); its hash must be the recorded one.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// The base rootfs image (default: where it was when recorded).
+    #[arg(long)]
+    pub rootfs: Option<PathBuf>,
     /// Serve the trace to the Perfetto UI when it is written (as `rrr serve` does).
     #[arg(long)]
     pub serve: bool,
@@ -40,8 +47,8 @@ pub fn run(args: Args) -> Result<i32> {
         run_dir: None,
         direct: args.direct,
         dump: false,
-        kernel: None,
-        rootfs: None,
+        kernel: args.kernel,
+        rootfs: args.rootfs,
         trace: true,
         trace_args: TraceArgs {
             output: Some(output.clone()),
