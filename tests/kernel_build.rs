@@ -222,3 +222,46 @@ fn a_new_untracked_file_in_a_git_tree_builds_a_new_vmlinux() {
     let (_, with_new, _) = build_tree(tree.path(), cache.path());
     assert!(holds(&with_new, "first version") && holds(&with_new, "untracked version"));
 }
+
+/// A kernel built with clang (a syzbot config made by clang, or `--llvm`) on a machine without
+/// clang fails at once, saying what to install: here with a PATH that has every command of this
+/// machine but clang and LLVM's tools.
+#[test]
+fn a_clang_build_without_clang_says_what_to_install() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    for sys in ["/usr/bin", "/bin", "/usr/sbin", "/sbin"] {
+        let Ok(entries) = std::fs::read_dir(sys) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let llvm = name.starts_with("clang")
+                || name.starts_with("ld.lld")
+                || name.starts_with("lld")
+                || name.starts_with("llvm-");
+            let link = bin.join(&*name);
+            if !llvm && !link.exists() {
+                let _ = std::os::unix::fs::symlink(entry.path(), link);
+            }
+        }
+    }
+    let started = std::time::Instant::now();
+    let out = rrr()
+        .args(["kernel", "build", "--llvm"])
+        .env("PATH", &bin)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("built with clang") && err.contains("apt-get install clang lld llvm"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "refused before configuring anything"
+    );
+}

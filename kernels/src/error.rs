@@ -11,6 +11,11 @@ pub enum KernelError {
         source: std::io::Error,
     },
 
+    #[error(
+        "this kernel is built with clang (its config was made by clang, CONFIG_CC_IS_CLANG=y, or --llvm was given), which needs clang, ld.lld and LLVM's binutils, and they are not all installed: `sudo apt-get install clang lld llvm`"
+    )]
+    NoClang,
+
     #[error("cannot run `{command}` (is it installed? try `sudo scripts/setup`)")]
     Spawn {
         command: String,

@@ -99,6 +99,26 @@ pub struct KernelSpec {
     /// Extra fragments, merged after rrr's own.
     pub fragments: Vec<PathBuf>,
     pub flavor: Flavor,
+    /// The compilers: gcc, or clang with LLVM's binutils for a config made by clang.
+    pub toolchain: Toolchain,
+}
+
+/// Which compiler builds the kernel. Part of every cache key (through its version line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Toolchain {
+    #[default]
+    Gcc,
+    /// `make LLVM=1`: clang, ld.lld and LLVM's binutils.
+    Llvm,
+}
+
+impl Toolchain {
+    fn make_args(self) -> &'static [&'static str] {
+        match self {
+            Toolchain::Gcc => &[],
+            Toolchain::Llvm => &["LLVM=1"],
+        }
+    }
 }
 
 impl Default for KernelSpec {
@@ -108,6 +128,7 @@ impl Default for KernelSpec {
             base_config: None,
             fragments: Vec::new(),
             flavor: Flavor::Guest,
+            toolchain: Toolchain::Gcc,
         }
     }
 }
@@ -150,6 +171,7 @@ struct Prepared {
     base_config: Option<Vec<u8>>,
     fragments: Vec<Vec<u8>>,
     compiler: String,
+    toolchain: Toolchain,
 }
 
 impl Prepared {
@@ -205,7 +227,8 @@ fn prepare(spec: &KernelSpec, source: ResolvedSource) -> Result<Prepared, Kernel
         source,
         base_config,
         fragments,
-        compiler: source::compiler_version()?,
+        compiler: source::compiler_version(spec.toolchain)?,
+        toolchain: spec.toolchain,
     })
 }
 
@@ -291,7 +314,7 @@ pub fn build(
     }
     let obj = adopt_obj_dir(&store, &objects, &staging)?;
     let started = Instant::now();
-    compile(&prepared.source.dir, &obj, progress)?;
+    compile(&prepared.source.dir, &obj, prepared.toolchain, progress)?;
     if spec.flavor == Flavor::Guest {
         progress(Progress::Stage(Stage::Dwarf));
         check_dwarf(&obj.join("vmlinux"))?;
@@ -345,7 +368,7 @@ fn configure(prepared: &Prepared, dir: &Path) -> Result<String, KernelError> {
     let base = dir.join("rrr-base.config");
     match &prepared.base_config {
         None => {
-            make(src, dir, &["tinyconfig"], &log, &|_| {})?;
+            make(src, dir, prepared.toolchain, &["tinyconfig"], &log, &|_| {})?;
             std::fs::rename(dir.join(".config"), &base).map_err(KernelError::io(&base))?;
         }
         Some(text) => std::fs::write(&base, text).map_err(KernelError::io(&base))?,
@@ -366,7 +389,14 @@ fn configure(prepared: &Prepared, dir: &Path) -> Result<String, KernelError> {
         wanted_text.push('\n');
     }
     check_status(&mut merge, &log, "merge_config.sh")?;
-    make(src, dir, &["olddefconfig"], &log, &|_| {})?;
+    make(
+        src,
+        dir,
+        prepared.toolchain,
+        &["olddefconfig"],
+        &log,
+        &|_| {},
+    )?;
 
     let config_path = dir.join(".config");
     let final_text =
@@ -396,22 +426,34 @@ fn adopt_obj_dir(store: &Store, key: &str, staging: &Path) -> Result<PathBuf, Ke
 }
 
 /// `make vmlinux bzImage` with a fresh build log; failures carry the compiler's error lines.
-fn compile(src: &Path, obj: &Path, progress: &dyn Fn(Progress)) -> Result<(), KernelError> {
+fn compile(
+    src: &Path,
+    obj: &Path,
+    toolchain: Toolchain,
+    progress: &dyn Fn(Progress),
+) -> Result<(), KernelError> {
     let log = obj.join("build.log");
     let _ = std::fs::remove_file(&log);
     let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
     let jobs = format!("-j{jobs}");
     progress(Progress::Stage(Stage::Compile));
     let linking = std::cell::Cell::new(false);
-    make(src, obj, &[&jobs, "vmlinux", "bzImage"], &log, &|line| {
-        if !linking.get() && make::starts_link(line) {
-            linking.set(true);
-            progress(Progress::Stage(Stage::Link));
-        }
-        if let Some(step) = make::step_of(line) {
-            progress(Progress::Step(&step));
-        }
-    })
+    make(
+        src,
+        obj,
+        toolchain,
+        &[&jobs, "vmlinux", "bzImage"],
+        &log,
+        &|line| {
+            if !linking.get() && make::starts_link(line) {
+                linking.set(true);
+                progress(Progress::Stage(Stage::Link));
+            }
+            if let Some(step) = make::step_of(line) {
+                progress(Progress::Step(&step));
+            }
+        },
+    )
 }
 
 /// The guest kernel must carry DWARF for the tracer: Kconfig kept the option (checked before
@@ -437,6 +479,7 @@ fn check_dwarf(vmlinux: &Path) -> Result<(), KernelError> {
 fn make(
     src: &Path,
     obj: &Path,
+    toolchain: Toolchain,
     targets: &[&str],
     log: &Path,
     on_line: &dyn Fn(&str),
@@ -445,6 +488,7 @@ fn make(
     cmd.arg("-C")
         .arg(src)
         .arg(format!("O={}", obj.display()))
+        .args(toolchain.make_args())
         .args(targets)
         // Kbuild reads these from the environment; a caller's setting must not leak in.
         .env_remove("KCONFIG_CONFIG")

@@ -289,9 +289,22 @@ fn git_toplevel(dir: &Path) -> Option<PathBuf> {
     })
 }
 
-/// First line of `gcc --version`: the compiler is part of every cache key.
-pub fn compiler_version() -> Result<String, KernelError> {
-    let out = run_capture(Command::new("gcc").arg("--version"))?;
+/// First line of `gcc --version` (or clang's): the compiler is part of every cache key.
+pub fn compiler_version(toolchain: crate::Toolchain) -> Result<String, KernelError> {
+    match toolchain {
+        crate::Toolchain::Gcc => version_line("gcc"),
+        crate::Toolchain::Llvm => {
+            version_line("clang").map_err(|_| KernelError::NoClang)?;
+            // LLVM=1 also needs LLVM's linker and binutils.
+            version_line("ld.lld").map_err(|_| KernelError::NoClang)?;
+            version_line("llvm-objcopy").map_err(|_| KernelError::NoClang)?;
+            version_line("clang")
+        }
+    }
+}
+
+fn version_line(program: &str) -> Result<String, KernelError> {
+    let out = run_capture(Command::new(program).arg("--version"))?;
     Ok(out.lines().next().unwrap_or("").to_owned())
 }
 

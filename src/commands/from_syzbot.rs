@@ -482,21 +482,6 @@ fn plan_config(
     let title = inputs.title.as_deref().unwrap_or("");
     let evidence = Evidence::new(title, &inputs.report, &inputs.repro).with_source(source_dir);
     let plan = config::plan(&inputs.config, &evidence, !args.keep_config);
-    if plan.clang {
-        let clang = std::process::Command::new("clang")
-            .arg("--version")
-            .output();
-        if !clang.is_ok_and(|o| o.status.success()) {
-            bail!(
-                "syzbot built this kernel with clang (CONFIG_CC_IS_CLANG=y) and clang is not \
-                 installed: install it (`sudo apt-get install clang lld llvm`)"
-            );
-        }
-        bail!(
-            "syzbot built this kernel with clang; rrr's kernel builder drives gcc only for now \
-             (pass --config with a gcc config to go on)"
-        );
-    }
     let text = plan.changes_text();
     for line in text.lines() {
         say(line);
@@ -524,6 +509,12 @@ fn build(
         base_config: Some(work.join("rrr-base.config")),
         fragments,
         flavor: Flavor::Guest,
+        // A config made by clang keeps its clang-only options only when clang configures it.
+        toolchain: if plan.clang {
+            rrr_kernels::Toolchain::Llvm
+        } else {
+            rrr_kernels::Toolchain::Gcc
+        },
     };
     let cache = crate::cache::cache_dir()?;
     let stage_start = std::time::SystemTime::now();

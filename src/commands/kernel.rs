@@ -26,6 +26,9 @@ pub struct BuildArgs {
     /// Build the carrier kernel (QEMU with AMD-V, 9p root) instead of a guest kernel.
     #[arg(long)]
     carrier: bool,
+    /// Build with clang and LLVM's tools (`make LLVM=1`), as a config made by clang needs.
+    #[arg(long)]
+    llvm: bool,
 }
 
 pub fn run(cmd: KernelCommand) -> Result<i32> {
@@ -39,6 +42,11 @@ pub fn run(cmd: KernelCommand) -> Result<i32> {
                     Flavor::Carrier
                 } else {
                     Flavor::Guest
+                },
+                toolchain: if args.llvm {
+                    rrr_kernels::Toolchain::Llvm
+                } else {
+                    rrr_kernels::Toolchain::Gcc
                 },
             };
             let (kernel, cached) = ensure_reporting(&spec)?;
