@@ -60,6 +60,13 @@ pub struct DebugTarget {
     /// DR0-DR3.
     pub slots: [Option<Slot>; 4],
     pub resume: Option<Resume>,
+    /// Whether the debug registers are offered to gdb. Not inside the carrier: measured
+    /// 2026-11-30, neither an execution breakpoint (`hbreak`) nor a data watchpoint set through
+    /// `KVM_GUESTDBG_USE_HW_BP` ever fired there (QEMU's emulated SVM does not seem to arm the
+    /// debug registers a nested guest runs with), and a watchpoint that silently never fires is
+    /// worse than gdb's "cannot insert". gdb's software watchpoints (`set
+    /// can-use-hw-watchpoints 0`) single-step instead, slowly but exactly.
+    pub hw_debug: bool,
 }
 
 impl DebugTarget {
@@ -71,6 +78,7 @@ impl DebugTarget {
             breakpoints: BTreeMap::new(),
             slots: [None; 4],
             resume: None,
+            hw_debug: !crate::carrier::inside_carrier(),
         }
     }
 
@@ -260,11 +268,11 @@ impl Breakpoints for DebugTarget {
     }
 
     fn support_hw_breakpoint(&mut self) -> Option<HwBreakpointOps<'_, Self>> {
-        Some(self)
+        self.hw_debug.then_some(self)
     }
 
     fn support_hw_watchpoint(&mut self) -> Option<HwWatchpointOps<'_, Self>> {
-        Some(self)
+        self.hw_debug.then_some(self)
     }
 }
 
