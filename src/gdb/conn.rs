@@ -25,7 +25,13 @@ impl Endpoint {
     /// Listens on `addr` (checked to be a loopback address by the caller).
     pub fn listen(addr: SocketAddr) -> Result<Endpoint> {
         let listener =
-            TcpListener::bind(addr).with_context(|| format!("cannot listen for gdb on {addr}"))?;
+            TcpListener::bind(addr).with_context(|| {
+                if crate::carrier::inside_carrier() {
+                    format!("cannot listen for gdb on {addr}: the carrier has no TCP/IP; run `rrr replay --gdb` outside it (QEMU then carries gdb's connection in)")
+                } else {
+                    format!("cannot listen for gdb on {addr}")
+                }
+            })?;
         Ok(Endpoint::Tcp(listener))
     }
 
