@@ -7,6 +7,7 @@ mod cache;
 mod carrier;
 mod commands;
 mod digest;
+mod gdb;
 mod machine;
 mod progress;
 mod syzbot;

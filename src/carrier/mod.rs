@@ -43,6 +43,9 @@ pub struct CarrierOptions {
     pub shares: Vec<PathBuf>,
     /// Environment variables for the command, on top of (and overriding) this process's own.
     pub env: Vec<(OsString, OsString)>,
+    /// TCP listeners QEMU opens on the host, each carried into the carrier as the virtio-serial
+    /// port of that name (the carrier has no network): `rrr replay --gdb` there.
+    pub forwards: Vec<(String, std::net::SocketAddr)>,
 }
 
 impl Default for CarrierOptions {
@@ -52,6 +55,7 @@ impl Default for CarrierOptions {
             cpus: 2,
             shares: Vec::new(),
             env: Vec::new(),
+            forwards: Vec::new(),
         }
     }
 }
@@ -179,6 +183,7 @@ fn run_with(
         stdout_fifo: &stdout_fifo,
         stderr_fifo: &stderr_fifo,
         shares: &shares,
+        forwards: &opts.forwards,
     };
     let (qemu_stdin, input) = stdin::forward()?;
     let started = Instant::now();

@@ -25,6 +25,8 @@ pub struct Launch<'a> {
     pub stdout_fifo: &'a Path,
     pub stderr_fifo: &'a Path,
     pub shares: &'a [Share],
+    /// Host TCP listeners, each reaching the inside as a virtio-serial port of that name.
+    pub forwards: &'a [(String, std::net::SocketAddr)],
 }
 
 impl Launch<'_> {
@@ -105,6 +107,22 @@ impl Launch<'_> {
                 nr + 1
             ));
         }
+        // QEMU listens (and accepts one client at a time); what the client sends reaches the
+        // port inside, and what the inside writes goes back to it.
+        for (i, (name, addr)) in self.forwards.iter().enumerate() {
+            push("-chardev");
+            push(&format!(
+                "socket,id=fwd{i},host={},port={},server=on,wait=off",
+                addr.ip(),
+                addr.port()
+            ));
+            push("-device");
+            push(&format!(
+                "virtserialport,bus=ports.0,nr={},chardev=fwd{i},name={name}",
+                // After stdout, stderr and stdin (ports 1 to 3).
+                4 + i
+            ));
+        }
         args
     }
 
@@ -173,6 +191,7 @@ mod tests {
             stdout_fifo: Path::new("/c/run/out,1"),
             stderr_fifo: Path::new("/c/run/err"),
             shares,
+            forwards: &[],
         }
     }
 

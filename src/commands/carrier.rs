@@ -38,6 +38,7 @@ pub fn run(cmd: CarrierCommand) -> Result<i32> {
                 cpus: args.cpus,
                 shares: args.share,
                 env: Vec::new(),
+                forwards: Vec::new(),
             };
             carrier::run_in_carrier(&args.cmd, &opts)
         }

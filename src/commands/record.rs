@@ -117,6 +117,8 @@ fn run_as(args: Args, command_line: Option<Vec<std::ffi::OsString>>) -> Result<i
         rootfs: Some(rootfs),
         trace: true,
         trace_args: args.trace_args,
+        gdb: None,
+        gdb_carrier_port: false,
     })
 }
 

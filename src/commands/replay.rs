@@ -14,8 +14,13 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use super::run::{self, Finished, Ready, Session};
+use crate::gdb::conn::Endpoint;
+use crate::gdb::{Debugger, GdbReplay};
 use crate::machine::{MachineSpec, StartKind};
 use crate::trace::{self, EmitFilter, TraceArgs, TracedReplay, Tracer};
+
+/// The host-time limit of a replay under gdb: a week (the user decides when it goes on).
+const GDB_HOST_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -51,6 +56,21 @@ pub struct Args {
     pub trace: bool,
     #[command(flatten)]
     pub trace_args: TraceArgs,
+    /// Serve the GDB remote protocol on the replay (loopback only; default 127.0.0.1:1234): it
+    /// waits at READY for gdb, with breakpoints, single steps and watchpoints that leave the
+    /// recording's timeline alone. Use it as `rrr replay REC --gdb [ADDR:PORT]`.
+    #[arg(
+        long,
+        value_name = "ADDR:PORT",
+        num_args = 0..=1,
+        default_missing_value = crate::gdb::DEFAULT_ADDR,
+        conflicts_with = "trace"
+    )]
+    pub gdb: Option<String>,
+    /// Inside the carrier: gdb's bytes come over the carrier's virtio-serial port, which QEMU
+    /// connects to the `--gdb` address on the host.
+    #[arg(long, hide = true, requires = "gdb")]
+    pub gdb_carrier_port: bool,
 }
 
 pub fn run(args: Args) -> Result<i32> {
@@ -62,6 +82,11 @@ pub fn run(args: Args) -> Result<i32> {
         return Ok(0);
     }
     check_usable(&recording, &args)?;
+    let gdb_addr = args
+        .gdb
+        .as_deref()
+        .map(crate::gdb::parse_addr)
+        .transpose()?;
     run::prefer_read_snapshot_memory();
     let header = &recording.header;
     let kernel = match &args.kernel {
@@ -120,8 +145,13 @@ pub fn run(args: Args) -> Result<i32> {
         stimulus: PathBuf::from(&header.stimulus_name),
         kernel: Some(kernel.clone()),
         time_limit: header.config.time_limit_secs,
-        // Generous: a replay stopped by host time would only report that as a divergence.
-        timeout: Some(header.config.host_timeout_secs.saturating_mul(2)),
+        // Generous: a replay stopped by host time would only report that as a divergence. Under
+        // gdb the guest stands still for as long as the user looks at it.
+        timeout: Some(if gdb_addr.is_some() {
+            GDB_HOST_TIMEOUT_SECS
+        } else {
+            header.config.host_timeout_secs.saturating_mul(2)
+        }),
         mem: header.config.mem_mib,
         append: header.config.append.clone(),
         m32: false,
@@ -169,6 +199,15 @@ pub fn run(args: Args) -> Result<i32> {
             cmd.append(&mut words);
         }
         let mut opts = crate::carrier::CarrierOptions::default();
+        if let Some(addr) = gdb_addr {
+            cmd.extend([
+                "--gdb".into(),
+                addr.to_string().into(),
+                "--gdb-carrier-port".into(),
+            ]);
+            opts.forwards
+                .push((crate::gdb::conn::CARRIER_PORT.to_owned(), addr));
+        }
         opts.shares.extend(
             [
                 recording_path.parent(),
@@ -191,7 +230,15 @@ pub fn run(args: Args) -> Result<i32> {
     let trace_output = args.trace_args.output_for(&args.recording);
     let header = recording.header.clone();
     let replayer = Replayer::new(recording);
-    let mode = if let Some((index, functions)) = traced {
+    let mode = if let Some(addr) = gdb_addr {
+        let endpoint = if args.gdb_carrier_port {
+            Endpoint::carrier_port()?
+        } else {
+            Endpoint::listen(addr)?
+        };
+        let debugger = Debugger::new(endpoint, crate::gdb::banner(addr, &kernel));
+        ReplayMode::Gdb(Box::new(GdbReplay { replayer, debugger }))
+    } else if let Some((index, functions)) = traced {
         let filter = EmitFilter {
             pids: args.trace_args.pids.clone(),
             depth: args.trace_args.depth,
@@ -332,6 +379,7 @@ fn print_trace(output: &Path, stats: &serde_json::Value) {
 enum ReplayMode {
     Plain(Replayer),
     Traced(Box<TracedReplay>),
+    Gdb(Box<GdbReplay>),
 }
 
 struct ReplaySession {
@@ -345,6 +393,7 @@ impl Session for ReplaySession {
         match &mut self.mode {
             Some(ReplayMode::Plain(replayer)) => replayer,
             Some(ReplayMode::Traced(traced)) => traced.as_mut(),
+            Some(ReplayMode::Gdb(gdb)) => gdb.as_mut(),
             None => &mut self.plain,
         }
     }
@@ -387,8 +436,10 @@ impl Session for ReplaySession {
                 header.start_time_ns
             );
         }
-        if let Some(ReplayMode::Traced(traced)) = &mut self.mode {
-            traced.tracer.start(ready.vmm)?;
+        match &mut self.mode {
+            Some(ReplayMode::Traced(traced)) => traced.tracer.start(ready.vmm)?,
+            Some(ReplayMode::Gdb(gdb)) => gdb.debugger.attach(ready.vmm)?,
+            _ => {}
         }
         Ok(())
     }
@@ -404,12 +455,36 @@ impl Session for ReplaySession {
     }
 
     fn finish(&mut self, end: &Finished<'_>) -> Result<Option<serde_json::Value>> {
-        let (mut replayer, trace) = match self
+        let mode = self
             .mode
             .take()
-            .context("the run ended before READY: nothing was replayed")?
-        {
+            .context("the run ended before READY: nothing was replayed")?;
+        let ReplayMode::Gdb(gdb) = mode else {
+            return self.finish_checks(mode, end);
+        };
+        let GdbReplay {
+            replayer,
+            mut debugger,
+        } = *gdb;
+        // The guest's memory is its own again before anything hashes it; gdb then hears how the
+        // replay ended (exit code 0: it matched the recording).
+        debugger.lift();
+        let checked = self.finish_checks(ReplayMode::Plain(replayer), end);
+        debugger.ended(if checked.is_ok() { 0 } else { 2 });
+        checked
+    }
+}
+
+impl ReplaySession {
+    /// The end of the replay against the recording's end.
+    fn finish_checks(
+        &mut self,
+        mode: ReplayMode,
+        end: &Finished<'_>,
+    ) -> Result<Option<serde_json::Value>> {
+        let (mut replayer, trace) = match mode {
             ReplayMode::Plain(replayer) => (replayer, None),
+            ReplayMode::Gdb(gdb) => (gdb.replayer, None),
             ReplayMode::Traced(traced) => {
                 let TracedReplay {
                     replayer,

@@ -54,6 +54,8 @@ pub fn run(args: Args) -> Result<i32> {
             output: Some(output.clone()),
             ..args.trace
         },
+        gdb: None,
+        gdb_carrier_port: false,
     })?;
     if code != 0 || !args.serve {
         return Ok(code);

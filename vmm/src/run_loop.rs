@@ -217,6 +217,8 @@ enum Step {
     Kick,
     /// A probe's `hlt`, handled by the mode: not part of the timeline.
     Probe,
+    /// `KVM_EXIT_DEBUG`, for the mode (a debugger's single step or debug-register hit).
+    Debug(kvm_bindings::kvm_debug_exit_arch),
 }
 
 /// Console input from the host, crossing threads through a channel and handed to the guest only
@@ -397,6 +399,19 @@ impl Runner<'_> {
             }
             let end = match step {
                 Step::Probe => continue,
+                Step::Debug(debug) => {
+                    let now = self.clock.now();
+                    if self
+                        .mode
+                        .debug_exit(self.vmm, self.stats.exits, now, &debug)?
+                    {
+                        continue;
+                    }
+                    return Err(self.fault(FaultKind::UnexpectedExit(format!(
+                        "debug exit (exception {}, pc {:#x}, dr6 {:#x})",
+                        debug.exception, debug.pc, debug.dr6
+                    ))));
+                }
                 Step::Kick => {
                     tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, "kick");
                     self.stats.kicks += 1;
@@ -488,6 +503,7 @@ impl Runner<'_> {
                 other => Step::Fault(FaultKind::UnexpectedExit(format!("system event {other}"))),
             },
             Ok(VcpuExit::Intr) => Step::Kick,
+            Ok(VcpuExit::Debug(debug)) => Step::Debug(debug),
             Ok(other) => Step::Fault(FaultKind::UnexpectedExit(format!("{other:?}"))),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Kick,
             Err(e) => return Err(RunError::KvmRun(e)),

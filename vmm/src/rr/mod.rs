@@ -102,6 +102,9 @@ pub enum RrError {
     /// A probe of the mode (the trace pass) failed.
     #[error("the trace pass failed: {0}")]
     Probe(String),
+    /// The debugger (`rrr replay --gdb`) failed: its connection, or gdb's protocol.
+    #[error("the debugger failed: {0}")]
+    Debugger(String),
 }
 
 /// What the run loop asks of the mode. Every method has the plain-run default: no log, host
@@ -176,6 +179,20 @@ pub trait ExecMode {
         _vmm: &mut Vmm,
         _exits: u64,
         _now: VirtualTime,
+    ) -> Result<bool, RrError> {
+        Ok(false)
+    }
+
+    /// A `KVM_EXIT_DEBUG` (a single step or a debug-register hit) that a mode asked for with
+    /// `KVM_SET_GUEST_DEBUG` outside the replayer's own landmark search (a debugger). Returns
+    /// whether it was the mode's; if not, the run ends with an unexpected exit. Like probe hits,
+    /// debug exits are not synchronous exits: no exit count, no virtual time, no injection.
+    fn debug_exit(
+        &mut self,
+        _vmm: &mut Vmm,
+        _exits: u64,
+        _now: VirtualTime,
+        _debug: &kvm_bindings::kvm_debug_exit_arch,
     ) -> Result<bool, RrError> {
         Ok(false)
     }

@@ -1,0 +1,166 @@
+//! `rrr replay REC --gdb [ADDR:PORT]`: the GDB remote protocol (the `gdbstub` crate) served on a
+//! replay, so a kernel developer can stop a recorded run anywhere and look at it with gdb.
+//!
+//! - [`arch`]: the registers gdb sees (and the target description that names them);
+//! - [`target`]: gdb's requests against the stopped vCPU and guest memory;
+//! - [`session`]: the stop/serve/resume state machine on the vCPU thread;
+//! - [`conn`]: the byte stream (TCP on loopback, or the carrier's virtio-serial port).
+//!
+//! [`GdbReplay`] wraps the [`Replayer`] the way the trace pass does: the replayer decides
+//! everything about the run and checks it; the debugger only adds exits of its own (its
+//! breakpoints' `hlt`s, single steps, debug-register hits), which count neither as exits nor as
+//! virtual time, and it lifts its breakpoints before anything compares guest state.
+
+pub mod arch;
+pub mod conn;
+pub mod session;
+pub mod target;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+
+use anyhow::{bail, Context, Result};
+use rrr_vmm::builder::Vmm;
+use rrr_vmm::clock::VirtualTime;
+use rrr_vmm::rr::{ExecMode, ExitWhat, Replayer, RrError};
+use rrr_vmm::stall::LandmarkCause;
+
+pub use session::Debugger;
+
+/// Where gdb connects when `--gdb` has no address.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:1234";
+
+/// The address to serve gdb on: `ADDR:PORT` or a bare port, on a loopback address only (the
+/// protocol has no authentication, and reads all of the guest's memory).
+pub fn parse_addr(text: &str) -> Result<SocketAddr> {
+    let text = if text.chars().all(|c| c.is_ascii_digit()) {
+        format!("127.0.0.1:{text}")
+    } else {
+        text.to_owned()
+    };
+    let addr = text
+        .to_socket_addrs()
+        .with_context(|| format!("--gdb {text}: not an ADDR:PORT"))?
+        .next()
+        .with_context(|| format!("--gdb {text}: the name resolves to no address"))?;
+    if !addr.ip().is_loopback() {
+        bail!(
+            "--gdb {text}: {} is not a loopback address; the GDB remote protocol has no authentication and gives all of the guest's memory, so rrr serves it on 127.0.0.1 (or ::1) only (use an SSH tunnel to debug from another machine)",
+            addr.ip()
+        );
+    }
+    Ok(addr)
+}
+
+/// The line that tells the user how to connect.
+pub fn banner(addr: SocketAddr, vmlinux: &std::path::Path) -> String {
+    format!(
+        "rrr: gdb: the replay waits at READY for gdb on {addr}; connect with:\n  gdb {} -ex 'target remote {addr}'",
+        vmlinux.display()
+    )
+}
+
+/// A replay under gdb.
+pub struct GdbReplay {
+    pub replayer: Replayer,
+    pub debugger: Debugger,
+}
+
+impl ExecMode for GdbReplay {
+    fn after_exit(
+        &mut self,
+        vmm: &mut Vmm,
+        exits: u64,
+        now: VirtualTime,
+        what: ExitWhat,
+    ) -> Result<(), RrError> {
+        let checked = self.replayer.after_exit(vmm, exits, now, what);
+        if checked.is_err() {
+            // gdb hears that the replay ended, and how: a divergence is not a clean exit.
+            self.debugger.lift();
+            self.debugger.ended(2);
+            return checked;
+        }
+        self.debugger.after_exit(vmm, exits)
+    }
+
+    fn host_landmarks(&self) -> bool {
+        self.replayer.host_landmarks()
+    }
+
+    fn feeds_input(&self) -> bool {
+        self.replayer.feeds_input()
+    }
+
+    fn input_delivered(
+        &mut self,
+        exits: u64,
+        now: VirtualTime,
+        bytes: &[u8],
+    ) -> Result<(), RrError> {
+        self.replayer.input_delivered(exits, now, bytes)
+    }
+
+    fn input_due(
+        &mut self,
+        exits: u64,
+        now: VirtualTime,
+        room: usize,
+    ) -> Result<Option<Vec<u8>>, RrError> {
+        self.replayer.input_due(exits, now, room)
+    }
+
+    fn input_pending_at(&self, exits: u64, now: VirtualTime) -> bool {
+        self.replayer.input_pending_at(exits, now)
+    }
+
+    fn landmark(&mut self, vmm: &mut Vmm, exits: u64, cause: LandmarkCause) -> Result<(), RrError> {
+        self.replayer.landmark(vmm, exits, cause)
+    }
+
+    fn probe_hit(
+        &mut self,
+        vmm: &mut Vmm,
+        _exits: u64,
+        _now: VirtualTime,
+    ) -> Result<bool, RrError> {
+        self.debugger.probe_hit(vmm)
+    }
+
+    fn debug_exit(
+        &mut self,
+        vmm: &mut Vmm,
+        _exits: u64,
+        _now: VirtualTime,
+        debug: &kvm_bindings::kvm_debug_exit_arch,
+    ) -> Result<bool, RrError> {
+        self.debugger.debug_exit(vmm, debug)
+    }
+
+    fn landmark_due(&mut self, vmm: &mut Vmm, exits: u64) -> Result<bool, RrError> {
+        if !self.replayer.landmark_at(exits) {
+            return Ok(false);
+        }
+        // The replayer finds the landmark with its own debug exits and compares registers and
+        // written memory: gdb's breakpoints and debug registers step aside meanwhile.
+        self.debugger.lift();
+        let due = self.replayer.landmark_due(vmm, exits);
+        self.debugger.replant(vmm)?;
+        due
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_addr;
+
+    #[test]
+    fn serves_on_loopback_only() {
+        assert_eq!(parse_addr("127.0.0.1:1234").unwrap().port(), 1234);
+        assert_eq!(parse_addr("4321").unwrap().to_string(), "127.0.0.1:4321");
+        assert!(parse_addr("[::1]:1234").unwrap().ip().is_loopback());
+        let refused = parse_addr("0.0.0.0:1234").unwrap_err().to_string();
+        assert!(refused.contains("not a loopback address"), "{refused}");
+        assert!(parse_addr("10.1.2.3:1234").is_err());
+        assert!(parse_addr("nonsense").is_err());
+    }
+}
