@@ -87,6 +87,9 @@ pub fn run(args: Args) -> Result<i32> {
         .as_deref()
         .map(crate::gdb::parse_addr)
         .transpose()?;
+    if gdb_addr.is_some() && args.trace {
+        bail!("--gdb and --trace cannot be combined yet: trace the recording with `rrr trace`, then debug it with `rrr replay --gdb`");
+    }
     run::prefer_read_snapshot_memory();
     let header = &recording.header;
     let kernel = match &args.kernel {
