@@ -275,6 +275,10 @@ impl Session for ReplaySession {
         true
     }
 
+    fn stimulus(&self) -> Option<&[u8]> {
+        Some(&self.header.stimulus)
+    }
+
     fn at_ready(&mut self, ready: &Ready<'_>) -> Result<()> {
         let header = &self.header;
         let snapshot = ready.report.snapshot.as_deref().unwrap_or(Path::new(""));
