@@ -630,9 +630,10 @@ fn replay_problem(
     if replay.rc != 0 || !replay.stdout.contains("the replay matches the recording") {
         // A difference in the final state alone: say which pages differ.
         let pages = if replay.stdout.contains("final state hash") {
+            let vmlinux = Path::new(recorded.summary["kernel"].as_str().unwrap_or_default());
             format!(
                 "\nfinal state pages, recording against replay: {}",
-                state_pages_difference(&recorded.dir, &replay.dir)
+                state_pages_difference(&recorded.dir, &replay.dir, vmlinux)
             )
         } else {
             String::new()
@@ -685,8 +686,9 @@ fn tail_from(a: &[u8], b: &[u8]) -> String {
 }
 
 /// The pages (number and CRC) each run's final state listed that the other lacks or has
-/// otherwise, at most 16 of each kind, with their counts.
-fn state_pages_difference(a: &Path, b: &Path) -> String {
+/// otherwise, at most 16 of each kind, with their counts, and the kernel's symbols in the
+/// changed pages that hold part of the kernel image.
+fn state_pages_difference(a: &Path, b: &Path, vmlinux: &Path) -> String {
     let read = |dir: &Path| -> std::collections::BTreeMap<String, String> {
         std::fs::read_to_string(dir.join(STATE_PAGES))
             .unwrap_or_default()
@@ -706,10 +708,14 @@ fn state_pages_difference(a: &Path, b: &Path) -> String {
             .cloned()
             .collect::<Vec<_>>()
     };
+    let symbols = kernel_symbols(vmlinux);
     let changed: Vec<String> = a
         .iter()
         .filter(|(p, c)| b.get(*p).is_some_and(|d| d != *c))
-        .map(|(p, c)| format!("{p} ({c} vs {})", b[p]))
+        .map(|(p, c)| {
+            let named = symbols_in_page(&symbols, u64::from_str_radix(p, 16).unwrap_or(0));
+            format!("{p} ({c} vs {}; kernel symbols there: {named})", b[p])
+        })
         .collect();
     let few = |v: &[String]| v.iter().take(16).cloned().collect::<Vec<_>>().join(", ");
     let (only_a, only_b) = (only(&a, &b), only(&b, &a));
@@ -722,6 +728,38 @@ fn state_pages_difference(a: &Path, b: &Path) -> String {
         only_b.len(),
         few(&only_b)
     )
+}
+
+/// The kernel's symbols by address (`nm -n`), empty if they cannot be read.
+fn kernel_symbols(vmlinux: &Path) -> Vec<(u64, String)> {
+    let Ok(out) = Command::new("nm").arg("-n").arg(vmlinux).output() else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            let addr = u64::from_str_radix(words.next()?, 16).ok()?;
+            Some((addr, words.nth(1)?.to_owned()))
+        })
+        .collect()
+}
+
+/// The symbols that start in guest physical page `page`, where the kernel image is mapped
+/// (virtual = physical + `__START_KERNEL_map`).
+fn symbols_in_page(symbols: &[(u64, String)], page: u64) -> String {
+    const START_KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
+    let start = START_KERNEL_MAP + (page << 12);
+    let names: Vec<&str> = symbols
+        .iter()
+        .filter(|(addr, _)| (start..start + 4096).contains(addr))
+        .map(|(_, name)| name.as_str())
+        .collect();
+    if names.is_empty() {
+        "none (not the kernel image)".into()
+    } else {
+        names.join(" ")
+    }
 }
 
 /// The lines getrandom.c printed: its random bytes, then its addresses.
