@@ -396,7 +396,12 @@ fn ms(d: Duration) -> f64 {
 pub fn insert_stimulus(slot: &MediumSlot, binary: &Path) -> Result<()> {
     let program = std::fs::read(binary)
         .with_context(|| format!("cannot read the stimulus binary {}", binary.display()))?;
-    let image = rrr_guest::protocol::stimulus_disk_image(&program).with_context(|| {
+    insert_stimulus_bytes(slot, &program, binary)
+}
+
+/// [`insert_stimulus`] of a program already read (from `binary`, named in errors).
+pub fn insert_stimulus_bytes(slot: &MediumSlot, program: &[u8], binary: &Path) -> Result<()> {
+    let image = rrr_guest::protocol::stimulus_disk_image(program).with_context(|| {
         format!(
             "the stimulus binary {} is {} bytes; the stimulus disk holds at most {}",
             binary.display(),

@@ -85,6 +85,7 @@ fn run_as(args: Args, command_line: Option<Vec<std::ffi::OsString>>) -> Result<i
         kernel: kernel.clone(),
         rootfs: rootfs.clone(),
         recorder: None,
+        stimulus: Vec::new(),
         plain: Plain,
     };
     let summary = run::run_vm(
@@ -128,6 +129,8 @@ struct RecordSession {
     rootfs: PathBuf,
     /// Exists from READY on.
     recorder: Option<Recorder>,
+    /// The stimulus binary as the header logged it (from READY on).
+    stimulus: Vec<u8>,
     plain: Plain,
 }
 
@@ -141,6 +144,10 @@ impl Session for RecordSession {
 
     fn dirty_log(&self) -> bool {
         true
+    }
+
+    fn stimulus(&self) -> Option<&[u8]> {
+        (!self.stimulus.is_empty()).then_some(self.stimulus.as_slice())
     }
 
     fn at_ready(&mut self, ready: &Ready<'_>) -> Result<()> {
@@ -186,6 +193,7 @@ impl Session for RecordSession {
                 .unwrap_or_else(|| "stimulus".into()),
             stimulus,
         };
+        self.stimulus = header.stimulus.clone();
         let writer = RecordingWriter::create(&self.output, header)?;
         self.recorder = Some(Recorder::new(writer, CHECKPOINT_INTERVAL));
         Ok(())

@@ -306,9 +306,16 @@ pub fn run(args: Args) -> Result<i32> {
     Ok(0)
 }
 
+/// Prints the header and the records. A closed stdout (`rrr replay --dump REC | head`) ends the
+/// listing quietly.
 fn dump(recording: &Recording) {
+    let _ = write_dump(&mut std::io::stdout().lock(), recording);
+}
+
+fn write_dump(out: &mut impl std::io::Write, recording: &Recording) -> std::io::Result<()> {
     let h = &recording.header;
-    println!(
+    writeln!(
+        out,
         "rrr {} recording of {} ({} bytes of stimulus), from {} at exit {} ({} ns); {:?}; tail {:?}, {} bytes",
         h.rrr_version,
         h.stimulus_name,
@@ -319,10 +326,11 @@ fn dump(recording: &Recording) {
         h.config,
         recording.tail,
         recording.file_bytes
-    );
+    )?;
     for (i, record) in recording.records.iter().enumerate() {
-        println!("{:5} {record:x?}", i + 1);
+        writeln!(out, "{:5} {record:x?}", i + 1)?;
     }
+    out.flush()
 }
 
 /// Refuses what cannot be replayed, before any VM exists.
@@ -403,6 +411,10 @@ impl Session for ReplaySession {
 
     fn dirty_log(&self) -> bool {
         true
+    }
+
+    fn stimulus(&self) -> Option<&[u8]> {
+        Some(&self.header.stimulus)
     }
 
     fn at_ready(&mut self, ready: &Ready<'_>) -> Result<()> {

@@ -201,6 +201,13 @@ pub trait Session {
     fn at_ready(&mut self, _ready: &Ready<'_>) -> Result<()> {
         Ok(())
     }
+    /// The stimulus binary's bytes the session logged, if it did: the guest gets exactly these,
+    /// not a second read of the file (record and replay must hand the guest the same program,
+    /// and a file read twice, or written and read back, on the carrier's 9p share is not
+    /// certain to read the same).
+    fn stimulus(&self) -> Option<&[u8]> {
+        None
+    }
     /// A run-loop error that ends the run as the session planned (a partial replay reaching
     /// the end of its log), in words, with the exits counted so far.
     fn planned_end(&self, _err: &RunError) -> Option<(String, u64)> {
@@ -461,7 +468,12 @@ pub fn run_vm(
                 stimulus_binary,
                 args,
             })?;
-            crate::machine::insert_stimulus(&stimulus_slot, stimulus_binary)?;
+            match session.stimulus() {
+                Some(program) => {
+                    crate::machine::insert_stimulus_bytes(&stimulus_slot, program, stimulus_binary)?
+                }
+                None => crate::machine::insert_stimulus(&stimulus_slot, stimulus_binary)?,
+            }
             // The VM stands at READY: from here on the tee asks the control port where the
             // split between boot and stimulus falls.
             let _ = control.set(at_ready.vmm.devices.control.clone());

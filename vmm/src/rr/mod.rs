@@ -17,6 +17,7 @@ pub mod replay;
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::path::Path;
 
 use vm_memory::{Bytes, GuestAddress};
 
@@ -285,10 +286,26 @@ impl DirtyPages {
     }
 }
 
-/// A hash of every non-zero page of guest RAM with its page number.
+/// A hash of every non-zero page of guest RAM with its page number. With `RRR_STATE_PAGES` set
+/// to a file path, the page numbers and CRCs are also written there, one `page crc` line each
+/// (hex): two runs whose final hashes differ can then be compared page by page.
 fn hash_all_memory(vmm: &Vmm) -> u64 {
+    let pages = nonzero_page_crcs(vmm);
+    if let Some(path) = std::env::var_os(STATE_PAGES_ENV) {
+        if let Err(err) = write_page_crcs(Path::new(&path), &pages) {
+            tracing::warn!("cannot write the final state's pages to {path:?}: {err}");
+        }
+    }
+    fnv(pages.iter().flat_map(|&(page, crc)| [page, u64::from(crc)]))
+}
+
+/// Where [`hash_all_memory`] lists the final state's pages, when set.
+pub const STATE_PAGES_ENV: &str = "RRR_STATE_PAGES";
+
+/// Every non-zero page of guest RAM, by page number, with the CRC32 of its contents.
+fn nonzero_page_crcs(vmm: &Vmm) -> Vec<(u64, u32)> {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-    let mut words = Vec::new();
+    let mut pages = Vec::new();
     for region in vmm.mem.iter() {
         let base = region.start_addr().0 >> 12;
         // SAFETY: the region maps `len` bytes for as long as `vmm.mem` lives, and the vCPU is
@@ -296,12 +313,20 @@ fn hash_all_memory(vmm: &Vmm) -> u64 {
         let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr(), region.len() as usize) };
         for (index, page) in bytes.chunks(4096).enumerate() {
             if page.iter().any(|&b| b != 0) {
-                words.push(base + index as u64);
-                words.push(u64::from(crc32fast::hash(page)));
+                pages.push((base + index as u64, crc32fast::hash(page)));
             }
         }
     }
-    fnv(words)
+    pages
+}
+
+fn write_page_crcs(path: &Path, pages: &[(u64, u32)]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for (page, crc) in pages {
+        writeln!(out, "{page:x} {crc:08x}")?;
+    }
+    out.flush()
 }
 
 fn hash_pages(vmm: &Vmm, pages: &[u64]) -> Result<u64, RrError> {
