@@ -264,6 +264,35 @@ fn a_traced_recording_shows_its_system_calls_and_kernel_calls_and_replays_unchan
         "{do_open:?}"
     );
     assert_eq!(do_open.category, "fs");
+
+    // Every entry and return says where it happened in the replay (for gdb's `monitor goto`):
+    // after which exit, at which address, and the how-many-th arrival there since that exit.
+    let position = |args: &Value| -> (u64, u64, u64) {
+        let text = str_arg(args, "position");
+        let parts: Vec<&str> = text.split(':').collect();
+        assert_eq!(parts.len(), 3, "position {text:?}");
+        let exits = parts[0].parse().expect("an exit count");
+        let rip = u64::from_str_radix(parts[1].trim_start_matches("0x"), 16).expect("an address");
+        let hits = parts[2].parse().expect("a hit count");
+        (exits, rip, hits)
+    };
+    let (open_exits, open_rip, open_hits) = position(&open.args);
+    let (entry_exits, entry_rip, entry_hits) = position(&do_open.args);
+    let (return_exits, return_rip, _) = position(&do_open.end_args);
+    assert!(open_exits > 0 && open_hits >= 1, "{open:?}");
+    assert!(entry_hits >= 1, "{do_open:?}");
+    assert!(
+        open_exits <= entry_exits && entry_exits <= return_exits,
+        "positions go forward: {open:?} {do_open:?}"
+    );
+    assert!(
+        open_rip > 0xffff_ffff_8000_0000 && entry_rip > 0xffff_ffff_8000_0000,
+        "probes are in kernel text: {do_open:?}"
+    );
+    assert!(
+        return_rip > entry_rip,
+        "a return is inside its function: {do_open:?}"
+    );
 }
 
 #[test]

@@ -227,11 +227,11 @@ impl ExecMode for TracedReplay {
         self.replayer.landmark(vmm, exits, cause)
     }
 
-    fn probe_hit(&mut self, vmm: &mut Vmm, _exits: u64, now: VirtualTime) -> Result<bool, RrError> {
+    fn probe_hit(&mut self, vmm: &mut Vmm, exits: u64, now: VirtualTime) -> Result<bool, RrError> {
         if !self.tracer.planted() {
             return Ok(false);
         }
-        self.tracer.hit(vmm, now)
+        self.tracer.hit(vmm, exits, now)
     }
 
     fn landmark_due(&mut self, vmm: &mut Vmm, exits: u64) -> Result<bool, RrError> {

@@ -101,7 +101,49 @@ pub struct Tracer {
     /// Whether KVM keeps the registers in the run page (turned on at the first hit).
     sync_regs: bool,
     arg_names: HashMap<u32, std::rc::Rc<[String]>>,
+    /// Probe hits per address since the last exit: with the exit count they name the moment of
+    /// an event in the replay (its position).
+    hits: HitCounter,
     stats: TraceStats,
+}
+
+/// A moment of the replay as `monitor goto` takes it: after exit `exits`, the `hits`-th arrival
+/// at `rip`. Execution between two exits is deterministic, so this names one instruction
+/// boundary in every replay of the recording.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub exits: u64,
+    pub rip: u64,
+    pub hits: u32,
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{:#x}:{}", self.exits, self.rip, self.hits)
+    }
+}
+
+/// Counts arrivals at each probe address between two exits.
+#[derive(Default)]
+struct HitCounter {
+    exits: u64,
+    counts: HashMap<u64, u32>,
+}
+
+impl HitCounter {
+    fn arrive(&mut self, exits: u64, rip: u64) -> Position {
+        if exits != self.exits {
+            self.exits = exits;
+            self.counts.clear();
+        }
+        let hits = self.counts.entry(rip).or_insert(0);
+        *hits += 1;
+        Position {
+            exits,
+            rip,
+            hits: *hits,
+        }
+    }
 }
 
 impl Tracer {
@@ -151,6 +193,7 @@ impl Tracer {
             next_flow: 1,
             sync_regs: false,
             arg_names: HashMap::new(),
+            hits: HitCounter::default(),
         })
     }
 
@@ -236,14 +279,14 @@ impl Tracer {
     }
 
     /// One `hlt` exit. Returns false if it was the guest's own `hlt`.
-    pub fn hit(&mut self, vmm: &mut Vmm, now: VirtualTime) -> Result<bool, RrError> {
+    pub fn hit(&mut self, vmm: &mut Vmm, exits: u64, now: VirtualTime) -> Result<bool, RrError> {
         let started = std::time::Instant::now();
-        let r = self.hit_inner(vmm, now);
+        let r = self.hit_inner(vmm, exits, now);
         self.stats.handling_ns += started.elapsed().as_nanos() as u64;
         r
     }
 
-    fn hit_inner(&mut self, vmm: &mut Vmm, now: VirtualTime) -> Result<bool, RrError> {
+    fn hit_inner(&mut self, vmm: &mut Vmm, exits: u64, now: VirtualTime) -> Result<bool, RrError> {
         // After the first hit, KVM leaves the registers in the run page at every exit and takes
         // them back from it when told (KVM_CAP_SYNC_REGS): two ioctls fewer per probe, which
         // inside the carrier is most of a probe's cost.
@@ -289,9 +332,10 @@ impl Tracer {
             self.sync_regs = true;
         }
         let ts = self.timestamp(now);
+        let at = self.hits.arrive(exits, at);
         let result = match probe {
-            Probe::Entry(f) => self.entered(vmm, f, &regs, ts),
-            Probe::Return(f) => self.returned(vmm, f, &regs, ts),
+            Probe::Entry(f) => self.entered(vmm, f, &regs, ts, at),
+            Probe::Return(f) => self.returned(vmm, f, &regs, ts, at),
         };
         result.map_err(|e| RrError::Probe(e.to_string()))?;
         Ok(true)
@@ -398,6 +442,7 @@ impl Tracer {
         function: u32,
         regs: &kvm_bindings::kvm_regs,
         ts: u64,
+        at: Position,
     ) -> anyhow::Result<()> {
         self.stats.entries += 1;
         let ptr = self.current(vmm)?;
@@ -418,8 +463,8 @@ impl Tracer {
             && self.filter.depth.map_or(true, |max| depth < max);
         if emitted {
             match &syscall {
-                Some(call) => self.begin_syscall(vmm, ptr, call, regs.rdi, ts)?,
-                None => self.begin_function(vmm, ptr, function, regs, ts)?,
+                Some(call) => self.begin_syscall(vmm, ptr, call, regs.rdi, ts, at)?,
+                None => self.begin_function(vmm, ptr, function, regs, ts, at)?,
             }
         }
         let task = self.tasks.get_mut(&ptr).expect("current() inserted it");
@@ -440,6 +485,7 @@ impl Tracer {
         function: u32,
         regs: &kvm_bindings::kvm_regs,
         ts: u64,
+        at: Position,
     ) -> anyhow::Result<()> {
         let names = self.arg_names(function);
         let f = &self.index.functions[function as usize];
@@ -461,6 +507,7 @@ impl Tracer {
             };
             shown.push((names[i].as_str(), value));
         }
+        shown.push((POSITION_ARG, Shown::Str(at.to_string())));
         let args: Vec<Arg<'_>> = shown.iter().map(|(n, v)| Arg::new(n, v.value())).collect();
         let category = self.index.source_path(f).split('/').next().unwrap_or("");
         let track = self.tasks[&ptr].track;
@@ -498,6 +545,7 @@ impl Tracer {
         call: &str,
         regs_ptr: u64,
         ts: u64,
+        at: Position,
     ) -> anyhow::Result<()> {
         self.stats.syscalls += 1;
         let mut shown: Vec<(String, Shown)> = Vec::new();
@@ -517,6 +565,7 @@ impl Tracer {
                 shown.push((name, value));
             }
         }
+        shown.push((POSITION_ARG.into(), Shown::Str(at.to_string())));
         // A new program's name shows from its first system call on.
         let comm = self.read_comm(vmm, ptr);
         let task = self.tasks.get_mut(&ptr).expect("current() inserted it");
@@ -545,6 +594,7 @@ impl Tracer {
         function: u32,
         regs: &kvm_bindings::kvm_regs,
         ts: u64,
+        at: Position,
     ) -> anyhow::Result<()> {
         self.stats.returns += 1;
         let ptr = self.current(vmm)?;
@@ -597,6 +647,7 @@ impl Tracer {
                     let by = &self.index.functions[function as usize].name;
                     shown.push(("returned through", Shown::Str(by.clone())));
                 }
+                shown.push((POSITION_ARG, Shown::Str(at.to_string())));
             } else {
                 shown.push(("return", Shown::Str("<not seen>".into())));
             }
@@ -606,6 +657,9 @@ impl Tracer {
         Ok(())
     }
 }
+
+/// The argument every entry and return carries: where it happened, for `monitor goto` in gdb.
+const POSITION_ARG: &str = "position";
 
 const ARG_NAMES: [&str; 6] = ["arg0", "arg1", "arg2", "arg3", "arg4", "arg5"];
 
@@ -636,5 +690,29 @@ fn register(regs: &kvm_bindings::kvm_regs, reg: rrr_tracer::Reg) -> u64 {
         R13 => regs.r13,
         R14 => regs.r14,
         R15 => regs.r15,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{HitCounter, Position};
+
+    #[test]
+    fn a_position_counts_arrivals_at_one_address_since_the_last_exit() {
+        let mut hits = HitCounter::default();
+        assert_eq!(hits.arrive(7, 0x10).hits, 1);
+        assert_eq!(hits.arrive(7, 0x20).hits, 1);
+        assert_eq!(hits.arrive(7, 0x10).hits, 2);
+        // A new exit starts the count again.
+        let p = hits.arrive(8, 0x10);
+        assert_eq!(
+            p,
+            Position {
+                exits: 8,
+                rip: 0x10,
+                hits: 1
+            }
+        );
+        assert_eq!(p.to_string(), "8:0x10:1");
     }
 }

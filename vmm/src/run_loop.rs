@@ -725,7 +725,10 @@ impl Runner<'_> {
         }
         let vector = lock(&self.vmm.devices.pic).acknowledge();
         if let Some(vector) = vector {
-            tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, vector, "inject");
+            if tracing::enabled!(target: "rrr_vmm::timeline", tracing::Level::TRACE) {
+                let rip = self.vmm.vcpu.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, vector, rip, "inject");
+            }
             self.vmm.vcpu.inject(vector)?;
             self.stats.injections += 1;
         }
