@@ -196,6 +196,13 @@ fn a_traced_recording_shows_its_system_calls_and_kernel_calls_and_replays_unchan
     let fd = int_arg(&open.end_args, "return").expect("openat's return value");
     assert!(fd >= 3, "openat returned {fd}: {open:?}");
     assert_eq!(int_arg(&open.args, "nr"), Some(257), "{open:?}");
+    // Each system call names the place in the program that made it: the stimulus's own line,
+    // found above the C library's wrapper on the user stack.
+    let from = str_arg(&open.args, "from");
+    assert!(
+        from.starts_with("main+") && from.contains("(open_write_close.c:12) via "),
+        "openat made from open_write_close.c:12 {open:?}"
+    );
     let rest: Vec<&&Slice> = calls[open_at + 1..].iter().collect();
     let write = rest
         .iter()
@@ -210,6 +217,14 @@ fn a_traced_recording_shows_its_system_calls_and_kernel_calls_and_replays_unchan
         .expect("a close after the write");
     assert_eq!(int_arg(&close.args, "fd"), Some(fd), "{close:?}");
     assert_eq!(int_arg(&close.end_args, "return"), Some(0), "{close:?}");
+    assert!(
+        str_arg(&write.args, "from").contains("(open_write_close.c:17) via "),
+        "{write:?}"
+    );
+    assert!(
+        str_arg(&close.args, "from").contains("(open_write_close.c:21) via "),
+        "{close:?}"
+    );
     let order: Vec<&str> = rest
         .iter()
         .map(|s| s.name.as_str())

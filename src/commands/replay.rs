@@ -246,7 +246,8 @@ pub fn run(args: Args) -> Result<i32> {
             pids: args.trace_args.pids.clone(),
             depth: args.trace_args.depth,
         };
-        let tracer = Tracer::new(index, &functions, &trace_output, filter)?;
+        let mut tracer = Tracer::new(index, &functions, &trace_output, filter)?;
+        tracer.name_calls_from(&header.stimulus_name, &header.stimulus);
         ReplayMode::Traced(Box::new(TracedReplay { replayer, tracer }))
     } else {
         ReplayMode::Plain(replayer)

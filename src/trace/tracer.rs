@@ -14,7 +14,7 @@ use std::path::Path;
 
 use kvm_ioctls::SyncReg;
 use rrr_perfetto::{Arg, Event, Kind, TraceWriter, TrackId, Value, MAX_DEPTH};
-use rrr_tracer::{Index, TaskLayout};
+use rrr_tracer::{Index, TaskLayout, UserImage};
 use rrr_vmm::builder::Vmm;
 use rrr_vmm::clock::VirtualTime;
 use rrr_vmm::rr::RrError;
@@ -78,10 +78,20 @@ struct Task {
     shown: bool,
 }
 
-/// Where `struct pt_regs` keeps a system call's number and arguments.
+/// Where `struct pt_regs` keeps a system call's number, arguments and user return address.
 struct PtRegs {
     args: [u64; 6],
     orig_ax: u64,
+    ip: u64,
+    sp: u64,
+}
+
+/// The stimulus's image, to name the place in it each system call was made from, and where the
+/// kernel keeps a task's code range (`mm_struct.start_code`, `end_code`).
+struct Caller {
+    image: UserImage,
+    start_code: u64,
+    end_code: u64,
 }
 
 pub struct Tracer {
@@ -104,6 +114,7 @@ pub struct Tracer {
     /// Probe hits per address since the last exit: with the exit count they name the moment of
     /// an event in the replay (its position).
     hits: HitCounter,
+    caller: Option<Caller>,
     stats: TraceStats,
 }
 
@@ -169,6 +180,8 @@ impl Tracer {
                     off("r9")?,
                 ],
                 orig_ax: off("orig_ax")?,
+                ip: off("ip")?,
+                sp: off("sp")?,
             })
         })();
         let probes = ProbeSet::new(&index, functions);
@@ -194,7 +207,67 @@ impl Tracer {
             sync_regs: false,
             arg_names: HashMap::new(),
             hits: HitCounter::default(),
+            caller: None,
         })
+    }
+
+    /// Names each system call's user return address in the stimulus (`from`), for tasks that
+    /// run the stimulus. Without its symbols or the kernel's `mm_struct`, calls go unnamed.
+    pub fn name_calls_from(&mut self, name: &str, binary: &[u8]) {
+        let image = match UserImage::parse(binary, Path::new(name)) {
+            Ok(image) => image,
+            Err(err) => {
+                tracing::warn!("the stimulus's symbols cannot be read ({err}); system calls are not named with the place they were made from");
+                return;
+            }
+        };
+        let off = |m: &str| self.index.member_offset("mm_struct", m);
+        if let (Some(start_code), Some(end_code)) = (off("start_code"), off("end_code")) {
+            self.caller = Some(Caller {
+                image,
+                start_code,
+                end_code,
+            });
+        }
+    }
+
+    /// Where in the stimulus the current task made the system call whose `pt_regs` are at
+    /// `regs_ptr`: `main+0x1c (repro.c:14)`, or `None` in another program.
+    fn call_site(&mut self, vmm: &Vmm, task_ptr: u64, regs_ptr: u64) -> Option<String> {
+        let caller = self.caller.as_ref()?;
+        let layout = self.pt_regs.as_ref()?;
+        let mm = self.mem.read_u64(vmm, task_ptr + self.task_layout.mm)?;
+        if mm == 0 {
+            return None;
+        }
+        let start = self.mem.read_u64(vmm, mm + caller.start_code)?;
+        let end = self.mem.read_u64(vmm, mm + caller.end_code)?;
+        let code = caller.image.code_range();
+        // The loader keeps the image's layout: the same code length is the same program.
+        if end.wrapping_sub(start) != code.end - code.start {
+            return None;
+        }
+        let ip = self.mem.read_u64(vmm, regs_ptr + layout.ip)?;
+        let bias = start.wrapping_sub(code.start);
+        let direct = caller.image.describe(ip.wrapping_sub(bias))?;
+        if caller.image.has_source(ip.wrapping_sub(bias)) {
+            return Some(direct);
+        }
+        // The `syscall` instruction is in a C library wrapper (no frame pointers, no lines):
+        // the program's own caller is the first return address into its code on the stack.
+        let sp = self.mem.read_u64(vmm, regs_ptr + layout.sp)?;
+        for slot in 0..STACK_SCAN_WORDS {
+            let Some(word) = self.mem.read_u64(vmm, sp.wrapping_add(slot * 8)) else {
+                break;
+            };
+            if !(start..end).contains(&word) {
+                continue;
+            }
+            if let Some(own) = caller.image.describe_return(word.wrapping_sub(bias)) {
+                return Some(format!("{own} via {direct}"));
+            }
+        }
+        Some(direct)
     }
 
     pub fn stats(&self) -> TraceStats {
@@ -565,6 +638,9 @@ impl Tracer {
                 shown.push((name, value));
             }
         }
+        if let Some(site) = self.call_site(vmm, ptr, regs_ptr) {
+            shown.push(("from".into(), Shown::Str(site)));
+        }
         shown.push((POSITION_ARG.into(), Shown::Str(at.to_string())));
         // A new program's name shows from its first system call on.
         let comm = self.read_comm(vmm, ptr);
@@ -657,6 +733,9 @@ impl Tracer {
         Ok(())
     }
 }
+
+/// How far up the user stack a system call's caller in the program's own code is looked for.
+const STACK_SCAN_WORDS: u64 = 64;
 
 /// The argument every entry and return carries: where it happened, for `monitor goto` in gdb.
 const POSITION_ARG: &str = "position";

@@ -17,6 +17,7 @@ mod merge;
 mod model;
 mod returns;
 mod types;
+mod user;
 
 pub use error::IndexError;
 pub use index::{BuildOptions, Index};
@@ -27,3 +28,4 @@ pub use model::{
 };
 pub use returns::{ReturnKind, ReturnSite};
 pub use types::{format_enum, TypeTable, ValueKind};
+pub use user::UserImage;
