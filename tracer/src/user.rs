@@ -49,7 +49,7 @@ impl UserImage {
             path: what.to_owned(),
             source,
         })?;
-        let mut code = u64::MAX..0;
+        let (mut start, mut end) = (u64::MAX, 0);
         for segment in file.segments() {
             let executable = match segment.flags() {
                 SegmentFlags::Elf { p_flags } => p_flags & object::elf::PF_X != 0,
@@ -57,13 +57,11 @@ impl UserImage {
             };
             if executable {
                 let (_, filesz) = segment.file_range();
-                code.start = code.start.min(segment.address());
-                code.end = code.end.max(segment.address() + filesz);
+                start = start.min(segment.address());
+                end = end.max(segment.address() + filesz);
             }
         }
-        if code.start >= code.end {
-            code = 0..0;
-        }
+        let code = if start < end { start..end } else { 0..0 };
         let mut functions: Vec<Function> = crate::elf::symbols(&file)
             .into_iter()
             .filter(|s| s.kind == crate::model::SymbolKind::Function && s.address != 0)
