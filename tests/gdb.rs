@@ -112,9 +112,12 @@ fn gdb_breaks_in_the_kernel_steps_and_the_replay_still_matches() {
         }
         assert!(started.elapsed() < Duration::from_secs(300), "{banner}");
     }
+    // The kernel's own gdb scripts sit beside vmlinux, and the line loads them.
+    let kernel_dir = vmlinux.parent().unwrap();
     assert!(
         banner.contains(&format!(
-            "gdb {} -ex 'target remote {addr}'",
+            "gdb -iex 'add-auto-load-safe-path {}' {} -ex 'target remote {addr}'",
+            kernel_dir.display(),
             vmlinux.display()
         )),
         "the banner does not say how to connect:\n{banner}"
@@ -138,11 +141,15 @@ fn gdb_breaks_in_the_kernel_steps_and_the_replay_still_matches() {
         "stepi".into(),
         "info registers rip".into(),
         "finish".into(),
+        "lx-ps".into(),
+        "lx-dmesg".into(),
         "delete".into(),
         "continue".into(),
     ];
     let mut gdb = Command::new("timeout");
-    gdb.args(["600", "gdb", "-batch", "-nx"]).arg(&vmlinux);
+    gdb.args(["600", "gdb", "-batch", "-nx", "-iex"])
+        .arg(format!("add-auto-load-safe-path {}", kernel_dir.display()))
+        .arg(&vmlinux);
     for c in &commands {
         gdb.args(["-ex", c]);
     }
@@ -193,6 +200,17 @@ fn gdb_breaks_in_the_kernel_steps_and_the_replay_still_matches() {
     assert!(said.lines().any(|l| l.starts_with("$2 = ")), "{context}");
     // finish ran the function to its return: a file descriptor.
     assert!(said.contains("Value returned is $3 = 3"), "{context}");
+    // The kernel's gdb scripts: lx-ps lists the tasks (the agent is init, pid 1), lx-dmesg
+    // prints the kernel's log from guest memory.
+    assert!(
+        said.lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("1") && l.ends_with(" init")),
+        "no init in lx-ps:\n{context}"
+    );
+    assert!(
+        said.contains("Run /init as init process"),
+        "no kernel log from lx-dmesg:\n{context}"
+    );
     // The replay ran to its end and told gdb it exited normally: it matched.
     assert!(
         said.contains("[Inferior 1 (process 1) exited normally]"),

@@ -39,6 +39,9 @@ pub enum KernelError {
     #[error("{path} is not a kernel source tree (no Makefile and Kconfig there)")]
     NotASourceTree { path: PathBuf },
 
+    #[error("the kernel's gdb scripts (lx-dmesg, lx-ps, ...) cannot be made for {dir}: {reason}")]
+    GdbScripts { dir: PathBuf, reason: String },
+
     #[error("base config {path} cannot be read")]
     BaseConfig {
         path: PathBuf,

@@ -8,6 +8,7 @@
 pub mod config;
 mod error;
 pub mod fragments;
+pub mod gdb_scripts;
 mod make;
 pub mod patches;
 pub mod source;
@@ -327,6 +328,7 @@ pub fn build(
         "flavor": spec.flavor.name(),
         "source": prepared.source.identity,
         "source_dir": prepared.source.dir,
+        "obj_dir": obj,
         "compiler": prepared.compiler,
         "inputs": inputs_hash,
         "build_seconds": seconds,

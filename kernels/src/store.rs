@@ -88,6 +88,13 @@ impl Store {
         }
     }
 
+    /// The store whose root (`CACHE/kernels`) is `root`.
+    pub fn at(root: &Path) -> Self {
+        Store {
+            root: root.to_owned(),
+        }
+    }
+
     pub fn entry(&self, key: &str) -> PathBuf {
         self.root.join(key)
     }

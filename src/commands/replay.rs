@@ -144,6 +144,22 @@ pub fn run(args: Args) -> Result<i32> {
     } else {
         None
     };
+    // gdb's `lx-` commands are the kernel's own scripts, made once per cached build (on the
+    // host, where `make` and the source tree are).
+    if gdb_addr.is_some() && !args.gdb_carrier_port {
+        if let Some(dir) = kernel.parent() {
+            if let Err(err) = rrr_kernels::gdb_scripts::ensure(dir) {
+                eprintln!(
+                    "rrr: warning: {}; gdb works without the lx- commands",
+                    anyhow::Error::from(err)
+                        .chain()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(": ")
+                );
+            }
+        }
+    }
     let run_args = run::Args {
         stimulus: PathBuf::from(&header.stimulus_name),
         kernel: Some(kernel.clone()),

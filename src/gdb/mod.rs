@@ -53,8 +53,15 @@ pub fn parse_addr(text: &str) -> Result<SocketAddr> {
 
 /// The line that tells the user how to connect.
 pub fn banner(addr: SocketAddr, vmlinux: &std::path::Path) -> String {
+    // With the kernel's gdb scripts beside vmlinux, gdb loads them (lx-dmesg, lx-ps, ...) once
+    // their directory is on its auto-load safe path.
+    let scripts = vmlinux
+        .parent()
+        .filter(|dir| dir.join(rrr_kernels::gdb_scripts::SCRIPT_NAME).is_file())
+        .map(|dir| format!("-iex 'add-auto-load-safe-path {}' ", dir.display()))
+        .unwrap_or_default();
     format!(
-        "rrr: gdb: the replay waits at READY for gdb on {addr}; connect with:\n  gdb {} -ex 'target remote {addr}'",
+        "rrr: gdb: the replay waits at READY for gdb on {addr}; connect with:\n  gdb {scripts}{} -ex 'target remote {addr}'",
         vmlinux.display()
     )
 }
