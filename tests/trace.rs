@@ -99,6 +99,10 @@ fn slices(events: &[Value], track: u64) -> Vec<Slice> {
     roots
 }
 
+fn names(slices: &[Slice]) -> Vec<&str> {
+    slices.iter().map(|s| s.name.as_str()).collect()
+}
+
 fn flatten(slices: &[Slice], out: &mut Vec<Slice>) {
     for s in slices {
         out.push(s.clone());
@@ -200,8 +204,8 @@ fn a_traced_recording_shows_its_system_calls_and_kernel_calls_and_replays_unchan
     // found above the C library's wrapper on the user stack.
     let from = str_arg(&open.args, "from");
     assert!(
-        from.starts_with("main+") && from.contains("(open_write_close.c:12) via "),
-        "openat made from open_write_close.c:12 {open:?}"
+        from.starts_with("write_probe_file+") && from.contains("(open_write_close.c:15) via "),
+        "openat made from open_write_close.c:15 {open:?}"
     );
     let rest: Vec<&&Slice> = calls[open_at + 1..].iter().collect();
     let write = rest
@@ -218,11 +222,11 @@ fn a_traced_recording_shows_its_system_calls_and_kernel_calls_and_replays_unchan
     assert_eq!(int_arg(&close.args, "fd"), Some(fd), "{close:?}");
     assert_eq!(int_arg(&close.end_args, "return"), Some(0), "{close:?}");
     assert!(
-        str_arg(&write.args, "from").contains("(open_write_close.c:17) via "),
+        str_arg(&write.args, "from").contains("(open_write_close.c:20) via "),
         "{write:?}"
     );
     assert!(
-        str_arg(&close.args, "from").contains("(open_write_close.c:21) via "),
+        str_arg(&close.args, "from").contains("(open_write_close.c:24) via "),
         "{close:?}"
     );
     let order: Vec<&str> = rest
@@ -243,6 +247,41 @@ fn a_traced_recording_shows_its_system_calls_and_kernel_calls_and_replays_unchan
         "{missing:?}"
     );
     assert_eq!(str_arg(&missing.end_args, "errno"), "ENOENT", "{missing:?}");
+
+    // The stimulus's own functions, from their -finstrument-functions hooks: main calls
+    // write_probe_file (from line 33), which makes the open, the write and the close.
+    let main = all
+        .iter()
+        .find(|s| s.category == "stimulus" && s.name == "main")
+        .unwrap_or_else(|| panic!("no main: {:?}", names(&all)));
+    let wrote = main
+        .children
+        .iter()
+        .find(|s| s.category == "stimulus" && s.name == "write_probe_file")
+        .unwrap_or_else(|| panic!("no write_probe_file under main: {main:?}"));
+    assert!(
+        str_arg(&wrote.args, "from").starts_with("main+")
+            && str_arg(&wrote.args, "from").ends_with("(open_write_close.c:33)"),
+        "{wrote:?}"
+    );
+    let mut inside = Vec::new();
+    flatten(&wrote.children, &mut inside);
+    let under: Vec<&str> = inside
+        .iter()
+        .filter(|s| s.category == "syscall")
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(under, ["openat", "write", "close"], "{wrote:?}");
+    // It ended at its own exit hook, with its position.
+    assert!(
+        str_arg(&wrote.end_args, "position").contains(':'),
+        "{:?}",
+        wrote.end_args
+    );
+    assert!(
+        !names(&main.children).contains(&"openat"),
+        "the open is under write_probe_file, not main"
+    );
 
     // Under the system call, the kernel's own functions, with their typed arguments.
     let mut inside = Vec::new();

@@ -387,6 +387,10 @@ int main(void)
 		say("ioperm(%#x, %#x) failed: %s; the stimulus's rdtsc reads the host's TSC",
 		    RRR_TSC_PORT, RRR_RANDOM_PORT, strerror(errno));
 
+	if (ioperm(RRR_FUNC_PROBE_PORT, RRR_FUNC_PROBE_PORT_LEN, 1) != 0)
+		say("ioperm(%#x) failed: %s; a trace shows no stimulus functions", RRR_FUNC_PROBE_PORT,
+		    strerror(errno));
+
 	uint32_t limit = wait_for_go();
 	const char *stimulus = load_stimulus();
 	pid_t pid;

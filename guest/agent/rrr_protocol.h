@@ -39,6 +39,11 @@
 #define RRR_RANDOM_PORT 0x07a0
 #define RRR_RANDOM_PORT_LEN 4
 
+/* The stimulus's function probes (func_probes.c): the trace pass turns the hooks' marked NOPs
+ * into an outb to this port, which the agent grants; nothing writes it otherwise. */
+#define RRR_FUNC_PROBE_PORT 0x07a4
+#define RRR_FUNC_PROBE_PORT_LEN 1
+
 #define RRR_GO 0x60
 #define RRR_ARG_MASK 0x00ffffffu
 

@@ -14,17 +14,22 @@ pub const TRACE_PC_C: &str = include_str!("../agent/trace_pc.c");
 /// sites rrr rewrote answered from its PRNG); compiled the same way.
 pub const TRAPS_C: &str = include_str!("../agent/traps.c");
 
+/// `agent/func_probes.c`: the hooks `-finstrument-functions` calls at every entry and exit of
+/// the stimulus's functions, with a marked NOP each that the trace pass turns into a probe.
+pub const FUNC_PROBES_C: &str = include_str!("../agent/func_probes.c");
+
 /// The files to place side by side before compiling `agent.c` or the stimulus runtime
 /// (name, contents).
-pub const SOURCES: [(&str, &str); 4] = [
+pub const SOURCES: [(&str, &str); 5] = [
     ("agent.c", AGENT_C),
     ("rrr_protocol.h", PROTOCOL_H),
     ("trace_pc.c", TRACE_PC_C),
     ("traps.c", TRAPS_C),
+    ("func_probes.c", FUNC_PROBES_C),
 ];
 
 /// The stimulus runtime's C files, each compiled uninstrumented and linked into every stimulus.
-pub const RUNTIME_SOURCES: [&str; 2] = ["trace_pc.c", "traps.c"];
+pub const RUNTIME_SOURCES: [&str; 3] = ["trace_pc.c", "traps.c", "func_probes.c"];
 
 #[cfg(test)]
 mod tests {
@@ -91,6 +96,23 @@ mod tests {
         assert_eq!(u64::from(get("RRR_TSC_KHZ")), TSC_KHZ);
         assert_eq!(get("RRR_RANDOM_PORT"), u32::from(RANDOM_PORT));
         assert_eq!(get("RRR_RANDOM_PORT_LEN"), u32::from(RANDOM_PORT_LEN));
+        assert_eq!(
+            get("RRR_FUNC_PROBE_PORT"),
+            u32::from(crate::protocol::FUNC_PROBE_PORT)
+        );
+        assert_eq!(
+            get("RRR_FUNC_PROBE_PORT_LEN"),
+            u32::from(crate::protocol::FUNC_PROBE_PORT_LEN)
+        );
+        for symbol in [
+            crate::protocol::FUNC_ENTER_PROBE_SYMBOL,
+            crate::protocol::FUNC_EXIT_PROBE_SYMBOL,
+        ] {
+            assert!(
+                FUNC_PROBES_C.contains(symbol),
+                "func_probes.c lacks {symbol}"
+            );
+        }
         let commands = [
             ("RRR_CMD_READY", Command::Ready),
             ("RRR_CMD_EXITED", Command::Exited),

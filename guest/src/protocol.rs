@@ -45,6 +45,17 @@ pub const TSC_KHZ: u64 = 500_000;
 pub const RANDOM_PORT: u16 = 0x07a0;
 /// How many ports the random device decodes.
 pub const RANDOM_PORT_LEN: u16 = 4;
+/// The stimulus's function probes (`agent/func_probes.c`): the trace pass turns the marked
+/// NOPs of `__cyg_profile_func_enter`/`_exit` into an `outb` here (the agent grants the port);
+/// nothing writes it otherwise.
+pub const FUNC_PROBE_PORT: u16 = 0x07a4;
+/// How many ports the function probes use.
+pub const FUNC_PROBE_PORT_LEN: u16 = 1;
+/// The symbols marking the hooks' 5-byte NOPs, each preceded by a `mov` of
+/// [`FUNC_PROBE_PORT`] into `dx`, so that the first NOP byte can become `out %al, (%dx)`.
+pub const FUNC_ENTER_PROBE_SYMBOL: &str = "rrr_func_enter_probe";
+pub const FUNC_EXIT_PROBE_SYMBOL: &str = "rrr_func_exit_probe";
+
 /// Set (to "1") in the stimulus's environment by the agent once an rrr VMM answered and it
 /// granted [`TSC_PORT`] and [`RANDOM_PORT`] with `ioperm`; only then does the runtime trap
 /// `rdtsc`/`rdtscp` (outside rrr they run natively, and rewritten sites use `getrandom`).

@@ -25,7 +25,13 @@ pub struct StimulusBuild<'a> {
 /// exit so user code without system calls is preempted at deterministic points.
 pub const TRACE_PC_FLAG: &str = "-fsanitize-coverage=trace-pc";
 
-/// Compiles the stimulus into `out` with `gcc -O2 -g -pthread` and [`TRACE_PC_FLAG`], static,
+/// Hooks at every entry and exit of the stimulus's functions, answered by rrr's runtime
+/// (`guest/agent/func_probes.c`): two calls that do nothing while recording and replaying, and
+/// that the trace pass turns into probes, so the trace shows the stimulus's own functions.
+pub const FUNC_HOOKS_FLAG: &str = "-finstrument-functions";
+
+/// Compiles the stimulus into `out` with `gcc -O2 -g -pthread`, [`TRACE_PC_FLAG`] and
+/// [`FUNC_HOOKS_FLAG`], static,
 /// symbols kept, linked with rrr's runtime, its `rdrand`/`rdseed` rewritten into traps
 /// ([`crate::traps`]). Links as `-static-pie` where the toolchain can and falls back to
 /// `-static`. No `-Werror`: reproducers are generated code and warn a lot.
@@ -52,7 +58,14 @@ pub fn compile_stimulus(
     let mut compile = GCC.command();
     compile
         .current_dir(dir)
-        .args(["-O2", "-g", "-pthread", TRACE_PC_FLAG, "-c"])
+        .args([
+            "-O2",
+            "-g",
+            "-pthread",
+            TRACE_PC_FLAG,
+            FUNC_HOOKS_FLAG,
+            "-c",
+        ])
         .args(common_flags(build))
         .arg(format!(
             "-ffile-prefix-map={}={STIMULUS_SOURCE_DIR}",
@@ -123,7 +136,7 @@ fn rewrite_traps(source: &Path, binary: &Path) -> Result<TrapReport, RootfsError
     Ok(report)
 }
 
-/// The stimulus runtime's objects (`trace_pc.c`, `traps.c`), built like the stimulus (same word
+/// The stimulus runtime's objects (`trace_pc.c`, `traps.c`, `func_probes.c`), built like the stimulus (same word
 /// size) but neither instrumented (the trace-pc hook would call itself) nor with the user's extra
 /// flags (which may instrument).
 fn compile_runtime(build: &StimulusBuild, work: &Path) -> Result<Vec<PathBuf>, RootfsError> {

@@ -5,7 +5,9 @@ use sha2::{Digest, Sha256};
 /// Bump when the builder changes what it puts in an image, so old cached images are not reused.
 /// v2: the stimulus is instrumented (`-fsanitize-coverage=trace-pc`) and linked with rrr's runtime.
 /// v3: its `rdrand`/`rdseed` are rewritten into traps, and the runtime traps `rdtsc`.
-pub const BUILDER_VERSION: &str = "rrr-rootfs image v3";
+/// v4: its functions call rrr's entry and exit hooks (`-finstrument-functions`), and the agent
+/// grants the function-probe port.
+pub const BUILDER_VERSION: &str = "rrr-rootfs image v4";
 
 /// The inputs of one image, as bytes.
 pub struct KeyInputs<'a> {

@@ -263,7 +263,7 @@ pub fn run(args: Args) -> Result<i32> {
             depth: args.trace_args.depth,
         };
         let mut tracer = Tracer::new(index, &functions, &trace_output, filter)?;
-        tracer.name_calls_from(&header.stimulus_name, &header.stimulus);
+        tracer.know_stimulus(&header.stimulus_name, &header.stimulus);
         ReplayMode::Traced(Box::new(TracedReplay { replayer, tracer }))
     } else {
         ReplayMode::Plain(replayer)
@@ -383,10 +383,11 @@ fn print_trace(output: &Path, stats: &serde_json::Value) {
     let n = |k: &str| stats[k].as_u64().unwrap_or(0);
     let size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
     println!(
-        "rrr: trace: {} events ({} calls, {} system calls, {} tasks, {} switches; {} probes), {:.1} MiB",
+        "rrr: trace: {} events ({} kernel calls, {} system calls, {} calls in the stimulus, {} tasks, {} switches; {} probes), {:.1} MiB",
         n("events"),
         n("entries"),
         n("syscalls"),
+        n("user_entries"),
         n("tasks"),
         n("switches"),
         n("probes"),

@@ -6,6 +6,7 @@
 //! state.
 
 pub mod decode;
+pub mod func_probes;
 pub mod guest;
 pub mod probes;
 pub mod tracer;
@@ -232,6 +233,13 @@ impl ExecMode for TracedReplay {
             return Ok(false);
         }
         self.tracer.hit(vmm, exits, now)
+    }
+
+    fn func_probe(&mut self, vmm: &mut Vmm, exits: u64, now: VirtualTime) -> Result<bool, RrError> {
+        if !self.tracer.planted() {
+            return Ok(false);
+        }
+        self.tracer.func_hit(vmm, exits, now)
     }
 
     fn landmark_due(&mut self, vmm: &mut Vmm, exits: u64) -> Result<bool, RrError> {

@@ -20,6 +20,7 @@ use rrr_vmm::clock::VirtualTime;
 use rrr_vmm::rr::RrError;
 
 use super::decode::{self, Shown};
+use super::func_probes::{FuncProbe, FuncProbes};
 use super::guest::GuestReader;
 use super::probes::{Probe, ProbeSet};
 
@@ -46,6 +47,9 @@ pub struct TraceStats {
     pub entries: u64,
     pub returns: u64,
     pub syscalls: u64,
+    /// Entries and exits of the stimulus's own functions.
+    pub user_entries: u64,
+    pub user_returns: u64,
     pub events: u64,
     pub tasks: usize,
     pub switches: u64,
@@ -58,6 +62,8 @@ pub struct TraceStats {
 enum FrameKind {
     Function,
     Syscall,
+    /// One of the stimulus's own functions (`function` numbers it in its image).
+    User,
 }
 
 #[derive(Debug)]
@@ -115,6 +121,7 @@ pub struct Tracer {
     /// an event in the replay (its position).
     hits: HitCounter,
     caller: Option<Caller>,
+    func_probes: Option<FuncProbes>,
     stats: TraceStats,
 }
 
@@ -208,12 +215,14 @@ impl Tracer {
             arg_names: HashMap::new(),
             hits: HitCounter::default(),
             caller: None,
+            func_probes: None,
         })
     }
 
-    /// Names each system call's user return address in the stimulus (`from`), for tasks that
-    /// run the stimulus. Without its symbols or the kernel's `mm_struct`, calls go unnamed.
-    pub fn name_calls_from(&mut self, name: &str, binary: &[u8]) {
+    /// The stimulus's image: its functions get probes (their `-finstrument-functions` hooks),
+    /// and each system call names where in it it was made (`from`), for tasks that run it.
+    /// Without its symbols or the kernel's `mm_struct`, neither happens.
+    pub fn know_stimulus(&mut self, name: &str, binary: &[u8]) {
         let image = match UserImage::parse(binary, Path::new(name)) {
             Ok(image) => image,
             Err(err) => {
@@ -223,6 +232,10 @@ impl Tracer {
         };
         let off = |m: &str| self.index.member_offset("mm_struct", m);
         if let (Some(start_code), Some(end_code)) = (off("start_code"), off("end_code")) {
+            self.func_probes = FuncProbes::new(&image);
+            if self.func_probes.is_none() {
+                tracing::warn!("the stimulus has no rrr function hooks (built by an older rrr?); its own functions are not traced");
+            }
             self.caller = Some(Caller {
                 image,
                 start_code,
@@ -234,21 +247,10 @@ impl Tracer {
     /// Where in the stimulus the current task made the system call whose `pt_regs` are at
     /// `regs_ptr`: `main+0x1c (repro.c:14)`, or `None` in another program.
     fn call_site(&mut self, vmm: &Vmm, task_ptr: u64, regs_ptr: u64) -> Option<String> {
+        let (bias, start, end) = self.stimulus_bias(vmm, task_ptr)?;
         let caller = self.caller.as_ref()?;
         let layout = self.pt_regs.as_ref()?;
-        let mm = self.mem.read_u64(vmm, task_ptr + self.task_layout.mm)?;
-        if mm == 0 {
-            return None;
-        }
-        let start = self.mem.read_u64(vmm, mm + caller.start_code)?;
-        let end = self.mem.read_u64(vmm, mm + caller.end_code)?;
-        let code = caller.image.code_range();
-        // The loader keeps the image's layout: the same code length is the same program.
-        if end.wrapping_sub(start) != code.end - code.start {
-            return None;
-        }
         let ip = self.mem.read_u64(vmm, regs_ptr + layout.ip)?;
-        let bias = start.wrapping_sub(code.start);
         let direct = caller.image.describe(ip.wrapping_sub(bias))?;
         if caller.image.has_source(ip.wrapping_sub(bias)) {
             return Some(direct);
@@ -268,6 +270,222 @@ impl Tracer {
             }
         }
         Some(direct)
+    }
+
+    /// Where the task at `task_ptr` has the stimulus's image, if it runs the stimulus: the load
+    /// bias and its code range (`mm_struct.start_code..end_code`).
+    fn stimulus_bias(&mut self, vmm: &Vmm, task_ptr: u64) -> Option<(u64, u64, u64)> {
+        let caller = self.caller.as_ref()?;
+        let mm = self.mem.read_u64(vmm, task_ptr + self.task_layout.mm)?;
+        if mm == 0 {
+            return None;
+        }
+        let start = self.mem.read_u64(vmm, mm + caller.start_code)?;
+        let end = self.mem.read_u64(vmm, mm + caller.end_code)?;
+        let code = caller.image.code_range();
+        // The loader keeps the image's layout: the same code length is the same program.
+        if end.wrapping_sub(start) != code.end - code.start {
+            return None;
+        }
+        Some((start.wrapping_sub(code.start), start, end))
+    }
+
+    /// Plants the stimulus's function probes once a task running it has their page mapped
+    /// (tried at kernel probe hits until both are in).
+    fn plant_func_probes(&mut self, vmm: &Vmm) {
+        if !self
+            .func_probes
+            .as_ref()
+            .is_some_and(FuncProbes::wants_planting)
+        {
+            return;
+        }
+        let Some(task) = self.mem.read_u64(vmm, self.current_at) else {
+            return;
+        };
+        let Some((bias, _, _)) = self.stimulus_bias(vmm, task) else {
+            return;
+        };
+        if let Some(probes) = &mut self.func_probes {
+            probes.plant(vmm, &mut self.mem, bias);
+        }
+    }
+
+    /// An `outb` to the function-probe port: the entry or exit of one of the stimulus's
+    /// functions. Returns false if it was not one of ours (then it is the guest's own write).
+    pub fn func_hit(
+        &mut self,
+        vmm: &mut Vmm,
+        exits: u64,
+        now: VirtualTime,
+    ) -> Result<bool, RrError> {
+        let started = std::time::Instant::now();
+        let r = self.func_hit_inner(vmm, exits, now);
+        self.stats.handling_ns += started.elapsed().as_nanos() as u64;
+        r
+    }
+
+    fn func_hit_inner(
+        &mut self,
+        vmm: &mut Vmm,
+        exits: u64,
+        now: VirtualTime,
+    ) -> Result<bool, RrError> {
+        if self.func_probes.is_none() {
+            return Ok(false);
+        }
+        let regs = if self.sync_regs {
+            vmm.vcpu.fd.sync_regs().regs
+        } else {
+            vmm.vcpu.fd.get_regs().map_err(RrError::Vcpu)?
+        };
+        self.mem.refresh();
+        let Some(task_ptr) = self.mem.read_u64(vmm, self.current_at) else {
+            return Ok(false);
+        };
+        let Some((bias, _, _)) = self.stimulus_bias(vmm, task_ptr) else {
+            return Ok(false);
+        };
+        // KVM leaves RIP on an `out` it hands to the VMM.
+        let at = regs.rip.wrapping_sub(bias);
+        let Some(kind) = self.func_probes.as_ref().and_then(|p| p.at(at)) else {
+            return Ok(false);
+        };
+        let mut moved = regs;
+        moved.rip = bias.wrapping_add(FuncProbes::resume_after(at));
+        if self.sync_regs {
+            vmm.vcpu.fd.sync_regs_mut().regs = moved;
+            vmm.vcpu.fd.set_sync_dirty_reg(SyncReg::Register);
+        } else {
+            vmm.vcpu.fd.set_regs(&moved).map_err(RrError::Vcpu)?;
+            vmm.vcpu.fd.set_sync_valid_reg(SyncReg::Register);
+            self.sync_regs = true;
+        }
+        let image = &self
+            .caller
+            .as_ref()
+            .expect("probes come with the image")
+            .image;
+        let mask = if image.is_32() { 0xffff_ffff } else { u64::MAX };
+        let function = (regs.rdi & mask).wrapping_sub(bias);
+        let call_site = (regs.rsi & mask).wrapping_sub(bias);
+        let Some((index, _)) = image.function_at(function) else {
+            return Ok(true);
+        };
+        let ts = self.timestamp(now);
+        let position = self.hits.arrive(exits, regs.rip);
+        let ptr = self
+            .current(vmm)
+            .map_err(|e| RrError::Probe(e.to_string()))?;
+        let result = match kind {
+            FuncProbe::Enter => self.entered_user(ptr, index, call_site, &regs, ts, position),
+            FuncProbe::Exit => self.returned_user(ptr, index, ts, position),
+        };
+        result.map_err(|e| RrError::Probe(e.to_string()))?;
+        Ok(true)
+    }
+
+    fn entered_user(
+        &mut self,
+        ptr: u64,
+        function: u32,
+        call_site: u64,
+        regs: &kvm_bindings::kvm_regs,
+        ts: u64,
+        at: Position,
+    ) -> anyhow::Result<()> {
+        self.stats.user_entries += 1;
+        self.close_kernel_frames(ptr, ts)?;
+        let task = &self.tasks[&ptr];
+        let depth = task.frames.iter().filter(|f| f.emitted).count() as u32;
+        let emitted = task.shown
+            && depth + 1 < MAX_DEPTH
+            && self.filter.depth.map_or(true, |max| depth < max);
+        if emitted {
+            let image = &self
+                .caller
+                .as_ref()
+                .expect("probes come with the image")
+                .image;
+            let name = image.function_name(function).to_owned();
+            let mut shown = Vec::new();
+            if let Some(from) = image.describe_return(call_site) {
+                shown.push(("from", Shown::Str(from)));
+            }
+            shown.push((POSITION_ARG, Shown::Str(at.to_string())));
+            let args: Vec<Arg<'_>> = shown.iter().map(|(n, v)| Arg::new(n, v.value())).collect();
+            let track = self.tasks[&ptr].track;
+            self.writer.event(
+                &Event::new(ts, track, Kind::Begin(&name))
+                    .category(STIMULUS_CATEGORY)
+                    .args(&args),
+            )?;
+        }
+        let task = self.tasks.get_mut(&ptr).expect("current() inserted it");
+        task.frames.push(Frame {
+            stack: regs.rsp >> STACK_SHIFT,
+            entry_rsp: regs.rsp,
+            function,
+            kind: FrameKind::User,
+            emitted,
+        });
+        Ok(())
+    }
+
+    /// The exit hook of one of the stimulus's functions: closes its frame, and any left open
+    /// above it (a `longjmp` out of them, or a system call that never returned, such as `exit`).
+    fn returned_user(
+        &mut self,
+        ptr: u64,
+        function: u32,
+        ts: u64,
+        at: Position,
+    ) -> anyhow::Result<()> {
+        self.stats.user_returns += 1;
+        self.close_kernel_frames(ptr, ts)?;
+        let task = self.tasks.get_mut(&ptr).expect("current() inserted it");
+        let Some(first) = task
+            .frames
+            .iter()
+            .rposition(|f| f.kind == FrameKind::User && f.function == function)
+        else {
+            // Entered before the probes were planted.
+            return Ok(());
+        };
+        let closed: Vec<Frame> = task.frames.drain(first..).rev().collect();
+        let track = task.track;
+        let at = at.to_string();
+        let position = [Arg::new(POSITION_ARG, Value::Str(&at))];
+        let unseen = [Arg::new("return", Value::Str("<not seen>"))];
+        for frame in closed.iter().filter(|f| f.emitted) {
+            let args: &[Arg<'_>] = if frame.kind == FrameKind::User && frame.function == function {
+                &position
+            } else {
+                &unseen
+            };
+            self.writer.end(ts, track, args)?;
+        }
+        Ok(())
+    }
+
+    /// The task runs its user code: every kernel frame still open on top of its stack is one
+    /// whose return was never seen (`execve`, which returns into a new program; a signal's
+    /// delivery), and ends here, before a user function's slice begins or ends.
+    fn close_kernel_frames(&mut self, ptr: u64, ts: u64) -> anyhow::Result<()> {
+        let task = self.tasks.get_mut(&ptr).expect("current() inserted it");
+        let track = task.track;
+        let unseen = [Arg::new("return", Value::Str("<not seen>"))];
+        while task
+            .frames
+            .last()
+            .is_some_and(|f| f.kind != FrameKind::User)
+        {
+            let frame = task.frames.pop().expect("just looked");
+            if frame.emitted {
+                self.writer.end(ts, track, &unseen)?;
+            }
+        }
+        Ok(())
     }
 
     pub fn stats(&self) -> TraceStats {
@@ -317,12 +535,18 @@ impl Tracer {
 
     /// Lifts the probes (the guest's memory is its own again).
     pub fn lift(&mut self, vmm: &Vmm) -> Result<(), RrError> {
+        if let Some(probes) = &mut self.func_probes {
+            probes.lift(vmm);
+        }
         self.probes
             .lift(vmm, &mut self.mem)
             .map_err(|e| RrError::Probe(e.to_string()))
     }
 
     pub fn replant(&mut self, vmm: &Vmm) -> Result<(), RrError> {
+        if let Some(probes) = &mut self.func_probes {
+            probes.replant(vmm);
+        }
         self.probes
             .plant(vmm, &mut self.mem)
             .map(|_| ())
@@ -411,6 +635,7 @@ impl Tracer {
             Probe::Return(f) => self.returned(vmm, f, &regs, ts, at),
         };
         result.map_err(|e| RrError::Probe(e.to_string()))?;
+        self.plant_func_probes(vmm);
         Ok(true)
     }
 
@@ -681,6 +906,10 @@ impl Tracer {
         // whose return was missed).
         let mut first = None;
         for (i, f) in frames.iter().enumerate().rev() {
+            // Kernel frames under a user function's were left by an earlier kernel entry.
+            if f.kind == FrameKind::User {
+                break;
+            }
             if f.stack == stack {
                 if f.entry_rsp <= regs.rsp {
                     first = Some(i);
@@ -718,8 +947,10 @@ impl Tracer {
                             shown.push(("return", value));
                         }
                     }
+                    // A kernel return never returns from the stimulus's code.
+                    FrameKind::User => {}
                 }
-                if frame.function != function {
+                if frame.kind != FrameKind::User && frame.function != function {
                     let by = &self.index.functions[function as usize].name;
                     shown.push(("returned through", Shown::Str(by.clone())));
                 }
@@ -736,6 +967,9 @@ impl Tracer {
 
 /// How far up the user stack a system call's caller in the program's own code is looked for.
 const STACK_SCAN_WORDS: u64 = 64;
+
+/// The category of the stimulus's own functions in the trace.
+const STIMULUS_CATEGORY: &str = "stimulus";
 
 /// The argument every entry and return carries: where it happened, for `monitor goto` in gdb.
 const POSITION_ARG: &str = "position";

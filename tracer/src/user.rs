@@ -36,6 +36,8 @@ struct LineRow {
 
 #[derive(Debug, Clone)]
 pub struct UserImage {
+    /// A 32-bit image: its pointers are the low halves of the registers.
+    is_32: bool,
     code: Range<u64>,
     functions: Vec<Function>,
     rows: Vec<LineRow>,
@@ -74,11 +76,38 @@ impl UserImage {
         functions.sort_by_key(|f| f.start);
         let (rows, files) = line_table(&file)?;
         Ok(UserImage {
+            is_32: !file.is_64(),
             code,
             functions,
             rows,
             files,
         })
+    }
+
+    pub fn is_32(&self) -> bool {
+        self.is_32
+    }
+
+    /// A function symbol's address (before the bias).
+    pub fn symbol(&self, name: &str) -> Option<u64> {
+        self.functions
+            .iter()
+            .find(|f| f.name == name)
+            .map(|f| f.start)
+    }
+
+    /// The function that starts at `address` (before the bias): its number and name.
+    pub fn function_at(&self, address: u64) -> Option<(u32, &str)> {
+        let i = self.functions.partition_point(|f| f.start < address);
+        let f = self.functions.get(i).filter(|f| f.start == address)?;
+        Some((i as u32, f.name.as_str()))
+    }
+
+    /// The name of function number `index` (from [`UserImage::function_at`]).
+    pub fn function_name(&self, index: u32) -> &str {
+        self.functions
+            .get(index as usize)
+            .map_or("?", |f| f.name.as_str())
     }
 
     /// The code range the kernel's ELF loader records (`start_code..end_code`), unbiased.
@@ -241,6 +270,11 @@ mod tests {
             .address();
         assert_eq!(image.describe(helper).unwrap(), "helper (prog.c:2)");
         assert_eq!(image.describe(0), None);
+        let (index, name) = image.function_at(helper).unwrap();
+        assert_eq!((name, image.function_name(index)), ("helper", "helper"));
+        assert_eq!(image.function_at(helper + 1), None);
+        assert_eq!(image.symbol("main"), Some(main));
+        assert!(!image.is_32());
         // A return address into main: named by the line of the call before it.
         let ret = image.describe_return(main + 8).unwrap();
         assert!(ret.starts_with("main+0x8 (prog.c:"), "{ret}");

@@ -422,6 +422,15 @@ impl Runner<'_> {
                     }
                     continue;
                 }
+                Step::Pio if self.is_func_probe() => {
+                    let now = self.clock.now();
+                    if self.mode.func_probe(self.vmm, self.stats.exits, now)? {
+                        continue;
+                    }
+                    self.stats.pio_exits += 1;
+                    self.handle_pio()?;
+                    self.after_sync_exit()?
+                }
                 Step::Pio => {
                     self.stats.pio_exits += 1;
                     self.handle_pio()?;
@@ -521,6 +530,15 @@ impl Runner<'_> {
         tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, "hlt");
         self.last_exit = ExitWhat::Halt;
         Ok(Step::Halt)
+    }
+
+    /// Whether this port exit is a write to the stimulus's function-probe port.
+    fn is_func_probe(&mut self) -> bool {
+        let run = self.vmm.vcpu.fd.get_kvm_run();
+        // SAFETY: the exit reason was KVM_EXIT_IO, so `io` is the union member KVM filled.
+        let io = unsafe { run.__bindgen_anon_1.io };
+        io.port == rrr_guest::protocol::FUNC_PROBE_PORT
+            && u32::from(io.direction) == kvm_bindings::KVM_EXIT_IO_OUT
     }
 
     fn handle_pio(&mut self) -> Result<(), RunError> {

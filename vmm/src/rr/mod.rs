@@ -184,6 +184,19 @@ pub trait ExecMode {
         Ok(false)
     }
 
+    /// An `outb` to the stimulus's function-probe port
+    /// ([`rrr_guest::protocol::FUNC_PROBE_PORT`]), which the guest makes only where a mode put a
+    /// probe into the stimulus's hooks. Returns whether it was the mode's; like probe hits, these
+    /// are not synchronous exits. Otherwise it is an ordinary port write (no device answers).
+    fn func_probe(
+        &mut self,
+        _vmm: &mut Vmm,
+        _exits: u64,
+        _now: VirtualTime,
+    ) -> Result<bool, RrError> {
+        Ok(false)
+    }
+
     /// A `KVM_EXIT_DEBUG` (a single step or a debug-register hit) that a mode asked for with
     /// `KVM_SET_GUEST_DEBUG` outside the replayer's own landmark search (a debugger). Returns
     /// whether it was the mode's; if not, the run ends with an unexpected exit. Like probe hits,
