@@ -33,7 +33,7 @@ pub struct TraceArgs {
     )]
     pub output: Option<PathBuf>,
     /// Only kernel functions whose name matches (a glob: `*` and `?`); repeatable. System
-    /// calls are always traced.
+    /// calls and the stimulus's own functions are always traced.
     #[arg(long = "function", value_name = "GLOB")]
     pub functions: Vec<String>,
     /// Only kernel functions from source files under this path (`fs/`, `mm/slub.c`);
