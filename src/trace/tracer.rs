@@ -413,7 +413,7 @@ impl Tracer {
                 shown.push(("from", Shown::Str(from)));
             }
             shown.push((POSITION_ARG, Shown::Str(at.to_string())));
-            let args: Vec<Arg<'_>> = shown.iter().map(|(n, v)| Arg::new(n, v.value())).collect();
+            let args = as_args(&shown);
             let track = self.tasks[&ptr].track;
             self.writer.event(
                 &Event::new(ts, track, Kind::Begin(&name))
@@ -806,7 +806,7 @@ impl Tracer {
             shown.push((names[i].as_str(), value));
         }
         shown.push((POSITION_ARG, Shown::Str(at.to_string())));
-        let args: Vec<Arg<'_>> = shown.iter().map(|(n, v)| Arg::new(n, v.value())).collect();
+        let args = as_args(&shown);
         let category = self.index.source_path(f).split('/').next().unwrap_or("");
         let track = self.tasks[&ptr].track;
         self.writer.event(
@@ -879,7 +879,7 @@ impl Tracer {
                 self.writer.process(t, Some(&comm))?;
             }
         }
-        let args: Vec<Arg<'_>> = shown.iter().map(|(n, v)| Arg::new(n, v.value())).collect();
+        let args = as_args(&shown);
         let track = self.tasks[&ptr].track;
         self.writer.event(
             &Event::new(ts, track, Kind::Begin(call))
@@ -958,7 +958,7 @@ impl Tracer {
             } else {
                 shown.push(("return", Shown::Str("<not seen>".into())));
             }
-            let args: Vec<Arg<'_>> = shown.iter().map(|(n, v)| Arg::new(n, v.value())).collect();
+            let args = as_args(&shown);
             self.writer.end(ts, track, &args)?;
         }
         Ok(())
@@ -967,6 +967,14 @@ impl Tracer {
 
 /// How far up the user stack a system call's caller in the program's own code is looked for.
 const STACK_SCAN_WORDS: u64 = 64;
+
+/// Named values as the writer's arguments (borrowing them).
+fn as_args<N: AsRef<str>>(shown: &[(N, Shown)]) -> Vec<Arg<'_>> {
+    shown
+        .iter()
+        .map(|(name, value)| Arg::new(name.as_ref(), value.value()))
+        .collect()
+}
 
 /// The category of the stimulus's own functions in the trace.
 const STIMULUS_CATEGORY: &str = "stimulus";
