@@ -240,7 +240,7 @@ pub fn run(args: Args) -> Result<i32> {
             Endpoint::listen(addr)?
         };
         let debugger = Debugger::new(endpoint, crate::gdb::banner(addr, &kernel));
-        ReplayMode::Gdb(Box::new(GdbReplay { replayer, debugger }))
+        ReplayMode::Gdb(Box::new(GdbReplay::new(replayer, debugger)))
     } else if let Some((index, functions)) = traced {
         let filter = EmitFilter {
             pids: args.trace_args.pids.clone(),
@@ -453,7 +453,9 @@ impl Session for ReplaySession {
         }
         match &mut self.mode {
             Some(ReplayMode::Traced(traced)) => traced.tracer.start(ready.vmm)?,
-            Some(ReplayMode::Gdb(gdb)) => gdb.debugger.attach(ready.vmm)?,
+            Some(ReplayMode::Gdb(gdb)) => gdb
+                .debugger
+                .attach(ready.vmm, ready.state.stats.exits)?,
             _ => {}
         }
         Ok(())
@@ -480,7 +482,14 @@ impl Session for ReplaySession {
         let GdbReplay {
             replayer,
             mut debugger,
+            ..
         } = *gdb;
+        if debugger.rewinds > 0 {
+            eprintln!(
+                "rrr: gdb: went back to the READY checkpoint {} times",
+                debugger.rewinds
+            );
+        }
         // The guest's memory is its own again before anything hashes it; gdb then hears how the
         // replay ended (exit code 0: it matched the recording).
         debugger.lift();

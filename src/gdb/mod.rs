@@ -15,13 +15,17 @@ pub mod arch;
 pub mod conn;
 pub mod session;
 pub mod target;
+pub mod travel;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 
 use anyhow::{bail, Context, Result};
 use rrr_vmm::builder::Vmm;
 use rrr_vmm::clock::VirtualTime;
+use rrr_vmm::rr::checkpoint::Checkpoint;
+use rrr_vmm::rr::replay::ReplayCursor;
 use rrr_vmm::rr::{ExecMode, ExitWhat, Replayer, RrError};
+use rrr_vmm::run_loop::RunState;
 use rrr_vmm::stall::LandmarkCause;
 
 pub use session::Debugger;
@@ -63,6 +67,19 @@ pub fn banner(addr: SocketAddr, vmlinux: &std::path::Path) -> String {
 pub struct GdbReplay {
     pub replayer: Replayer,
     pub debugger: Debugger,
+    /// The checkpoint at READY (taken at the run loop's first turn) and the replayer's cursor
+    /// there: reverse execution restores it and replays forward.
+    pub ready: Option<(Checkpoint, ReplayCursor)>,
+}
+
+impl GdbReplay {
+    pub fn new(replayer: Replayer, debugger: Debugger) -> Self {
+        GdbReplay {
+            replayer,
+            debugger,
+            ready: None,
+        }
+    }
 }
 
 impl ExecMode for GdbReplay {
@@ -85,6 +102,35 @@ impl ExecMode for GdbReplay {
 
     fn host_landmarks(&self) -> bool {
         self.replayer.host_landmarks()
+    }
+
+    fn wants_boundary(&self, _exits: u64) -> bool {
+        self.ready.is_none() || self.debugger.rewind
+    }
+
+    fn boundary(&mut self, vmm: &mut Vmm, run: &RunState) -> Result<Option<RunState>, RrError> {
+        if self.ready.is_none() {
+            // The checkpoint holds the guest's own bytes, none of the debugger's `hlt`s.
+            self.debugger.lift();
+            let taken = std::time::Instant::now();
+            let checkpoint = Checkpoint::take(vmm, run)?;
+            self.debugger.replant(vmm)?;
+            eprintln!(
+                "rrr: gdb: checkpoint at READY (exit {}): {:.1} MiB of guest memory kept, taken in {:.2} s",
+                checkpoint.exits,
+                checkpoint.bytes() as f64 / (1 << 20) as f64,
+                taken.elapsed().as_secs_f64()
+            );
+            self.ready = Some((checkpoint, self.replayer.cursor()));
+        }
+        if !self.debugger.rewind {
+            return Ok(None);
+        }
+        let (checkpoint, cursor) = self.ready.as_ref().expect("taken above");
+        let state = checkpoint.restore(vmm)?;
+        self.replayer.rewind(cursor);
+        self.debugger.rewound(vmm, state.stats.exits)?;
+        Ok(Some(state))
     }
 
     fn feeds_input(&self) -> bool {

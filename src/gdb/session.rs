@@ -8,16 +8,20 @@
 //! the vCPU single-steps (`KVM_GUESTDBG_SINGLESTEP`), the byte goes back. None of these exits is
 //! one of the VM's synchronous exits, so the replay keeps the recording's timeline.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use gdbstub::common::Signal;
 use gdbstub::stub::state_machine::GdbStubStateMachine;
 use gdbstub::stub::{DisconnectReason, GdbStub, SingleThreadStopReason};
+use gdbstub::target::ext::base::reverse_exec::ReplayLogPosition;
+use gdbstub::target::ext::breakpoints::WatchKind;
 use rrr_vmm::builder::Vmm;
-use rrr_vmm::rr::RrError;
+use rrr_vmm::rr::log::RegState;
+use rrr_vmm::rr::{reg_state, RrError};
 
 use super::conn::{Conn, Endpoint};
 use super::target::{DebugTarget, Resume};
+use super::travel::{Position, StepWant, Task, Why};
 
 type Machine = GdbStubStateMachine<'static, DebugTarget, Conn>;
 type Stop = SingleThreadStopReason<u64>;
@@ -47,6 +51,29 @@ pub struct Debugger {
     stepping: bool,
     /// gdb went away: the replay runs on without it.
     gone: bool,
+    /// READY's exit count: the beginning of the replay.
+    start: u64,
+    /// The exit count of the last synchronous exit (or of READY).
+    exits: u64,
+    /// Arrivals since that exit at the addresses in `counted`: those where a `hlt` of the
+    /// debugger's stood every time the guest ran since that exit (or every address, in a pass
+    /// of single steps).
+    hits: HashMap<u64, u64>,
+    counted: HashSet<u64>,
+    all_arrivals: bool,
+    /// Where the replay stands, when known.
+    pos: Option<Position>,
+    /// A travel in progress (reverse execution, `monitor goto`, a watchpoint by value).
+    task: Option<Task>,
+    /// A forward continue with watchpoints by value: where it started (its exit count and
+    /// registers) and the watched bytes at the last exit.
+    watching: Option<(u64, Option<RegState>, Vec<u8>)>,
+    /// The run loop is to put the READY checkpoint back.
+    pub rewind: bool,
+    /// Checkpoint restores so far.
+    pub rewinds: u64,
+    /// The registers at the last stop.
+    here_regs: Option<RegState>,
 }
 
 impl Debugger {
@@ -60,6 +87,17 @@ impl Debugger {
             stepping_over: None,
             stepping: false,
             gone: false,
+            start: 0,
+            exits: 0,
+            hits: HashMap::new(),
+            counted: HashSet::new(),
+            all_arrivals: false,
+            pos: None,
+            task: None,
+            watching: None,
+            rewind: false,
+            rewinds: 0,
+            here_regs: None,
         }
     }
 
@@ -68,10 +106,15 @@ impl Debugger {
     }
 
     /// At READY: waits for gdb and serves it until it resumes the guest.
-    pub fn attach(&mut self, vmm: &Vmm) -> Result<(), RrError> {
+    pub fn attach(&mut self, vmm: &Vmm, exits: u64) -> Result<(), RrError> {
         eprintln!("{}", self.banner);
         let conn = self.endpoint.accept().map_err(err)?;
         let mut target = DebugTarget::new(vmm);
+        self.start = exits;
+        self.exits = exits;
+        let rip = vmm.vcpu.fd.get_regs().map_err(RrError::Vcpu)?.rip;
+        self.pos = Some(Position::boundary(exits, rip));
+        self.here_regs = Some(reg_state(vmm)?);
         let gdb = GdbStub::new(conn)
             .run_state_machine(&mut target)
             .map_err(err)?;
@@ -83,7 +126,10 @@ impl Debugger {
 
     /// Reports a stop and serves gdb until it resumes the guest.
     fn stop(&mut self, vmm: &Vmm, reason: Stop) -> Result<(), RrError> {
+        self.note_stop(vmm)?;
+        self.watching = None;
         let target = self.target.as_mut().expect("attached");
+        target.pos = self.pos;
         target.load(vmm).map_err(RrError::Vcpu)?;
         self.gdb = match self.gdb.take() {
             Some(GdbStubStateMachine::Running(gdb)) => {
@@ -100,10 +146,18 @@ impl Debugger {
         let target = self.target.as_mut().expect("attached");
         target.load(vmm).map_err(RrError::Vcpu)?;
         target.resume = None;
+        target.pos = self.pos;
         let mut gdb = self.gdb.take().expect("attached");
         let mut buf = [0u8; 4096];
         let gone = loop {
             gdb = match gdb {
+                GdbStubStateMachine::Idle(idle) if target.goto.is_some() => {
+                    // `monitor goto` was answered: gdb waits for its next command meanwhile.
+                    let to = target.goto.take().expect("checked");
+                    self.gdb = Some(GdbStubStateMachine::Idle(idle));
+                    self.travel(vmm, to, Why::Goto)?;
+                    return Ok(());
+                }
                 GdbStubStateMachine::Idle(mut idle) => {
                     if self.pending.is_empty() {
                         let n = idle.borrow_conn().read_some(&mut buf).map_err(err)?;
@@ -144,7 +198,12 @@ impl Debugger {
             target.lift();
             target.breakpoints.clear();
             target.slots = [None; 4];
+            target.watches.clear();
+            target.clear_marker();
         }
+        self.task = None;
+        self.watching = None;
+        self.all_arrivals = false;
         self.gone = true;
         self.stepping = false;
         self.stepping_over = None;
@@ -155,11 +214,25 @@ impl Debugger {
     }
 
     /// Sets the vCPU up for what gdb asked: off a breakpoint first (lift it, one step), then a
-    /// single step or a run with the debug registers gdb wants.
+    /// single step or a run with the debug registers gdb wants; or a travel backwards.
     fn resume(&mut self, vmm: &Vmm) -> Result<(), RrError> {
         let target = self.target.as_ref().expect("attached");
         let action = target.resume.unwrap_or(Resume::Continue);
+        if matches!(action, Resume::ReverseCont | Resume::ReverseStep) {
+            return self.reverse(vmm, action);
+        }
         let rip = vmm.vcpu.fd.get_regs().map_err(RrError::Vcpu)?.rip;
+        if action == Resume::Continue {
+            // Arrivals are counted only where a `hlt` stays for the whole run.
+            self.counted.retain(|&a| target.planted_at(a));
+            self.watching = (!target.watches.is_empty()).then(|| {
+                (
+                    self.exits,
+                    self.here_regs,
+                    target.watch_values(),
+                )
+            });
+        }
         let on_breakpoint = target.breakpoints.contains_key(&rip)
             || target
                 .slots
@@ -177,6 +250,326 @@ impl Debugger {
         vmm.vcpu.fd.set_guest_debug(&debug).map_err(RrError::Vcpu)
     }
 
+    /// reverse-continue and reverse-step: both replay from the checkpoint.
+    fn reverse(&mut self, vmm: &Vmm, action: Resume) -> Result<(), RrError> {
+        let Some(here) = self.pos else {
+            eprintln!(
+                "rrr: gdb: this stop's position is not known (see `monitor when`), so the replay cannot go back from it; `monitor goto` a known position first"
+            );
+            return self.stop(vmm, Stop::Signal(Signal::SIGTRAP));
+        };
+        if here.exits == self.start && here.hits == 0 && here.steps == 0 {
+            return self.stop(vmm, Stop::ReplayLog { tid: None, pos: ReplayLogPosition::Begin });
+        }
+        let target = self.target.as_ref().expect("attached");
+        let task = match action {
+            Resume::ReverseStep if here.steps > 0 => Task::Goto {
+                to: Position {
+                    steps: here.steps - 1,
+                    ..here
+                },
+                why: Why::Step,
+                steps_left: None,
+            },
+            Resume::ReverseStep => {
+                let (interval, until) = if here.hits == 0 {
+                    (here.exits - 1, None)
+                } else {
+                    (here.exits, Some(here))
+                };
+                Task::Steps {
+                    interval,
+                    want: StepWant::Previous,
+                    until,
+                    from: None,
+                    started: false,
+                    last_arrival: None,
+                    event: None,
+                    values: Vec::new(),
+                }
+            }
+            _ => Task::Scan {
+                until: Position { steps: 0, ..here },
+                last_hit: None,
+                last_change: None,
+                values: target.watch_values(),
+            },
+        };
+        self.begin(vmm, task)
+    }
+
+    /// Starts a travel from the checkpoint.
+    fn begin(&mut self, vmm: &Vmm, task: Task) -> Result<(), RrError> {
+        self.task = Some(task);
+        self.watching = None;
+        self.stepping = false;
+        self.stepping_over = None;
+        self.rewind = true;
+        vmm.vcpu
+            .fd
+            .set_guest_debug(&Default::default())
+            .map_err(RrError::Vcpu)
+    }
+
+    fn travel(&mut self, vmm: &Vmm, to: Position, why: Why) -> Result<(), RrError> {
+        self.begin(
+            vmm,
+            Task::Goto {
+                to,
+                why,
+                steps_left: None,
+            },
+        )
+    }
+
+    /// The checkpoint was put back (the replay stands at exit `exits` again): the travel's
+    /// breakpoints go in, and it starts.
+    pub fn rewound(&mut self, vmm: &Vmm, exits: u64) -> Result<(), RrError> {
+        self.rewind = false;
+        self.rewinds += 1;
+        self.stepping = false;
+        self.stepping_over = None;
+        self.all_arrivals = false;
+        let target = self.target.as_mut().expect("attached");
+        target.load(vmm).map_err(RrError::Vcpu)?;
+        // The restored memory holds none of the debugger's bytes.
+        target.marker = None;
+        target.user_planted = matches!(self.task, Some(Task::Scan { .. }));
+        target.replant();
+        if let Some(Task::Scan { values, .. }) = &mut self.task {
+            *values = target.watch_values();
+        }
+        self.exits = exits;
+        self.hits.clear();
+        self.counted = target.planted().into_iter().collect();
+        self.exit_reached(vmm, exits)?;
+        self.restore_guest_debug(vmm)
+    }
+
+    /// A travel's business at exit `exits` (or at the checkpoint it started from).
+    fn exit_reached(&mut self, vmm: &Vmm, exits: u64) -> Result<(), RrError> {
+        let target = self.target.as_mut().expect("attached");
+        match &mut self.task {
+            None => {}
+            Some(Task::Goto { to, why, steps_left }) => {
+                if to.exits == exits {
+                    if to.hits == 0 {
+                        if to.steps == 0 {
+                            let why = *why;
+                            return self.arrive(vmm, why);
+                        }
+                        *steps_left = Some(to.steps);
+                        self.stepping = true;
+                    } else {
+                        target.load(vmm).map_err(RrError::Vcpu)?;
+                        if !target.plant_marker(to.rip) {
+                            eprintln!("rrr: gdb: {:#x} is not mapped at exit {exits}: no such position", to.rip);
+                            return self.arrive(vmm, Why::Begin);
+                        }
+                        self.counted.insert(to.rip);
+                    }
+                } else if to.exits < exits && steps_left.is_none() {
+                    eprintln!("rrr: gdb: exit {} passed without reaching {to}: no such position", to.exits);
+                    let why = *why;
+                    return self.arrive(vmm, why);
+                }
+            }
+            Some(Task::Scan {
+                until,
+                last_change,
+                values,
+                ..
+            }) => {
+                let now = target.watch_values();
+                if now != *values {
+                    *last_change = Some(exits - 1);
+                }
+                *values = now;
+                if until.exits == exits {
+                    if until.hits == 0 {
+                        return self.scanned(vmm);
+                    }
+                    target.load(vmm).map_err(RrError::Vcpu)?;
+                    target.plant_marker(until.rip);
+                    self.counted.insert(until.rip);
+                }
+            }
+            Some(Task::Steps {
+                interval,
+                want,
+                started,
+                event,
+                values,
+                ..
+            }) => {
+                if !*started && exits == *interval {
+                    *started = true;
+                    *values = target.watch_values();
+                    self.all_arrivals = true;
+                    self.stepping = true;
+                } else if *started {
+                    // The interval ended; a value changed by the exit itself (a device's write)
+                    // is an event there.
+                    let now = target.watch_values();
+                    if let Some(addr) = target.changed_watch(values, &now) {
+                        let rip = vmm.vcpu.fd.get_regs().map_err(RrError::Vcpu)?.rip;
+                        *event = Some((Position::boundary(exits, rip), Why::Watch(addr)));
+                        if *want == StepWant::FirstChange {
+                            self.pos = Some(Position::boundary(exits, rip));
+                            return self.arrive(vmm, Why::Watch(addr));
+                        }
+                    }
+                    return self.stepped_through(vmm);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// reverse-continue's first pass reached where it started: off to the last hit, or the
+    /// interval of the last change of a watched value, whichever came later.
+    fn scanned(&mut self, vmm: &Vmm) -> Result<(), RrError> {
+        let target = self.target.as_ref().expect("attached");
+        let Some(Task::Scan {
+            until,
+            last_hit,
+            mut last_change,
+            values,
+        }) = self.task.take()
+        else {
+            unreachable!("scanning");
+        };
+        if target.watch_values() != values {
+            last_change = Some(until.exits);
+        }
+        let task = match (last_change, last_hit) {
+            (Some(interval), hit) if hit.map_or(true, |h| interval >= h.exits) => Task::Steps {
+                interval,
+                want: StepWant::LastEvent,
+                until: (interval == until.exits).then_some(until),
+                from: None,
+                started: false,
+                last_arrival: None,
+                event: hit.filter(|h| h.exits == interval).map(|h| (h, Why::Break)),
+                values: Vec::new(),
+            },
+            (_, Some(hit)) => Task::Goto {
+                to: hit,
+                why: Why::Break,
+                steps_left: None,
+            },
+            (_, None) => Task::Goto {
+                to: Position::boundary(self.start, 0),
+                why: Why::Begin,
+                steps_left: None,
+            },
+        };
+        self.begin(vmm, task)
+    }
+
+    /// A pass of single steps ended (its `until`, or the end of its interval).
+    fn stepped_through(&mut self, vmm: &Vmm) -> Result<(), RrError> {
+        let Some(Task::Steps {
+            interval,
+            want,
+            last_arrival,
+            event,
+            ..
+        }) = self.task.take()
+        else {
+            unreachable!("stepping");
+        };
+        self.all_arrivals = false;
+        self.stepping = false;
+        let (to, why) = match want {
+            StepWant::Previous => (
+                last_arrival.unwrap_or(Position::boundary(interval, 0)),
+                Why::Step,
+            ),
+            StepWant::LastEvent => {
+                event.unwrap_or((Position::boundary(self.start, 0), Why::Begin))
+            }
+            // The interval held no change after all (it came with the exit): nothing to stop at
+            // before the next one.
+            StepWant::FirstChange => {
+                self.restore_guest_debug(vmm)?;
+                return Ok(());
+            }
+        };
+        self.travel(vmm, to, why)
+    }
+
+    /// The end of a travel: gdb hears of the stop (or, after `monitor goto`, is served again).
+    fn arrive(&mut self, vmm: &Vmm, why: Why) -> Result<(), RrError> {
+        self.task = None;
+        self.all_arrivals = false;
+        self.stepping = false;
+        self.stepping_over = None;
+        let target = self.target.as_mut().expect("attached");
+        target.clear_marker();
+        target.user_planted = true;
+        target.replant();
+        vmm.vcpu
+            .fd
+            .set_guest_debug(&Default::default())
+            .map_err(RrError::Vcpu)?;
+        self.note_stop(vmm)?;
+        match why {
+            Why::Goto => {
+                eprintln!(
+                    "rrr: gdb: at {}",
+                    self.pos.map_or("an unknown position".into(), |p| p.to_string())
+                );
+                self.serve(vmm)
+            }
+            Why::Break => self.stop(vmm, Stop::SwBreak(())),
+            Why::Step => self.stop(vmm, Stop::DoneStep),
+            Why::Watch(addr) => self.stop(
+                vmm,
+                Stop::Watch {
+                    tid: (),
+                    kind: WatchKind::Write,
+                    addr,
+                },
+            ),
+            Why::Begin => self.stop(
+                vmm,
+                Stop::ReplayLog {
+                    tid: None,
+                    pos: ReplayLogPosition::Begin,
+                },
+            ),
+        }
+    }
+
+    /// The registers at a stop, for a forward watchpoint started from it.
+    fn note_stop(&mut self, vmm: &Vmm) -> Result<(), RrError> {
+        self.here_regs = Some(reg_state(vmm)?);
+        Ok(())
+    }
+
+    /// An arrival at `rip` that counts (a `hlt` of the debugger's there all along, or every
+    /// arrival in a pass of single steps).
+    fn count(&mut self, rip: u64) -> Option<Position> {
+        if !self.all_arrivals && !self.counted.contains(&rip) {
+            return None;
+        }
+        let n = self.hits.entry(rip).or_insert(0);
+        *n += 1;
+        Some(Position::arrival(self.exits, rip, *n))
+    }
+
+    /// Steps on past the `hlt` at `at` without stopping.
+    fn pass_over(&mut self, vmm: &Vmm, at: u64) -> Result<(), RrError> {
+        let target = self.target.as_ref().expect("attached");
+        target.set_planted(at, false);
+        self.stepping_over = Some((at, Resume::Continue));
+        vmm.vcpu
+            .fd
+            .set_guest_debug(&target.guest_debug(true, Some(at)))
+            .map_err(RrError::Vcpu)
+    }
+
     /// The debug registers and single-step flag the session wants now (after the replayer's
     /// landmark search used its own).
     fn restore_guest_debug(&self, vmm: &Vmm) -> Result<(), RrError> {
@@ -190,30 +583,68 @@ impl Debugger {
         vmm.vcpu.fd.set_guest_debug(&debug).map_err(RrError::Vcpu)
     }
 
-    /// A guest `hlt` exit: whether it was one of gdb's breakpoints (then the stop is reported
-    /// with RIP on the breakpoint, and gdb has been served).
+    /// A guest `hlt` exit: whether it was one of the debugger's (then the stop is reported
+    /// with RIP on the breakpoint and gdb has been served, or a travel went on past it).
     pub fn probe_hit(&mut self, vmm: &Vmm) -> Result<bool, RrError> {
         if !self.active() {
             return Ok(false);
         }
         let target = self.target.as_ref().expect("attached");
-        if target.breakpoints.is_empty() {
-            return Ok(false);
-        }
         let mut regs = vmm.vcpu.fd.get_regs().map_err(RrError::Vcpu)?;
         // KVM reports a `hlt` exit with RIP past the one-byte instruction.
         let at = regs.rip.wrapping_sub(1);
-        if !target.breakpoints.contains_key(&at) {
+        if !target.planted_at(at) {
             return Ok(false);
         }
+        let user = target.user_planted && target.breakpoints.contains_key(&at);
         regs.rip = at;
         vmm.vcpu.fd.set_regs(&regs).map_err(RrError::Vcpu)?;
-        self.stepping = false;
-        self.stop(vmm, Stop::SwBreak(()))?;
+        let here = self.count(at);
+        match &mut self.task {
+            None => {
+                self.stepping = false;
+                self.pos = here;
+                self.stop(vmm, Stop::SwBreak(()))?;
+            }
+            Some(Task::Goto { to, .. }) => {
+                let to = *to;
+                if here.is_some_and(|p| p.exits == to.exits && p.rip == to.rip && p.hits == to.hits) {
+                    self.pos = here;
+                    if to.steps > 0 {
+                        if let Some(Task::Goto { steps_left, .. }) = &mut self.task {
+                            *steps_left = Some(to.steps);
+                        }
+                        self.stepping = true;
+                        self.pass_over(vmm, at)?;
+                    } else {
+                        let why = match &self.task {
+                            Some(Task::Goto { why, .. }) => *why,
+                            _ => unreachable!("going"),
+                        };
+                        self.arrive(vmm, why)?;
+                    }
+                } else {
+                    self.pass_over(vmm, at)?;
+                }
+            }
+            Some(Task::Scan { until, last_hit, .. }) => {
+                let until = *until;
+                if here.is_some_and(|p| p == until) {
+                    self.scanned(vmm)?;
+                } else {
+                    if user {
+                        *last_hit = here.or(*last_hit);
+                    }
+                    self.pass_over(vmm, at)?;
+                }
+            }
+            // Nothing is planted while single-stepping.
+            Some(Task::Steps { .. }) => self.pass_over(vmm, at)?,
+        }
         Ok(true)
     }
 
-    /// A `KVM_EXIT_DEBUG`: the end of a step off a breakpoint, of gdb's single step, or a
+    /// A `KVM_EXIT_DEBUG`: the end of a step off a breakpoint, of a single step, or a
     /// debug-register hit.
     pub fn debug_exit(
         &mut self,
@@ -225,37 +656,153 @@ impl Debugger {
         }
         let target = self.target.as_ref().expect("attached");
         let hit = (0..4).find(|i| debug.dr6 & DR6_HITS & (1 << i) != 0);
-        let mut reason = None;
+        let rip = vmm.vcpu.fd.get_regs().map_err(RrError::Vcpu)?.rip;
         if let Some((at, action)) = self.stepping_over.take() {
             target.set_planted(at, true);
-            if action == Resume::Step {
-                reason = Some(Stop::DoneStep);
+            if action == Resume::Step || self.task.is_some() && self.stepping {
+                return self.step_done(vmm, rip).map(|()| true);
             }
         } else if self.stepping {
-            self.stepping = false;
-            reason = Some(Stop::DoneStep);
+            return self.step_done(vmm, rip).map(|()| true);
         }
         if let Some(slot) = hit.and_then(|i| target.slots[i]) {
-            reason = Some(match slot.watch {
+            self.pos = None;
+            let reason = match slot.watch {
                 None => Stop::HwBreak(()),
                 Some(kind) => Stop::Watch {
                     tid: (),
                     kind,
                     addr: slot.addr,
                 },
-            });
-        }
-        match reason {
-            Some(reason) => self.stop(vmm, reason)?,
+            };
+            self.stop(vmm, reason)?;
+        } else {
             // Off the breakpoint; the guest runs on with gdb's debug registers.
-            None => self.restore_guest_debug(vmm)?,
+            self.restore_guest_debug(vmm)?;
         }
         Ok(true)
     }
 
-    /// At a synchronous exit: a Ctrl-C from gdb stops the guest here.
+    /// A single step ended at `rip`: gdb's, a travel's last steps, or a pass of single steps.
+    fn step_done(&mut self, vmm: &Vmm, rip: u64) -> Result<(), RrError> {
+        let planted = self.target.as_ref().expect("attached").planted_at(rip);
+        // A `hlt` planted where the step ended counts the arrival when it runs, unless the
+        // guest stops here.
+        let stops_here = !matches!(self.task, Some(Task::Goto { steps_left: Some(n), .. }) if n > 1)
+            && !matches!(self.task, Some(Task::Steps { .. }));
+        let here = if stops_here || !planted {
+            self.count(rip)
+        } else {
+            None
+        };
+        match &mut self.task {
+            None => {
+                self.stepping = false;
+                self.pos = here.or(self.pos.map(Position::stepped));
+                self.stop(vmm, Stop::DoneStep)
+            }
+            Some(Task::Goto {
+                steps_left, why, ..
+            }) => {
+                let left = steps_left.unwrap_or(1).saturating_sub(1);
+                *steps_left = Some(left);
+                if left == 0 {
+                    let why = *why;
+                    if let Some(Task::Goto { to, .. }) = &self.task {
+                        self.pos = Some(*to);
+                    }
+                    return self.arrive(vmm, why);
+                }
+                self.restore_guest_debug(vmm)
+            }
+            Some(Task::Scan { .. }) => self.restore_guest_debug(vmm),
+            Some(Task::Steps {
+                want,
+                until,
+                from,
+                last_arrival,
+                event,
+                values,
+                ..
+            }) => {
+                let here = here.expect("every arrival counts in a pass of single steps");
+                let target = self.target.as_ref().expect("attached");
+                if *until == Some(here) {
+                    return self.stepped_through(vmm);
+                }
+                *last_arrival = Some(here);
+                let now = target.watch_values();
+                let changed = target.changed_watch(values, &now);
+                *values = now;
+                match want {
+                    StepWant::Previous => {}
+                    StepWant::LastEvent => {
+                        if let Some(addr) = changed {
+                            *event = Some((here, Why::Watch(addr)));
+                        } else if target.breakpoints.contains_key(&rip) {
+                            *event = Some((here, Why::Break));
+                        }
+                    }
+                    StepWant::FirstChange => {
+                        let passed = match from {
+                            None => true,
+                            Some((regs, passed)) => {
+                                if !*passed && rip == regs.rip() && reg_state(vmm)? == *regs {
+                                    *passed = true;
+                                    // The change must come after this point.
+                                    return self.restore_guest_debug(vmm);
+                                }
+                                *passed
+                            }
+                        };
+                        if let (Some(addr), true) = (changed, passed) {
+                            self.pos = Some(here);
+                            return self.arrive(vmm, Why::Watch(addr));
+                        }
+                    }
+                }
+                self.restore_guest_debug(vmm)
+            }
+        }
+    }
+
+    /// At a synchronous exit: arrivals count afresh, a travel goes on, a watched value may have
+    /// changed, and a Ctrl-C from gdb stops the guest here.
     pub fn after_exit(&mut self, vmm: &Vmm, exits: u64) -> Result<(), RrError> {
-        if !self.active() || exits % INTERRUPT_POLL != 0 || self.stepping_over.is_some() {
+        if !self.active() {
+            return Ok(());
+        }
+        self.exits = exits;
+        self.hits.clear();
+        let target = self.target.as_ref().expect("attached");
+        self.counted = target.planted().into_iter().collect();
+        if self.task.is_some() {
+            return self.exit_reached(vmm, exits);
+        }
+        if let Some((from_exits, from_regs, values)) = &mut self.watching {
+            let now = target.watch_values();
+            if now != *values {
+                // Changed since the last exit: single steps through the interval find the write.
+                let interval = exits - 1;
+                let from = from_regs
+                    .filter(|_| *from_exits == interval)
+                    .map(|regs| (regs, false));
+                return self.begin(
+                    vmm,
+                    Task::Steps {
+                        interval,
+                        want: StepWant::FirstChange,
+                        until: None,
+                        from,
+                        started: false,
+                        last_arrival: None,
+                        event: None,
+                        values: Vec::new(),
+                    },
+                );
+            }
+        }
+        if exits % INTERRUPT_POLL != 0 || self.stepping_over.is_some() {
             return Ok(());
         }
         let Some(GdbStubStateMachine::Running(running)) = &mut self.gdb else {
@@ -280,9 +827,14 @@ impl Debugger {
             };
             gdb = running.incoming_data(target, byte).map_err(err)?;
         }
+        let rip = target.rip();
         self.gdb = Some(match gdb {
             GdbStubStateMachine::CtrlCInterrupt(ctrlc) => {
                 self.stepping = false;
+                self.pos = Some(Position::boundary(exits, rip));
+                self.note_stop(vmm)?;
+                let target = self.target.as_mut().expect("attached");
+                target.pos = self.pos;
                 ctrlc
                     .interrupt_handled(target, Some(Stop::Signal(Signal::SIGINT)))
                     .map_err(err)?
