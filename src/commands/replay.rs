@@ -453,9 +453,9 @@ impl Session for ReplaySession {
         }
         match &mut self.mode {
             Some(ReplayMode::Traced(traced)) => traced.tracer.start(ready.vmm)?,
-            Some(ReplayMode::Gdb(gdb)) => gdb
-                .debugger
-                .attach(ready.vmm, ready.state.stats.exits)?,
+            Some(ReplayMode::Gdb(gdb)) => {
+                gdb.debugger.attach(ready.vmm, ready.state.stats.exits)?
+            }
             _ => {}
         }
         Ok(())

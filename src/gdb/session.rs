@@ -30,8 +30,23 @@ type Stop = SingleThreadStopReason<u64>;
 /// an exit costs tens).
 const INTERRUPT_POLL: u64 = 16;
 
+/// gdb's packet for `monitor when` (the command in hex).
+const WHEN: &[u8] = b"$qRcmd,7768656e#";
+
 /// DR6: B0-B3 (which debug register hit) and BS (single step).
 const DR6_HITS: u64 = 0xf;
+
+/// The kernel's system call entry point (MSR_LSTAR).
+fn lstar(vmm: &Vmm) -> Result<u64, RrError> {
+    const MSR_LSTAR: u32 = 0xc000_0082;
+    let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+        index: MSR_LSTAR,
+        ..Default::default()
+    }])
+    .map_err(err)?;
+    vmm.vcpu.fd.get_msrs(&mut msrs).map_err(RrError::Vcpu)?;
+    Ok(msrs.as_slice()[0].data)
+}
 
 fn err(what: impl std::fmt::Display) -> RrError {
     RrError::Debugger(what.to_string())
@@ -158,6 +173,21 @@ impl Debugger {
                     self.travel(vmm, to, Why::Goto)?;
                     return Ok(());
                 }
+                GdbStubStateMachine::Idle(idle)
+                    if self.pos.is_none()
+                        && self.here_regs.is_some()
+                        && self
+                            .pending
+                            .iter()
+                            .copied()
+                            .take(WHEN.len())
+                            .eq(WHEN.iter().copied()) =>
+                {
+                    // `monitor when` where the position is not known: found first, then the
+                    // packet is answered.
+                    self.gdb = Some(GdbStubStateMachine::Idle(idle));
+                    return self.locate(vmm, None);
+                }
                 GdbStubStateMachine::Idle(mut idle) => {
                     if self.pending.is_empty() {
                         let n = idle.borrow_conn().read_some(&mut buf).map_err(err)?;
@@ -165,9 +195,12 @@ impl Debugger {
                             break Some("gdb closed the connection");
                         }
                         self.pending.extend(&buf[..n]);
+                        // A whole packet may be looked at before it is fed (`monitor when`).
+                        GdbStubStateMachine::Idle(idle)
+                    } else {
+                        let byte = self.pending.pop_front().expect("not empty");
+                        idle.incoming_data(target, byte).map_err(err)?
                     }
-                    let byte = self.pending.pop_front().expect("filled above");
-                    idle.incoming_data(target, byte).map_err(err)?
                 }
                 GdbStubStateMachine::Running(running) => {
                     self.gdb = Some(GdbStubStateMachine::Running(running));
@@ -225,13 +258,8 @@ impl Debugger {
         if action == Resume::Continue {
             // Arrivals are counted only where a `hlt` stays for the whole run.
             self.counted.retain(|&a| target.planted_at(a));
-            self.watching = (!target.watches.is_empty()).then(|| {
-                (
-                    self.exits,
-                    self.here_regs,
-                    target.watch_values(),
-                )
-            });
+            self.watching = (!target.watches.is_empty())
+                .then(|| (self.exits, self.here_regs, target.watch_values()));
         }
         let on_breakpoint = target.breakpoints.contains_key(&rip)
             || target
@@ -253,13 +281,16 @@ impl Debugger {
     /// reverse-continue and reverse-step: both replay from the checkpoint.
     fn reverse(&mut self, vmm: &Vmm, action: Resume) -> Result<(), RrError> {
         let Some(here) = self.pos else {
-            eprintln!(
-                "rrr: gdb: this stop's position is not known (see `monitor when`), so the replay cannot go back from it; `monitor goto` a known position first"
-            );
-            return self.stop(vmm, Stop::Signal(Signal::SIGTRAP));
+            return self.locate(vmm, Some(action));
         };
         if here.exits == self.start && here.hits == 0 && here.steps == 0 {
-            return self.stop(vmm, Stop::ReplayLog { tid: None, pos: ReplayLogPosition::Begin });
+            return self.stop(
+                vmm,
+                Stop::ReplayLog {
+                    tid: None,
+                    pos: ReplayLogPosition::Begin,
+                },
+            );
         }
         let target = self.target.as_ref().expect("attached");
         let task = match action {
@@ -296,6 +327,17 @@ impl Debugger {
             },
         };
         self.begin(vmm, task)
+    }
+
+    /// Finds where the replay stands by going there again from the checkpoint, then goes on
+    /// with `then`.
+    fn locate(&mut self, vmm: &Vmm, then: Option<Resume>) -> Result<(), RrError> {
+        let Some(regs) = self.here_regs else {
+            eprintln!("rrr: gdb: this stop's registers were not kept: no position");
+            return self.stop(vmm, Stop::Signal(Signal::SIGTRAP));
+        };
+        let exits = self.exits;
+        self.begin(vmm, Task::Locate { exits, regs, then })
     }
 
     /// Starts a travel from the checkpoint.
@@ -351,11 +393,17 @@ impl Debugger {
         let target = self.target.as_mut().expect("attached");
         match &mut self.task {
             None => {}
-            Some(Task::Goto { to, why, steps_left }) => {
+            Some(Task::Goto {
+                to,
+                why,
+                steps_left,
+            }) => {
                 if to.exits == exits {
                     if to.hits == 0 {
                         if to.steps == 0 {
                             let why = *why;
+                            let rip = vmm.vcpu.fd.get_regs().map_err(RrError::Vcpu)?.rip;
+                            self.pos = Some(Position::boundary(exits, rip));
                             return self.arrive(vmm, why);
                         }
                         *steps_left = Some(to.steps);
@@ -363,15 +411,36 @@ impl Debugger {
                     } else {
                         target.load(vmm).map_err(RrError::Vcpu)?;
                         if !target.plant_marker(to.rip) {
-                            eprintln!("rrr: gdb: {:#x} is not mapped at exit {exits}: no such position", to.rip);
+                            eprintln!(
+                                "rrr: gdb: {:#x} is not mapped at exit {exits}: no such position",
+                                to.rip
+                            );
                             return self.arrive(vmm, Why::Begin);
                         }
                         self.counted.insert(to.rip);
                     }
                 } else if to.exits < exits && steps_left.is_none() {
-                    eprintln!("rrr: gdb: exit {} passed without reaching {to}: no such position", to.exits);
+                    eprintln!(
+                        "rrr: gdb: exit {} passed without reaching {to}: no such position",
+                        to.exits
+                    );
                     let why = *why;
                     return self.arrive(vmm, why);
+                }
+            }
+            Some(Task::Locate {
+                exits: at, regs, ..
+            }) => {
+                if *at == exits {
+                    target.load(vmm).map_err(RrError::Vcpu)?;
+                    target.plant_marker(regs.rip());
+                    self.counted.insert(regs.rip());
+                } else if *at < exits {
+                    eprintln!(
+                        "rrr: gdb: the stop at {:#x} was not found again after exit {at}",
+                        regs.rip()
+                    );
+                    return self.arrive(vmm, Why::Begin);
                 }
             }
             Some(Task::Scan {
@@ -400,10 +469,13 @@ impl Debugger {
                 started,
                 event,
                 values,
+                last_arrival,
                 ..
             }) => {
                 if !*started && exits == *interval {
                     *started = true;
+                    let rip = vmm.vcpu.fd.get_regs().map_err(RrError::Vcpu)?.rip;
+                    *last_arrival = Some(Position::boundary(exits, rip));
                     *values = target.watch_values();
                     self.all_arrivals = true;
                     self.stepping = true;
@@ -412,12 +484,13 @@ impl Debugger {
                     // is an event there.
                     let now = target.watch_values();
                     if let Some(addr) = target.changed_watch(values, &now) {
-                        let rip = vmm.vcpu.fd.get_regs().map_err(RrError::Vcpu)?.rip;
-                        *event = Some((Position::boundary(exits, rip), Why::Watch(addr)));
                         if *want == StepWant::FirstChange {
-                            self.pos = Some(Position::boundary(exits, rip));
-                            return self.arrive(vmm, Why::Watch(addr));
+                            let rip = vmm.vcpu.fd.get_regs().map_err(RrError::Vcpu)?.rip;
+                            let at = Position::boundary(exits, rip);
+                            return self.travel(vmm, at, Why::Watch(addr));
                         }
+                        // Backwards: on the instruction whose exit wrote it.
+                        *event = last_arrival.map(|writer| (writer, Why::Watch(addr)));
                     }
                     return self.stepped_through(vmm);
                 }
@@ -442,6 +515,7 @@ impl Debugger {
         if target.watch_values() != values {
             last_change = Some(until.exits);
         }
+        tracing::debug!(%until, ?last_hit, ?last_change, "reverse-continue: first pass done");
         let task = match (last_change, last_hit) {
             (Some(interval), hit) if hit.map_or(true, |h| interval >= h.exits) => Task::Steps {
                 interval,
@@ -481,14 +555,32 @@ impl Debugger {
         };
         self.all_arrivals = false;
         self.stepping = false;
+        tracing::debug!(interval, ?want, ?last_arrival, ?event, "single steps done");
         let (to, why) = match want {
+            // The first arrival after an exit: the instruction before it is the one that made
+            // the exit, in the interval before.
+            StepWant::Previous
+                if interval > self.start && last_arrival.is_none_or(|p| p.hits == 0) =>
+            {
+                return self.begin(
+                    vmm,
+                    Task::Steps {
+                        interval: interval - 1,
+                        want: StepWant::Previous,
+                        until: None,
+                        from: None,
+                        started: false,
+                        last_arrival: None,
+                        event: None,
+                        values: Vec::new(),
+                    },
+                );
+            }
             StepWant::Previous => (
                 last_arrival.unwrap_or(Position::boundary(interval, 0)),
                 Why::Step,
             ),
-            StepWant::LastEvent => {
-                event.unwrap_or((Position::boundary(self.start, 0), Why::Begin))
-            }
+            StepWant::LastEvent => event.unwrap_or((Position::boundary(self.start, 0), Why::Begin)),
             // The interval held no change after all (it came with the exit): nothing to stop at
             // before the next one.
             StepWant::FirstChange => {
@@ -518,7 +610,8 @@ impl Debugger {
             Why::Goto => {
                 eprintln!(
                     "rrr: gdb: at {}",
-                    self.pos.map_or("an unknown position".into(), |p| p.to_string())
+                    self.pos
+                        .map_or("an unknown position".into(), |p| p.to_string())
                 );
                 self.serve(vmm)
             }
@@ -608,7 +701,8 @@ impl Debugger {
             }
             Some(Task::Goto { to, .. }) => {
                 let to = *to;
-                if here.is_some_and(|p| p.exits == to.exits && p.rip == to.rip && p.hits == to.hits) {
+                if here.is_some_and(|p| p.exits == to.exits && p.rip == to.rip && p.hits == to.hits)
+                {
                     self.pos = here;
                     if to.steps > 0 {
                         if let Some(Task::Goto { steps_left, .. }) = &mut self.task {
@@ -627,7 +721,29 @@ impl Debugger {
                     self.pass_over(vmm, at)?;
                 }
             }
-            Some(Task::Scan { until, last_hit, .. }) => {
+            Some(Task::Locate { regs, then, .. }) => {
+                let (regs, then) = (*regs, *then);
+                if at == regs.rip() && reg_state(vmm)? == regs {
+                    self.task = None;
+                    self.pos = here;
+                    let target = self.target.as_mut().expect("attached");
+                    target.clear_marker();
+                    target.user_planted = true;
+                    target.replant();
+                    match then {
+                        Some(action) if here.is_some() => self.reverse(vmm, action)?,
+                        _ => {
+                            self.note_stop(vmm)?;
+                            self.serve(vmm)?;
+                        }
+                    }
+                } else {
+                    self.pass_over(vmm, at)?;
+                }
+            }
+            Some(Task::Scan {
+                until, last_hit, ..
+            }) => {
                 let until = *until;
                 if here.is_some_and(|p| p == until) {
                     self.scanned(vmm)?;
@@ -638,8 +754,16 @@ impl Debugger {
                     self.pass_over(vmm, at)?;
                 }
             }
-            // Nothing is planted while single-stepping.
-            Some(Task::Steps { .. }) => self.pass_over(vmm, at)?,
+            // A pass of single steps reached the system call entry (see `steps_arrival`).
+            Some(Task::Steps { .. }) => {
+                let target = self.target.as_mut().expect("attached");
+                target.clear_marker();
+                self.stepping = true;
+                match here {
+                    Some(here) => self.steps_arrival(vmm, here)?,
+                    None => self.restore_guest_debug(vmm)?,
+                }
+            }
         }
         Ok(true)
     }
@@ -715,55 +839,77 @@ impl Debugger {
                 }
                 self.restore_guest_debug(vmm)
             }
-            Some(Task::Scan { .. }) => self.restore_guest_debug(vmm),
-            Some(Task::Steps {
-                want,
-                until,
-                from,
-                last_arrival,
-                event,
-                values,
-                ..
-            }) => {
+            Some(Task::Scan { .. } | Task::Locate { .. }) => self.restore_guest_debug(vmm),
+            Some(Task::Steps { .. }) => {
                 let here = here.expect("every arrival counts in a pass of single steps");
-                let target = self.target.as_ref().expect("attached");
-                if *until == Some(here) {
-                    return self.stepped_through(vmm);
-                }
-                *last_arrival = Some(here);
-                let now = target.watch_values();
-                let changed = target.changed_watch(values, &now);
-                *values = now;
-                match want {
-                    StepWant::Previous => {}
-                    StepWant::LastEvent => {
-                        if let Some(addr) = changed {
-                            *event = Some((here, Why::Watch(addr)));
-                        } else if target.breakpoints.contains_key(&rip) {
-                            *event = Some((here, Why::Break));
-                        }
-                    }
-                    StepWant::FirstChange => {
-                        let passed = match from {
-                            None => true,
-                            Some((regs, passed)) => {
-                                if !*passed && rip == regs.rip() && reg_state(vmm)? == *regs {
-                                    *passed = true;
-                                    // The change must come after this point.
-                                    return self.restore_guest_debug(vmm);
-                                }
-                                *passed
-                            }
-                        };
-                        if let (Some(addr), true) = (changed, passed) {
-                            self.pos = Some(here);
-                            return self.arrive(vmm, Why::Watch(addr));
-                        }
-                    }
-                }
-                self.restore_guest_debug(vmm)
+                self.steps_arrival(vmm, here)
             }
         }
+    }
+
+    /// An arrival in a pass of single steps.
+    fn steps_arrival(&mut self, vmm: &Vmm, here: Position) -> Result<(), RrError> {
+        let rip = here.rip;
+        let target = self.target.as_mut().expect("attached");
+        let Some(Task::Steps {
+            want,
+            until,
+            from,
+            last_arrival,
+            event,
+            values,
+            ..
+        }) = &mut self.task
+        else {
+            unreachable!("stepping");
+        };
+        if *until == Some(here) {
+            return self.stepped_through(vmm);
+        }
+        let previous = last_arrival.replace(here);
+        let now = target.watch_values();
+        let changed = target.changed_watch(values, &now);
+        *values = now;
+        match want {
+            StepWant::Previous => {}
+            StepWant::LastEvent => {
+                if let (Some(addr), Some(writer)) = (changed, previous) {
+                    // Going backwards, gdb stops before the write: on the writing instruction.
+                    *event = Some((writer, Why::Watch(addr)));
+                } else if target.breakpoints.contains_key(&rip) {
+                    *event = Some((here, Why::Break));
+                }
+            }
+            StepWant::FirstChange => {
+                let passed = match from {
+                    None => true,
+                    Some((regs, passed)) => {
+                        if !*passed && rip == regs.rip() && reg_state(vmm)? == *regs {
+                            // The change must come after this point.
+                            *passed = true;
+                            false
+                        } else {
+                            *passed
+                        }
+                    }
+                };
+                if let (Some(addr), true) = (changed, passed) {
+                    // Gone to again from the checkpoint: the single steps may have left the
+                    // trap flag where the guest can see it (SYSCALL's saved flags, `pushf`).
+                    return self.travel(vmm, here, Why::Watch(addr));
+                }
+            }
+        }
+        // SYSCALL masks the trap flag off: the kernel's entry would run unstepped (and the
+        // flag, saved in R11, would send the return through IRET instead of SYSRET). The entry
+        // point is reached with a `hlt` instead.
+        if rip >> 63 == 0 && target.is_syscall_at(vmm, rip) {
+            let entry = lstar(vmm)?;
+            if target.plant_marker(entry) {
+                self.stepping = false;
+            }
+        }
+        self.restore_guest_debug(vmm)
     }
 
     /// At a synchronous exit: arrivals count afresh, a travel goes on, a watched value may have
@@ -777,7 +923,11 @@ impl Debugger {
         let target = self.target.as_ref().expect("attached");
         self.counted = target.planted().into_iter().collect();
         if self.task.is_some() {
-            return self.exit_reached(vmm, exits);
+            self.exit_reached(vmm, exits)?;
+            if self.task.is_some() && !self.rewind {
+                self.restore_guest_debug(vmm)?;
+            }
+            return Ok(());
         }
         if let Some((from_exits, from_regs, values)) = &mut self.watching {
             let now = target.watch_values();

@@ -19,12 +19,12 @@ use gdbstub::target::ext::base::singlethread::{
     SingleThreadBase, SingleThreadResume, SingleThreadResumeOps, SingleThreadSingleStep,
     SingleThreadSingleStepOps,
 };
-use gdbstub::target::ext::monitor_cmd::{outputln, ConsoleOutput, MonitorCmd, MonitorCmdOps};
 use gdbstub::target::ext::base::BaseOps;
 use gdbstub::target::ext::breakpoints::{
     Breakpoints, BreakpointsOps, HwBreakpoint, HwBreakpointOps, HwWatchpoint, HwWatchpointOps,
     SwBreakpoint, SwBreakpointOps, WatchKind,
 };
+use gdbstub::target::ext::monitor_cmd::{outputln, ConsoleOutput, MonitorCmd, MonitorCmdOps};
 use gdbstub::target::{Target, TargetError, TargetResult};
 use kvm_bindings::{
     kvm_guest_debug, kvm_regs, kvm_sregs, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
@@ -218,6 +218,16 @@ impl DebugTarget {
             at = end;
         }
         None
+    }
+
+    /// Whether the instruction at `rip` (user space, read through the current page tables) is
+    /// SYSCALL.
+    pub fn is_syscall_at(&mut self, vmm: &Vmm, rip: u64) -> bool {
+        if self.load(vmm).is_err() {
+            return false;
+        }
+        let (bytes, _) = self.paging().read_virt(&self.mem, rip, 2);
+        bytes == [0x0f, 0x05]
     }
 
     /// The registers read at the last stop.
@@ -547,13 +557,19 @@ impl HwWatchpoint for DebugTarget {
         kind: WatchKind,
     ) -> TargetResult<bool, Self> {
         if !self.hw_debug {
-            return Ok(match self.watches.iter().position(|w| w.addr == addr && w.len == len) {
-                Some(i) => {
-                    self.watches.remove(i);
-                    true
-                }
-                None => false,
-            });
+            return Ok(
+                match self
+                    .watches
+                    .iter()
+                    .position(|w| w.addr == addr && w.len == len)
+                {
+                    Some(i) => {
+                        self.watches.remove(i);
+                        true
+                    }
+                    None => false,
+                },
+            );
         }
         Ok(self.remove_slot(Slot {
             addr,

@@ -64,7 +64,8 @@ impl FromStr for Position {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, String> {
-        let bad = || format!("{text:?} is not a position (EXITS:RIP:HITS, as `monitor when` prints it)");
+        let bad =
+            || format!("{text:?} is not a position (EXITS:RIP:HITS, as `monitor when` prints it)");
         let mut parts = text.trim().split(':');
         let (Some(exits), Some(rip), Some(hits), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -130,6 +131,14 @@ pub enum Task {
         /// The exit interval (by the exit count that opens it) of the last change.
         last_change: Option<u64>,
         values: Vec<u8>,
+    },
+    /// Finding the position of a stop the debugger did not count its way to: from exit
+    /// `exits`, the arrival at its RIP with its registers; then `then` (a reverse command, or
+    /// serving gdb again).
+    Locate {
+        exits: u64,
+        regs: rrr_vmm::rr::log::RegState,
+        then: Option<crate::gdb::target::Resume>,
     },
     /// Single steps through the exit interval opened by exit `interval`.
     Steps {

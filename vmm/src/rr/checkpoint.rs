@@ -59,6 +59,39 @@ unsafe fn regions(vmm: &Vmm) -> Vec<&mut [u8]> {
         .collect()
 }
 
+/// Makes every page of one anonymous private mapping of guest RAM read as zero again, without
+/// touching them one by one: `MADV_DONTNEED`, or where the kernel has no `madvise` (the
+/// carrier's is built without it) a fresh anonymous mapping over the same range. KVM follows
+/// either through its MMU notifier: its mappings of the old pages are invalidated.
+fn drop_pages(ram: &mut [u8]) -> Result<(), CheckpointError> {
+    let ptr = ram.as_mut_ptr().cast::<libc::c_void>();
+    // SAFETY: the range is exactly one anonymous private mapping of guest RAM, and nothing
+    // holds a reference into it across this call but `ram` itself.
+    if unsafe { libc::madvise(ptr, ram.len(), libc::MADV_DONTNEED) } == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::ENOSYS) {
+        return Err(CheckpointError::Madvise(err));
+    }
+    // SAFETY: as above; MAP_FIXED replaces the same range with the same protection and flags
+    // `vm-memory` mapped it with, so the address stays valid for `vmm.mem`.
+    let mapped = unsafe {
+        libc::mmap(
+            ptr,
+            ram.len(),
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    if mapped != ptr {
+        return Err(CheckpointError::Madvise(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 impl Checkpoint {
     /// Takes the machine as it stands at the top of the run loop (`run` is the loop's state).
     /// The last exit's instruction is completed first, as for a snapshot.
@@ -102,17 +135,7 @@ impl Checkpoint {
         // SAFETY: the vCPU is stopped on this thread, and the slices end with this block.
         let mut rams = unsafe { regions(vmm) };
         for ram in &mut rams {
-            // SAFETY: the range is exactly one anonymous private mapping of guest RAM.
-            let rc = unsafe {
-                libc::madvise(
-                    ram.as_mut_ptr().cast(),
-                    ram.len(),
-                    libc::MADV_DONTNEED,
-                )
-            };
-            if rc != 0 {
-                return Err(CheckpointError::Madvise(std::io::Error::last_os_error()));
-            }
+            drop_pages(ram)?;
         }
         for (&(r, i), page) in self.pages.iter().zip(self.data.chunks(PAGE)) {
             rams[r][i * PAGE..(i + 1) * PAGE].copy_from_slice(page);
