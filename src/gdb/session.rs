@@ -32,6 +32,34 @@ const INTERRUPT_POLL: u64 = 16;
 
 /// gdb's packet for `monitor when` (the command in hex).
 const WHEN: &[u8] = b"$qRcmd,7768656e#";
+/// The start of gdb's packet for `monitor goto ...`.
+const GOTO: &[u8] = b"$qRcmd,676f746f20";
+
+/// The position of a whole `monitor goto POSITION` packet at the head of `pending`.
+fn deferred_goto(pending: &VecDeque<u8>) -> Option<Position> {
+    if !pending
+        .iter()
+        .copied()
+        .take(GOTO.len())
+        .eq(GOTO.iter().copied())
+    {
+        return None;
+    }
+    let hex: Vec<u8> = pending
+        .iter()
+        .copied()
+        .skip(GOTO.len())
+        .take_while(|&b| b != b'#')
+        .collect();
+    if pending.len() <= GOTO.len() + hex.len() {
+        return None;
+    }
+    let text: Vec<u8> = hex
+        .chunks(2)
+        .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok())
+        .collect::<Option<_>>()?;
+    String::from_utf8(text).ok()?.parse().ok()
+}
 
 /// DR6: B0-B3 (which debug register hit) and BS (single step).
 const DR6_HITS: u64 = 0xf;
@@ -82,7 +110,7 @@ pub struct Debugger {
     task: Option<Task>,
     /// A forward continue with watchpoints by value: where it started (its exit count and
     /// registers) and the watched bytes at the last exit.
-    watching: Option<(u64, Option<RegState>, Vec<u8>)>,
+    watching: Option<(u64, Option<Position>, Option<RegState>, Vec<u8>)>,
     /// The run loop is to put the READY checkpoint back.
     pub rewind: bool,
     /// Checkpoint restores so far.
@@ -174,6 +202,17 @@ impl Debugger {
                     return Ok(());
                 }
                 GdbStubStateMachine::Idle(idle)
+                    if !target.arrived && deferred_goto(&self.pending).is_some() =>
+                {
+                    // `monitor goto`: the travel comes first, the answer after it (gdb waits
+                    // for a monitor command's answer as long as it takes, and sends nothing
+                    // meanwhile).
+                    let to = deferred_goto(&self.pending).expect("checked");
+                    self.gdb = Some(GdbStubStateMachine::Idle(idle));
+                    self.travel(vmm, to, Why::Goto)?;
+                    return Ok(());
+                }
+                GdbStubStateMachine::Idle(idle)
                     if self.pos.is_none()
                         && self.here_regs.is_some()
                         && self
@@ -259,7 +298,7 @@ impl Debugger {
             // Arrivals are counted only where a `hlt` stays for the whole run.
             self.counted.retain(|&a| target.planted_at(a));
             self.watching = (!target.watches.is_empty())
-                .then(|| (self.exits, self.here_regs, target.watch_values()));
+                .then(|| (self.exits, self.pos, self.here_regs, target.watch_values()));
         }
         let on_breakpoint = target.breakpoints.contains_key(&rip)
             || target
@@ -608,6 +647,7 @@ impl Debugger {
         self.note_stop(vmm)?;
         match why {
             Why::Goto => {
+                self.target.as_mut().expect("attached").arrived = true;
                 eprintln!(
                     "rrr: gdb: at {}",
                     self.pos
@@ -883,8 +923,18 @@ impl Debugger {
             StepWant::FirstChange => {
                 let passed = match from {
                     None => true,
-                    Some((regs, passed)) => {
-                        if !*passed && rip == regs.rip() && reg_state(vmm)? == *regs {
+                    Some((pos, regs, passed)) => {
+                        let at_start = match pos {
+                            Some(pos) => *pos == here,
+                            // The flags aside: a single step's trap may leave RF set.
+                            None => {
+                                rip == regs.rip() && {
+                                    let now = reg_state(vmm)?;
+                                    now.gprs[..17] == regs.gprs[..17] && now.cr3 == regs.cr3
+                                }
+                            }
+                        };
+                        if !*passed && at_start {
                             // The change must come after this point.
                             *passed = true;
                             false
@@ -929,14 +979,14 @@ impl Debugger {
             }
             return Ok(());
         }
-        if let Some((from_exits, from_regs, values)) = &mut self.watching {
+        if let Some((from_exits, from_pos, from_regs, values)) = &mut self.watching {
             let now = target.watch_values();
             if now != *values {
                 // Changed since the last exit: single steps through the interval find the write.
                 let interval = exits - 1;
                 let from = from_regs
                     .filter(|_| *from_exits == interval)
-                    .map(|regs| (regs, false));
+                    .map(|regs| (*from_pos, regs, false));
                 return self.begin(
                     vmm,
                     Task::Steps {

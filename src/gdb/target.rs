@@ -94,6 +94,8 @@ pub struct DebugTarget {
     pub pos: Option<Position>,
     /// `monitor goto`'s destination, for the session to travel to.
     pub goto: Option<Position>,
+    /// The session went where a `monitor goto` packet asked before it is answered.
+    pub arrived: bool,
 }
 
 impl DebugTarget {
@@ -111,6 +113,7 @@ impl DebugTarget {
             user_planted: true,
             pos: None,
             goto: None,
+            arrived: false,
         }
     }
 
@@ -338,6 +341,16 @@ impl MonitorCmd for DebugTarget {
                     "rrr: the position here is not known (a stop the debugger did not count its way to); `monitor goto` a known one, or continue to a breakpoint"
                 ),
             },
+            (Some("goto"), Some(_)) if self.arrived => {
+                self.arrived = false;
+                match self.pos {
+                    Some(pos) => outputln!(
+                        out,
+                        "rrr: at {pos}; `maint flush register-cache` makes gdb read the registers again"
+                    ),
+                    None => outputln!(out, "rrr: the position was not found"),
+                }
+            }
             (Some("goto"), Some(to)) => match to.parse::<Position>() {
                 Ok(to) => {
                     self.goto = Some(to);

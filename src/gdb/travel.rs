@@ -146,9 +146,9 @@ pub enum Task {
         want: StepWant,
         /// Where to end (reverse-step, or an interval that holds the starting position).
         until: Option<Position>,
-        /// FirstChange: the registers where the guest was continued from, and whether that
-        /// point has been passed.
-        from: Option<(rrr_vmm::rr::log::RegState, bool)>,
+        /// FirstChange: where the guest was continued from (its position if known, its
+        /// registers), and whether that point has been passed.
+        from: Option<(Option<Position>, rrr_vmm::rr::log::RegState, bool)>,
         started: bool,
         last_arrival: Option<Position>,
         event: Option<(Position, Why)>,
