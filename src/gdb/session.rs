@@ -64,6 +64,10 @@ fn deferred_goto(pending: &VecDeque<u8>) -> Option<Position> {
 /// DR6: B0-B3 (which debug register hit) and BS (single step).
 const DR6_HITS: u64 = 0xf;
 
+/// A forward continue with watchpoints by value: the exit count, position and registers it
+/// started from, and the watched bytes then.
+type Watching = (u64, Option<Position>, Option<RegState>, Vec<u8>);
+
 /// The kernel's system call entry point (MSR_LSTAR).
 fn lstar(vmm: &Vmm) -> Result<u64, RrError> {
     const MSR_LSTAR: u32 = 0xc000_0082;
@@ -110,7 +114,7 @@ pub struct Debugger {
     task: Option<Task>,
     /// A forward continue with watchpoints by value: where it started (its exit count and
     /// registers) and the watched bytes at the last exit.
-    watching: Option<(u64, Option<Position>, Option<RegState>, Vec<u8>)>,
+    watching: Option<Watching>,
     /// The run loop is to put the READY checkpoint back.
     pub rewind: bool,
     /// Checkpoint restores so far.
@@ -376,7 +380,14 @@ impl Debugger {
             return self.stop(vmm, Stop::Signal(Signal::SIGTRAP));
         };
         let exits = self.exits;
-        self.begin(vmm, Task::Locate { exits, regs, then })
+        self.begin(
+            vmm,
+            Task::Locate {
+                exits,
+                regs: Box::new(regs),
+                then,
+            },
+        )
     }
 
     /// Starts a travel from the checkpoint.
@@ -599,7 +610,7 @@ impl Debugger {
             // The first arrival after an exit: the instruction before it is the one that made
             // the exit, in the interval before.
             StepWant::Previous
-                if interval > self.start && last_arrival.is_none_or(|p| p.hits == 0) =>
+                if interval > self.start && last_arrival.map_or(true, |p| p.hits == 0) =>
             {
                 return self.begin(
                     vmm,
@@ -762,7 +773,7 @@ impl Debugger {
                 }
             }
             Some(Task::Locate { regs, then, .. }) => {
-                let (regs, then) = (*regs, *then);
+                let (regs, then) = (**regs, *then);
                 if at == regs.rip() && reg_state(vmm)? == regs {
                     self.task = None;
                     self.pos = here;
@@ -986,7 +997,7 @@ impl Debugger {
                 let interval = exits - 1;
                 let from = from_regs
                     .filter(|_| *from_exits == interval)
-                    .map(|regs| (*from_pos, regs, false));
+                    .map(|regs| (*from_pos, Box::new(regs), false));
                 return self.begin(
                     vmm,
                     Task::Steps {

@@ -137,7 +137,7 @@ pub enum Task {
     /// serving gdb again).
     Locate {
         exits: u64,
-        regs: rrr_vmm::rr::log::RegState,
+        regs: Box<rrr_vmm::rr::log::RegState>,
         then: Option<crate::gdb::target::Resume>,
     },
     /// Single steps through the exit interval opened by exit `interval`.
@@ -148,7 +148,7 @@ pub enum Task {
         until: Option<Position>,
         /// FirstChange: where the guest was continued from (its position if known, its
         /// registers), and whether that point has been passed.
-        from: Option<(Option<Position>, rrr_vmm::rr::log::RegState, bool)>,
+        from: Option<(Option<Position>, Box<rrr_vmm::rr::log::RegState>, bool)>,
         started: bool,
         last_arrival: Option<Position>,
         event: Option<(Position, Why)>,

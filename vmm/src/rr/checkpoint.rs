@@ -49,7 +49,7 @@ pub struct Checkpoint {
 ///
 /// SAFETY (for callers): the vCPU must be stopped (on this thread, between two `KVM_RUN`s) and
 /// nothing else may hold a slice of guest memory while these live.
-unsafe fn regions(vmm: &Vmm) -> Vec<&mut [u8]> {
+unsafe fn regions(vmm: &mut Vmm) -> Vec<&mut [u8]> {
     vmm.mem
         .iter()
         .map(|region| {
@@ -100,7 +100,7 @@ impl Checkpoint {
         let vcpu = vmm.vcpu.save_state(&vmm.kvm)?;
         let mut pages = Vec::new();
         let mut data = Vec::new();
-        // SAFETY: the vCPU is stopped on this thread, and the slices end with this block.
+        // SAFETY: the vCPU is stopped on this thread, and the slices end with this loop.
         for (r, ram) in unsafe { regions(vmm) }.into_iter().enumerate() {
             for (i, page) in ram.chunks(PAGE).enumerate() {
                 if page.iter().any(|&b| b != 0) {

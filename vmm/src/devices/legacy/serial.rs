@@ -256,16 +256,17 @@ impl Serial {
     }
 
     fn transmit(&mut self, byte: u8) {
-        if self.looping() {
+        let looping = self.looping();
+        if !looping {
+            self.transmitted += 1;
+        }
+        if looping {
             if self.input.len() < INPUT_QUEUE_LIMIT {
                 self.input.push_back(byte);
             } else {
                 self.line_errors |= LSR_OE;
             }
-        } else if {
-            self.transmitted += 1;
-            self.transmitted <= self.silent_until
-        } {
+        } else if self.transmitted <= self.silent_until {
             // Written out before a rewind.
         } else if let Err(error) = self
             .output
