@@ -479,17 +479,18 @@ impl Session for ReplaySession {
         let ReplayMode::Gdb(gdb) = mode else {
             return self.finish_checks(mode, end);
         };
+        let stats = gdb.checkpoint_stats();
         let GdbReplay {
             replayer,
             mut debugger,
             ..
         } = *gdb;
-        if debugger.rewinds > 0 {
-            eprintln!(
-                "rrr: gdb: went back to the READY checkpoint {} times",
-                debugger.rewinds
-            );
-        }
+        eprintln!(
+            "rrr: gdb: {} checkpoints kept {:.1} MiB; went back to one {} times",
+            stats.count,
+            stats.bytes as f64 / (1 << 20) as f64,
+            debugger.rewinds
+        );
         // The guest's memory is its own again before anything hashes it; gdb then hears how the
         // replay ended (exit code 0: it matched the recording).
         debugger.lift();

@@ -22,8 +22,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use anyhow::{bail, Context, Result};
 use rrr_vmm::builder::Vmm;
 use rrr_vmm::clock::VirtualTime;
-use rrr_vmm::rr::checkpoint::Checkpoint;
-use rrr_vmm::rr::replay::ReplayCursor;
+use rrr_vmm::rr::checkpoint::{CheckpointStats, Checkpoints};
 use rrr_vmm::rr::{ExecMode, ExitWhat, Replayer, RrError};
 use rrr_vmm::run_loop::RunState;
 use rrr_vmm::stall::LandmarkCause;
@@ -67,9 +66,27 @@ pub fn banner(addr: SocketAddr, vmlinux: &std::path::Path) -> String {
 pub struct GdbReplay {
     pub replayer: Replayer,
     pub debugger: Debugger,
-    /// The checkpoint at READY (taken at the run loop's first turn) and the replayer's cursor
-    /// there: reverse execution restores it and replays forward.
-    pub ready: Option<(Checkpoint, ReplayCursor)>,
+    /// In-memory checkpoints (the first at READY, taken at the run loop's first turn):
+    /// reverse execution restores the latest one before where it must start and replays
+    /// forward from there.
+    pub checkpoints: Option<Checkpoints>,
+    /// Exits between two checkpoints.
+    pub interval: u64,
+    /// Bytes the checkpoints may keep.
+    pub budget: usize,
+}
+
+/// Exits between two checkpoints unless `RRR_GDB_CHECKPOINT_INTERVAL` says otherwise. A
+/// checkpoint costs the vCPU state (a few ioctls) and a copy of the pages written since the
+/// last one; going back costs the replay of up to this many exits (measured with
+/// `scripts/bench-gdb`).
+pub const CHECKPOINT_INTERVAL: u64 = 250;
+
+/// The checkpoints' memory budget unless `RRR_GDB_CHECKPOINT_MIB` says otherwise.
+pub const CHECKPOINT_MIB: usize = 512;
+
+fn env_number(name: &str) -> Option<u64> {
+    std::env::var(name).ok()?.trim().parse().ok()
 }
 
 impl GdbReplay {
@@ -77,8 +94,20 @@ impl GdbReplay {
         GdbReplay {
             replayer,
             debugger,
-            ready: None,
+            checkpoints: None,
+            interval: env_number("RRR_GDB_CHECKPOINT_INTERVAL")
+                .unwrap_or(CHECKPOINT_INTERVAL)
+                .max(1),
+            budget: env_number("RRR_GDB_CHECKPOINT_MIB").map_or(CHECKPOINT_MIB, |m| m as usize)
+                << 20,
         }
+    }
+
+    pub fn checkpoint_stats(&self) -> CheckpointStats {
+        self.checkpoints
+            .as_ref()
+            .map(Checkpoints::stats)
+            .unwrap_or_default()
     }
 }
 
@@ -104,33 +133,50 @@ impl ExecMode for GdbReplay {
         self.replayer.host_landmarks()
     }
 
-    fn wants_boundary(&self, _exits: u64) -> bool {
-        self.ready.is_none() || self.debugger.rewind
+    fn wants_boundary(&self, exits: u64) -> bool {
+        match &self.checkpoints {
+            None => true,
+            Some(checkpoints) => {
+                self.debugger.rewind
+                    || checkpoints.due(exits, self.interval) && self.debugger.may_checkpoint()
+            }
+        }
     }
 
     fn boundary(&mut self, vmm: &mut Vmm, run: &RunState) -> Result<Option<RunState>, RrError> {
-        if self.ready.is_none() {
-            // The checkpoint holds the guest's own bytes, none of the debugger's `hlt`s.
+        let Some(checkpoints) = &mut self.checkpoints else {
+            // The checkpoints hold the guest's own bytes, none of the debugger's `hlt`s.
             self.debugger.lift();
             let taken = std::time::Instant::now();
-            let checkpoint = Checkpoint::take(vmm, run)?;
+            let first = Checkpoints::start(vmm, run, self.replayer.cursor(), self.budget)?;
             self.debugger.replant(vmm)?;
             eprintln!(
-                "rrr: gdb: checkpoint at READY (exit {}): {:.1} MiB of guest memory kept, taken in {:.2} s",
-                checkpoint.exits,
-                checkpoint.bytes() as f64 / (1 << 20) as f64,
-                taken.elapsed().as_secs_f64()
+                "rrr: gdb: checkpoint at READY (exit {}): {:.1} MiB of guest memory kept, taken in {:.2} s; then one every {} exits",
+                run.stats.exits,
+                first.stats().bytes as f64 / (1 << 20) as f64,
+                taken.elapsed().as_secs_f64(),
+                self.interval
             );
-            self.ready = Some((checkpoint, self.replayer.cursor()));
-        }
-        if !self.debugger.rewind {
+            self.debugger.checkpoints = first.exits();
+            self.checkpoints = Some(first);
             return Ok(None);
+        };
+        if self.debugger.rewind {
+            let index = checkpoints.before(self.debugger.rewind_to);
+            // A restore writes back only the pages the guest or a device changed: the
+            // debugger's bytes go first, the travel plants its own.
+            self.debugger.lift();
+            let (state, cursor) = checkpoints.restore(vmm, index)?;
+            self.replayer.rewind(&cursor);
+            self.debugger.rewound(vmm, state.stats.exits)?;
+            return Ok(Some(state));
         }
-        let (checkpoint, cursor) = self.ready.as_ref().expect("taken above");
-        let state = checkpoint.restore(vmm)?;
-        self.replayer.rewind(cursor);
-        self.debugger.rewound(vmm, state.stats.exits)?;
-        Ok(Some(state))
+        self.debugger.lift();
+        let dirty = checkpoints.take(vmm, run, self.replayer.cursor())?;
+        self.debugger.replant(vmm)?;
+        self.replayer.carry_dirty(&dirty);
+        self.debugger.checkpoints = checkpoints.exits();
+        Ok(None)
     }
 
     fn feeds_input(&self) -> bool {
@@ -187,7 +233,12 @@ impl ExecMode for GdbReplay {
             return Ok(false);
         }
         // The replayer finds the landmark with its own debug exits and compares registers and
-        // written memory: gdb's breakpoints and debug registers step aside meanwhile.
+        // written memory: gdb's breakpoints and debug registers step aside meanwhile. The pages
+        // the checkpoints took from the dirty log count as written.
+        if let Some(checkpoints) = &mut self.checkpoints {
+            let pages = checkpoints.note_written(vmm)?;
+            self.replayer.carry_dirty(&pages);
+        }
         self.debugger.lift();
         let due = self.replayer.landmark_due(vmm, exits);
         self.debugger.replant(vmm)?;

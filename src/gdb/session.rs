@@ -119,6 +119,10 @@ pub struct Debugger {
     pub rewind: bool,
     /// Checkpoint restores so far.
     pub rewinds: u64,
+    /// The exit count the restored checkpoint must be at or before.
+    pub rewind_to: u64,
+    /// The checkpoints' exit counts, oldest first.
+    pub checkpoints: Vec<u64>,
     /// The registers at the last stop.
     here_regs: Option<RegState>,
 }
@@ -144,6 +148,8 @@ impl Debugger {
             watching: None,
             rewind: false,
             rewinds: 0,
+            rewind_to: 0,
+            checkpoints: Vec::new(),
             here_regs: None,
         }
     }
@@ -363,6 +369,7 @@ impl Debugger {
                 }
             }
             _ => Task::Scan {
+                from: self.checkpoint_before(here.exits),
                 until: Position { steps: 0, ..here },
                 last_hit: None,
                 last_change: None,
@@ -370,6 +377,22 @@ impl Debugger {
             },
         };
         self.begin(vmm, task)
+    }
+
+    /// Whether a checkpoint may be taken now: not in the middle of single steps (which may
+    /// leave the trap flag where the guest saves its flags).
+    pub fn may_checkpoint(&self) -> bool {
+        !self.stepping && self.stepping_over.is_none() && !self.all_arrivals
+    }
+
+    /// The latest checkpoint at or before exit `exits`.
+    fn checkpoint_before(&self, exits: u64) -> u64 {
+        self.checkpoints
+            .iter()
+            .copied()
+            .filter(|&c| c <= exits)
+            .max()
+            .unwrap_or(self.start)
     }
 
     /// Finds where the replay stands by going there again from the checkpoint, then goes on
@@ -392,6 +415,7 @@ impl Debugger {
 
     /// Starts a travel from the checkpoint.
     fn begin(&mut self, vmm: &Vmm, task: Task) -> Result<(), RrError> {
+        self.rewind_to = task.starts_at();
         self.task = Some(task);
         self.watching = None;
         self.stepping = false;
@@ -424,7 +448,7 @@ impl Debugger {
         self.all_arrivals = false;
         let target = self.target.as_mut().expect("attached");
         target.load(vmm).map_err(RrError::Vcpu)?;
-        // The restored memory holds none of the debugger's bytes.
+        // The debugger's bytes were lifted before the restore.
         target.marker = None;
         target.user_planted = matches!(self.task, Some(Task::Scan { .. }));
         target.replant();
@@ -554,6 +578,7 @@ impl Debugger {
     fn scanned(&mut self, vmm: &Vmm) -> Result<(), RrError> {
         let target = self.target.as_ref().expect("attached");
         let Some(Task::Scan {
+            from,
             until,
             last_hit,
             mut last_change,
@@ -581,6 +606,14 @@ impl Debugger {
                 to: hit,
                 why: Why::Break,
                 steps_left: None,
+            },
+            // Nothing since that checkpoint: the pass before it.
+            (_, None) if from > self.start => Task::Scan {
+                from: self.checkpoint_before(from - 1),
+                until: Position::boundary(from, 0),
+                last_hit: None,
+                last_change: None,
+                values: Vec::new(),
             },
             (_, None) => Task::Goto {
                 to: Position::boundary(self.start, 0),

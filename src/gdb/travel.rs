@@ -126,6 +126,9 @@ pub enum Task {
     /// planted, noting the last hit and the last exit interval in which a watched value
     /// changed.
     Scan {
+        /// The checkpoint (by exit count) this pass starts from: no hit between it and
+        /// `until` sends the next pass from the checkpoint before it.
+        from: u64,
         until: Position,
         last_hit: Option<Position>,
         /// The exit interval (by the exit count that opens it) of the last change.
@@ -170,5 +173,17 @@ mod tests {
         assert_eq!(q.to_string().parse::<Position>().unwrap(), q);
         assert!("12:34".parse::<Position>().is_err());
         assert!("a:0x1:2".parse::<Position>().is_err());
+    }
+}
+
+impl Task {
+    /// The exit count the travel must start at or before.
+    pub fn starts_at(&self) -> u64 {
+        match self {
+            Task::Goto { to, .. } => to.exits,
+            Task::Scan { from, .. } => *from,
+            Task::Locate { exits, .. } => *exits,
+            Task::Steps { interval, .. } => *interval,
+        }
     }
 }

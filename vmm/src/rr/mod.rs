@@ -274,16 +274,25 @@ impl RegState {
 #[derive(Debug, Default, Clone)]
 pub struct DirtyPages {
     all: BTreeSet<u64>,
+    /// Pages someone else took from KVM's log since the last take (in-memory checkpoints).
+    carried: Vec<u64>,
 }
 
 impl DirtyPages {
     /// Takes the pages written since the last call and returns a hash of their contents.
     pub fn take_and_hash(&mut self, vmm: &Vmm) -> Result<u64, RrError> {
         let mut pages = vmm.vm.take_dirty_pages(&vmm.mem)?;
+        pages.append(&mut self.carried);
         pages.sort_unstable();
+        pages.dedup();
         let hash = hash_pages(vmm, &pages)?;
         self.all.extend(pages);
         Ok(hash)
+    }
+
+    /// Pages taken from KVM's log by someone else, for the next take.
+    pub fn carry(&mut self, pages: &[u64]) {
+        self.carried.extend_from_slice(pages);
     }
 
     /// The final state: registers and the whole of guest RAM. Not only the pages the dirty log

@@ -74,6 +74,12 @@ impl Replayer {
         self.stats
     }
 
+    /// Pages an in-memory checkpoint took from KVM's dirty log: the next landmark's hash
+    /// counts them as if the replayer had taken them itself.
+    pub fn carry_dirty(&mut self, pages: &[u64]) {
+        self.dirty.carry(pages);
+    }
+
     pub fn cursor(&self) -> ReplayCursor {
         ReplayCursor {
             next: self.next,
