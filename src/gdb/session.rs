@@ -20,7 +20,7 @@ use rrr_vmm::rr::log::RegState;
 use rrr_vmm::rr::{reg_state, RrError};
 
 use super::conn::{Conn, Endpoint};
-use super::target::{DebugTarget, Resume};
+use super::target::{DebugTarget, Resume, Special};
 use super::travel::{Position, StepWant, Task, Why};
 
 type Machine = GdbStubStateMachine<'static, DebugTarget, Conn>;
@@ -60,6 +60,9 @@ fn deferred_goto(pending: &VecDeque<u8>) -> Option<Position> {
         .collect::<Option<_>>()?;
     String::from_utf8(text).ok()?.parse().ok()
 }
+
+/// RFLAGS.TF.
+const TRAP_FLAG: u64 = 0x100;
 
 /// DR6: B0-B3 (which debug register hit) and BS (single step).
 const DR6_HITS: u64 = 0xf;
@@ -997,11 +1000,27 @@ impl Debugger {
         // SYSCALL masks the trap flag off: the kernel's entry would run unstepped (and the
         // flag, saved in R11, would send the return through IRET instead of SYSRET). The entry
         // point is reached with a `hlt` instead.
-        if rip >> 63 == 0 && target.is_syscall_at(vmm, rip) {
-            let entry = lstar(vmm)?;
-            if target.plant_marker(entry) {
-                self.stepping = false;
+        match target.instruction_at(vmm, rip) {
+            Some(Special::Syscall) => {
+                let entry = lstar(vmm)?;
+                if target.plant_marker(entry) {
+                    self.stepping = false;
+                }
             }
+            // SYSRET and IRET load flags saved without the trap flag: the rest of the pass
+            // would run unstepped. The flag goes into what they load (the pass is replayed
+            // again from a checkpoint before anything stops there, so the guest keeps none of
+            // it).
+            Some(Special::Sysret) => {
+                let mut regs = vmm.vcpu.fd.get_regs().map_err(RrError::Vcpu)?;
+                regs.r11 |= TRAP_FLAG;
+                vmm.vcpu.fd.set_regs(&regs).map_err(RrError::Vcpu)?;
+            }
+            Some(Special::Iret) => {
+                let rsp = vmm.vcpu.fd.get_regs().map_err(RrError::Vcpu)?.rsp;
+                target.set_trap_flag_at(rsp + 16);
+            }
+            None => {}
         }
         self.restore_guest_debug(vmm)
     }

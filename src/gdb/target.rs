@@ -49,6 +49,14 @@ pub enum Resume {
     ReverseStep,
 }
 
+/// Instructions a pass of single steps handles apart (they would take the trap flag away).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Special {
+    Syscall,
+    Sysret,
+    Iret,
+}
+
 /// A write watchpoint kept by value where the debug registers do not fire (the carrier): the
 /// watched bytes are compared at every exit, and single steps find the writing instruction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,14 +231,27 @@ impl DebugTarget {
         None
     }
 
-    /// Whether the instruction at `rip` (user space, read through the current page tables) is
-    /// SYSCALL.
-    pub fn is_syscall_at(&mut self, vmm: &Vmm, rip: u64) -> bool {
-        if self.load(vmm).is_err() {
-            return false;
+    /// Whether the instruction at `rip` (read through the current page tables) is one a pass
+    /// of single steps handles apart.
+    pub fn instruction_at(&mut self, vmm: &Vmm, rip: u64) -> Option<Special> {
+        self.load(vmm).ok()?;
+        let (bytes, _) = self.paging().read_virt(&self.mem, rip, 3);
+        match bytes.as_slice() {
+            [0x0f, 0x05, ..] if rip >> 63 == 0 => Some(Special::Syscall),
+            [0x48, 0x0f, 0x07] => Some(Special::Sysret),
+            [0x48, 0xcf, ..] => Some(Special::Iret),
+            _ => None,
         }
-        let (bytes, _) = self.paging().read_virt(&self.mem, rip, 2);
-        bytes == [0x0f, 0x05]
+    }
+
+    /// Sets the trap flag in the flags word at `addr` (an IRET frame on the stack).
+    pub fn set_trap_flag_at(&self, addr: u64) {
+        let Ok(gpa) = self.paging().translate(&self.mem, addr) else {
+            return;
+        };
+        if let Ok(flags) = self.mem.read_obj::<u64>(GuestAddress(gpa)) {
+            let _ = self.mem.write_obj(flags | 0x100, GuestAddress(gpa));
+        }
     }
 
     /// The registers read at the last stop.
