@@ -159,6 +159,18 @@ pub enum Task {
     },
 }
 
+impl Task {
+    /// The exit count the travel must start at or before.
+    pub fn starts_at(&self) -> u64 {
+        match self {
+            Task::Goto { to, .. } => to.exits,
+            Task::Scan { from, .. } => *from,
+            Task::Locate { exits, .. } => *exits,
+            Task::Steps { interval, .. } => *interval,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::Position;
@@ -173,17 +185,5 @@ mod tests {
         assert_eq!(q.to_string().parse::<Position>().unwrap(), q);
         assert!("12:34".parse::<Position>().is_err());
         assert!("a:0x1:2".parse::<Position>().is_err());
-    }
-}
-
-impl Task {
-    /// The exit count the travel must start at or before.
-    pub fn starts_at(&self) -> u64 {
-        match self {
-            Task::Goto { to, .. } => to.exits,
-            Task::Scan { from, .. } => *from,
-            Task::Locate { exits, .. } => *exits,
-            Task::Steps { interval, .. } => *interval,
-        }
     }
 }
