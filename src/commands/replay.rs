@@ -256,7 +256,7 @@ pub fn run(args: Args) -> Result<i32> {
             Endpoint::listen(addr)?
         };
         let debugger = Debugger::new(endpoint, crate::gdb::banner(addr, &kernel));
-        ReplayMode::Gdb(Box::new(GdbReplay { replayer, debugger }))
+        ReplayMode::Gdb(Box::new(GdbReplay::new(replayer, debugger)))
     } else if let Some((index, functions)) = traced {
         let filter = EmitFilter {
             pids: args.trace_args.pids.clone(),
@@ -471,7 +471,9 @@ impl Session for ReplaySession {
         }
         match &mut self.mode {
             Some(ReplayMode::Traced(traced)) => traced.tracer.start(ready.vmm)?,
-            Some(ReplayMode::Gdb(gdb)) => gdb.debugger.attach(ready.vmm)?,
+            Some(ReplayMode::Gdb(gdb)) => {
+                gdb.debugger.attach(ready.vmm, ready.state.stats.exits)?
+            }
             _ => {}
         }
         Ok(())
@@ -495,10 +497,18 @@ impl Session for ReplaySession {
         let ReplayMode::Gdb(gdb) = mode else {
             return self.finish_checks(mode, end);
         };
+        let stats = gdb.checkpoint_stats();
         let GdbReplay {
             replayer,
             mut debugger,
+            ..
         } = *gdb;
+        eprintln!(
+            "rrr: gdb: {} checkpoints kept {:.1} MiB; went back to one {} times",
+            stats.count,
+            stats.bytes as f64 / (1 << 20) as f64,
+            debugger.rewinds
+        );
         // The guest's memory is its own again before anything hashes it; gdb then hears how the
         // replay ended (exit code 0: it matched the recording).
         debugger.lift();

@@ -15,13 +15,16 @@ pub mod arch;
 pub mod conn;
 pub mod session;
 pub mod target;
+pub mod travel;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 
 use anyhow::{bail, Context, Result};
 use rrr_vmm::builder::Vmm;
 use rrr_vmm::clock::VirtualTime;
+use rrr_vmm::rr::checkpoint::{CheckpointStats, Checkpoints};
 use rrr_vmm::rr::{ExecMode, ExitWhat, Replayer, RrError};
+use rrr_vmm::run_loop::RunState;
 use rrr_vmm::stall::LandmarkCause;
 
 pub use session::Debugger;
@@ -70,6 +73,49 @@ pub fn banner(addr: SocketAddr, vmlinux: &std::path::Path) -> String {
 pub struct GdbReplay {
     pub replayer: Replayer,
     pub debugger: Debugger,
+    /// In-memory checkpoints (the first at READY, taken at the run loop's first turn):
+    /// reverse execution restores the latest one before where it must start and replays
+    /// forward from there.
+    pub checkpoints: Option<Checkpoints>,
+    /// Exits between two checkpoints.
+    pub interval: u64,
+    /// Bytes the checkpoints may keep.
+    pub budget: usize,
+}
+
+/// Exits between two checkpoints unless `RRR_GDB_CHECKPOINT_INTERVAL` says otherwise. A
+/// checkpoint costs the vCPU state (a few ioctls) and a copy of the pages written since the
+/// last one; going back costs the replay of up to this many exits (measured with
+/// `scripts/bench-gdb`).
+pub const CHECKPOINT_INTERVAL: u64 = 250;
+
+/// The checkpoints' memory budget unless `RRR_GDB_CHECKPOINT_MIB` says otherwise.
+pub const CHECKPOINT_MIB: usize = 512;
+
+fn env_number(name: &str) -> Option<u64> {
+    std::env::var(name).ok()?.trim().parse().ok()
+}
+
+impl GdbReplay {
+    pub fn new(replayer: Replayer, debugger: Debugger) -> Self {
+        GdbReplay {
+            replayer,
+            debugger,
+            checkpoints: None,
+            interval: env_number("RRR_GDB_CHECKPOINT_INTERVAL")
+                .unwrap_or(CHECKPOINT_INTERVAL)
+                .max(1),
+            budget: env_number("RRR_GDB_CHECKPOINT_MIB").map_or(CHECKPOINT_MIB, |m| m as usize)
+                << 20,
+        }
+    }
+
+    pub fn checkpoint_stats(&self) -> CheckpointStats {
+        self.checkpoints
+            .as_ref()
+            .map(Checkpoints::stats)
+            .unwrap_or_default()
+    }
 }
 
 impl ExecMode for GdbReplay {
@@ -92,6 +138,52 @@ impl ExecMode for GdbReplay {
 
     fn host_landmarks(&self) -> bool {
         self.replayer.host_landmarks()
+    }
+
+    fn wants_boundary(&self, exits: u64) -> bool {
+        match &self.checkpoints {
+            None => true,
+            Some(checkpoints) => {
+                self.debugger.rewind
+                    || checkpoints.due(exits, self.interval) && self.debugger.may_checkpoint()
+            }
+        }
+    }
+
+    fn boundary(&mut self, vmm: &mut Vmm, run: &RunState) -> Result<Option<RunState>, RrError> {
+        let Some(checkpoints) = &mut self.checkpoints else {
+            // The checkpoints hold the guest's own bytes, none of the debugger's `hlt`s.
+            self.debugger.lift();
+            let taken = std::time::Instant::now();
+            let first = Checkpoints::start(vmm, run, self.replayer.cursor(), self.budget)?;
+            self.debugger.replant(vmm)?;
+            eprintln!(
+                "rrr: gdb: checkpoint at READY (exit {}): {:.1} MiB of guest memory kept, taken in {:.2} s; then one every {} exits",
+                run.stats.exits,
+                first.stats().bytes as f64 / (1 << 20) as f64,
+                taken.elapsed().as_secs_f64(),
+                self.interval
+            );
+            self.debugger.checkpoints = first.exits();
+            self.checkpoints = Some(first);
+            return Ok(None);
+        };
+        if self.debugger.rewind {
+            let index = checkpoints.before(self.debugger.rewind_to);
+            // A restore writes back only the pages the guest or a device changed: the
+            // debugger's bytes go first, the travel plants its own.
+            self.debugger.lift();
+            let (state, cursor) = checkpoints.restore(vmm, index)?;
+            self.replayer.rewind(&cursor);
+            self.debugger.rewound(vmm, state.stats.exits)?;
+            return Ok(Some(state));
+        }
+        self.debugger.lift();
+        let dirty = checkpoints.take(vmm, run, self.replayer.cursor())?;
+        self.debugger.replant(vmm)?;
+        self.replayer.carry_dirty(&dirty);
+        self.debugger.checkpoints = checkpoints.exits();
+        Ok(None)
     }
 
     fn feeds_input(&self) -> bool {
@@ -148,7 +240,12 @@ impl ExecMode for GdbReplay {
             return Ok(false);
         }
         // The replayer finds the landmark with its own debug exits and compares registers and
-        // written memory: gdb's breakpoints and debug registers step aside meanwhile.
+        // written memory: gdb's breakpoints and debug registers step aside meanwhile. The pages
+        // the checkpoints took from the dirty log count as written.
+        if let Some(checkpoints) = &mut self.checkpoints {
+            let pages = checkpoints.note_written(vmm)?;
+            self.replayer.carry_dirty(&pages);
+        }
         self.debugger.lift();
         let due = self.replayer.landmark_due(vmm, exits);
         self.debugger.replant(vmm)?;

@@ -12,6 +12,9 @@
 use std::collections::BTreeMap;
 
 use gdbstub::common::Signal;
+use gdbstub::target::ext::base::reverse_exec::{
+    ReverseCont, ReverseContOps, ReverseStep, ReverseStepOps,
+};
 use gdbstub::target::ext::base::singlethread::{
     SingleThreadBase, SingleThreadResume, SingleThreadResumeOps, SingleThreadSingleStep,
     SingleThreadSingleStepOps,
@@ -21,6 +24,7 @@ use gdbstub::target::ext::breakpoints::{
     Breakpoints, BreakpointsOps, HwBreakpoint, HwBreakpointOps, HwWatchpoint, HwWatchpointOps,
     SwBreakpoint, SwBreakpointOps, WatchKind,
 };
+use gdbstub::target::ext::monitor_cmd::{outputln, ConsoleOutput, MonitorCmd, MonitorCmdOps};
 use gdbstub::target::{Target, TargetError, TargetResult};
 use kvm_bindings::{
     kvm_guest_debug, kvm_regs, kvm_sregs, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
@@ -31,6 +35,7 @@ use rrr_vmm::builder::Vmm;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::arch::{Kernel64, KernelRegs};
+use super::travel::Position;
 
 /// The breakpoint byte: `hlt`, which KVM always hands to a VMM that owns the irqchip.
 pub const HLT: u8 = 0xf4;
@@ -40,6 +45,25 @@ pub const HLT: u8 = 0xf4;
 pub enum Resume {
     Continue,
     Step,
+    ReverseCont,
+    ReverseStep,
+}
+
+/// Instructions a pass of single steps handles apart (they would take the trap flag away).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Special {
+    Syscall,
+    Sysret,
+    Iret,
+}
+
+/// A write watchpoint kept by value where the debug registers do not fire (the carrier): the
+/// watched bytes are compared at every exit, and single steps find the writing instruction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ValueWatch {
+    pub addr: u64,
+    pub len: u64,
+    pub gpa: u64,
 }
 
 /// A debug-register slot: an execution breakpoint (`hbreak`) or a data watchpoint.
@@ -67,6 +91,19 @@ pub struct DebugTarget {
     /// worse than gdb's "cannot insert". gdb's software watchpoints (`set
     /// can-use-hw-watchpoints 0`) single-step instead, slowly but exactly.
     pub hw_debug: bool,
+    /// Write watchpoints by value (where `hw_debug` is off).
+    pub watches: Vec<ValueWatch>,
+    /// The debugger's own breakpoint (a travel's destination): (address, guest-physical
+    /// address, original byte).
+    pub marker: Option<(u64, u64, u8)>,
+    /// Whether gdb's breakpoints are in guest memory now (a travel to a position lifts them).
+    pub user_planted: bool,
+    /// Where the replay stands, when known.
+    pub pos: Option<Position>,
+    /// `monitor goto`'s destination, for the session to travel to.
+    pub goto: Option<Position>,
+    /// The session went where a `monitor goto` packet asked before it is answered.
+    pub arrived: bool,
 }
 
 impl DebugTarget {
@@ -79,6 +116,12 @@ impl DebugTarget {
             slots: [None; 4],
             resume: None,
             hw_debug: !crate::carrier::inside_carrier(),
+            watches: Vec::new(),
+            marker: None,
+            user_planted: true,
+            pos: None,
+            goto: None,
+            arrived: false,
         }
     }
 
@@ -98,23 +141,135 @@ impl DebugTarget {
         }
     }
 
-    /// Puts every original byte back (before the final state hash, a landmark search, or when
-    /// gdb goes away). The breakpoints stay known, for [`DebugTarget::replant`].
+    /// Puts every original byte back (before the final state hash, a landmark search, a
+    /// checkpoint, or when gdb goes away). The breakpoints stay known, for
+    /// [`DebugTarget::replant`].
     pub fn lift(&self) {
         for &(gpa, original) in self.breakpoints.values() {
+            let _ = self.mem.write_obj(original, GuestAddress(gpa));
+        }
+        if let Some((_, gpa, original)) = self.marker {
             let _ = self.mem.write_obj(original, GuestAddress(gpa));
         }
     }
 
     pub fn replant(&self) {
-        for &(gpa, _) in self.breakpoints.values() {
+        if self.user_planted {
+            for &(gpa, _) in self.breakpoints.values() {
+                let _ = self.mem.write_obj(HLT, GuestAddress(gpa));
+            }
+        }
+        if let Some((_, gpa, _)) = self.marker {
             let _ = self.mem.write_obj(HLT, GuestAddress(gpa));
         }
     }
 
+    /// Whether a `hlt` of the debugger's is planted at `addr` now.
+    pub fn planted_at(&self, addr: u64) -> bool {
+        (self.user_planted && self.breakpoints.contains_key(&addr))
+            || self.marker.is_some_and(|(at, _, _)| at == addr)
+    }
+
+    /// Every address with a `hlt` of the debugger's now.
+    pub fn planted(&self) -> Vec<u64> {
+        let mut all: Vec<u64> = if self.user_planted {
+            self.breakpoints.keys().copied().collect()
+        } else {
+            Vec::new()
+        };
+        all.extend(self.marker.map(|(at, _, _)| at));
+        all
+    }
+
+    /// Plants the debugger's own breakpoint at `addr` (with the registers loaded at the stop
+    /// or exit where it is planted, for the page tables).
+    pub fn plant_marker(&mut self, addr: u64) -> bool {
+        self.clear_marker();
+        let Ok(gpa) = self.paging().translate(&self.mem, addr) else {
+            return false;
+        };
+        let original = match self.breakpoints.get(&addr) {
+            Some(&(_, original)) => original,
+            None => match self.mem.read_obj::<u8>(GuestAddress(gpa)) {
+                Ok(byte) => byte,
+                Err(_) => return false,
+            },
+        };
+        self.marker = Some((addr, gpa, original));
+        self.mem.write_obj(HLT, GuestAddress(gpa)).is_ok()
+    }
+
+    pub fn clear_marker(&mut self) {
+        if let Some((addr, gpa, original)) = self.marker.take() {
+            if !(self.user_planted && self.breakpoints.contains_key(&addr)) {
+                let _ = self.mem.write_obj(original, GuestAddress(gpa));
+            }
+        }
+    }
+
+    /// The watched bytes, one watchpoint after the other.
+    pub fn watch_values(&self) -> Vec<u8> {
+        let mut all = Vec::new();
+        for w in &self.watches {
+            let mut bytes = vec![0u8; w.len as usize];
+            let _ = self.mem.read_slice(&mut bytes, GuestAddress(w.gpa));
+            all.extend(bytes);
+        }
+        all
+    }
+
+    /// The watchpoint whose bytes differ between two [`DebugTarget::watch_values`].
+    pub fn changed_watch(&self, before: &[u8], now: &[u8]) -> Option<u64> {
+        let mut at = 0usize;
+        for w in &self.watches {
+            let end = at + w.len as usize;
+            if before.get(at..end) != now.get(at..end) {
+                return Some(w.addr);
+            }
+            at = end;
+        }
+        None
+    }
+
+    /// Whether the instruction at `rip` (read through the current page tables) is one a pass
+    /// of single steps handles apart.
+    pub fn instruction_at(&mut self, vmm: &Vmm, rip: u64) -> Option<Special> {
+        self.load(vmm).ok()?;
+        let (bytes, _) = self.paging().read_virt(&self.mem, rip, 3);
+        match bytes.as_slice() {
+            [0x0f, 0x05, ..] if rip >> 63 == 0 => Some(Special::Syscall),
+            [0x48, 0x0f, 0x07] => Some(Special::Sysret),
+            [0x48, 0xcf, ..] => Some(Special::Iret),
+            _ => None,
+        }
+    }
+
+    /// Sets the trap flag in the flags word at `addr` (an IRET frame on the stack).
+    pub fn set_trap_flag_at(&self, addr: u64) {
+        let Ok(gpa) = self.paging().translate(&self.mem, addr) else {
+            return;
+        };
+        if let Ok(flags) = self.mem.read_obj::<u64>(GuestAddress(gpa)) {
+            let _ = self.mem.write_obj(flags | 0x100, GuestAddress(gpa));
+        }
+    }
+
+    /// The registers read at the last stop.
+    pub fn rip(&self) -> u64 {
+        self.regs.rip
+    }
+
     /// Lifts one breakpoint (to execute the instruction under it) or puts it back.
     pub fn set_planted(&self, addr: u64, planted: bool) {
-        if let Some(&(gpa, original)) = self.breakpoints.get(&addr) {
+        let found = match self.marker {
+            Some((at, gpa, original)) if at == addr => Some((gpa, original)),
+            _ => self
+                .breakpoints
+                .get(&addr)
+                .filter(|_| self.user_planted)
+                .copied(),
+        };
+        if let Some((gpa, original)) = found {
             let byte = if planted { HLT } else { original };
             let _ = self.mem.write_obj(byte, GuestAddress(gpa));
         }
@@ -189,6 +344,51 @@ impl Target for DebugTarget {
     fn support_breakpoints(&mut self) -> Option<BreakpointsOps<'_, Self>> {
         Some(self)
     }
+
+    fn support_monitor_cmd(&mut self) -> Option<MonitorCmdOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+impl MonitorCmd for DebugTarget {
+    fn handle_monitor_cmd(&mut self, cmd: &[u8], mut out: ConsoleOutput<'_>) -> Result<(), String> {
+        let cmd = String::from_utf8_lossy(cmd);
+        let mut words = cmd.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some("when"), None) => match self.pos {
+                Some(pos) => outputln!(out, "{pos}"),
+                None => outputln!(
+                    out,
+                    "rrr: the position here is not known (a stop the debugger did not count its way to); `monitor goto` a known one, or continue to a breakpoint"
+                ),
+            },
+            (Some("goto"), Some(_)) if self.arrived => {
+                self.arrived = false;
+                match self.pos {
+                    Some(pos) => outputln!(
+                        out,
+                        "rrr: at {pos}; `maint flush register-cache` makes gdb read the registers again"
+                    ),
+                    None => outputln!(out, "rrr: the position was not found"),
+                }
+            }
+            (Some("goto"), Some(to)) => match to.parse::<Position>() {
+                Ok(to) => {
+                    self.goto = Some(to);
+                    outputln!(
+                        out,
+                        "rrr: going to {to}; then `maint flush register-cache` (gdb keeps the registers it read)"
+                    );
+                }
+                Err(why) => outputln!(out, "rrr: {why}"),
+            },
+            _ => outputln!(
+                out,
+                "rrr monitor commands:\n  when            the position of this stop (EXITS:RIP:HITS)\n  goto POSITION   go there, forward or backward"
+            ),
+        }
+        Ok(())
+    }
 }
 
 impl SingleThreadBase for DebugTarget {
@@ -228,6 +428,9 @@ impl SingleThreadBase for DebugTarget {
         for (&addr, &(_, original)) in self.breakpoints.range(start..end) {
             data[(addr - start) as usize] = original;
         }
+        if let Some((addr, _, original)) = self.marker.filter(|m| (start..end).contains(&m.0)) {
+            data[(addr - start) as usize] = original;
+        }
         if bytes.is_empty() && !data.is_empty() {
             return Err(TargetError::Errno(14)); // EFAULT
         }
@@ -253,6 +456,28 @@ impl SingleThreadResume for DebugTarget {
     fn support_single_step(&mut self) -> Option<SingleThreadSingleStepOps<'_, Self>> {
         Some(self)
     }
+
+    fn support_reverse_cont(&mut self) -> Option<ReverseContOps<'_, (), Self>> {
+        Some(self)
+    }
+
+    fn support_reverse_step(&mut self) -> Option<ReverseStepOps<'_, (), Self>> {
+        Some(self)
+    }
+}
+
+impl ReverseCont<()> for DebugTarget {
+    fn reverse_cont(&mut self) -> Result<(), Self::Error> {
+        self.resume = Some(Resume::ReverseCont);
+        Ok(())
+    }
+}
+
+impl ReverseStep<()> for DebugTarget {
+    fn reverse_step(&mut self, _tid: ()) -> Result<(), Self::Error> {
+        self.resume = Some(Resume::ReverseStep);
+        Ok(())
+    }
 }
 
 impl SingleThreadSingleStep for DebugTarget {
@@ -272,7 +497,8 @@ impl Breakpoints for DebugTarget {
     }
 
     fn support_hw_watchpoint(&mut self) -> Option<HwWatchpointOps<'_, Self>> {
-        self.hw_debug.then_some(self)
+        // Without the debug registers, write watchpoints are kept by value.
+        Some(self)
     }
 }
 
@@ -287,8 +513,12 @@ impl SwBreakpoint for DebugTarget {
         let Ok(gpa) = self.paging().translate(&self.mem, addr) else {
             return Ok(false);
         };
-        let Ok(original) = self.mem.read_obj::<u8>(GuestAddress(gpa)) else {
-            return Ok(false);
+        let original = match self.marker {
+            Some((at, _, original)) if at == addr => original,
+            _ => match self.mem.read_obj::<u8>(GuestAddress(gpa)) {
+                Ok(byte) => byte,
+                Err(_) => return Ok(false),
+            },
         };
         if self.mem.write_obj(HLT, GuestAddress(gpa)).is_err() {
             return Ok(false);
@@ -299,6 +529,8 @@ impl SwBreakpoint for DebugTarget {
 
     fn remove_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
         match self.breakpoints.remove(&addr) {
+            // The debugger's own breakpoint may sit there too.
+            Some(_) if self.marker.is_some_and(|(at, _, _)| at == addr) => Ok(true),
             Some((gpa, original)) => Ok(self.mem.write_obj(original, GuestAddress(gpa)).is_ok()),
             None => Ok(false),
         }
@@ -334,6 +566,17 @@ impl HwWatchpoint for DebugTarget {
         if kind == WatchKind::Read {
             return Ok(false);
         }
+        if !self.hw_debug {
+            // By value: only writes show, and the bytes must lie in one page.
+            if kind != WatchKind::Write || len == 0 || len > 64 || (addr & 0xfff) + len > 0x1000 {
+                return Ok(false);
+            }
+            let Ok(gpa) = self.paging().translate(&self.mem, addr) else {
+                return Ok(false);
+            };
+            self.watches.push(ValueWatch { addr, len, gpa });
+            return Ok(true);
+        }
         Ok(self.add_slot(Slot {
             addr,
             len,
@@ -347,6 +590,21 @@ impl HwWatchpoint for DebugTarget {
         len: u64,
         kind: WatchKind,
     ) -> TargetResult<bool, Self> {
+        if !self.hw_debug {
+            return Ok(
+                match self
+                    .watches
+                    .iter()
+                    .position(|w| w.addr == addr && w.len == len)
+                {
+                    Some(i) => {
+                        self.watches.remove(i);
+                        true
+                    }
+                    None => false,
+                },
+            );
+        }
         Ok(self.remove_slot(Slot {
             addr,
             len,

@@ -388,6 +388,24 @@ impl Runner<'_> {
             if self.host_timed_out() {
                 return Ok(Some(RunEnd::HostTimeout));
             }
+            // A debugger's checkpoints, and its travels back to them (`rr::checkpoint`).
+            if self.mode.wants_boundary(self.stats.exits) {
+                let here = RunState {
+                    clock: self.clock.clone(),
+                    stats: self.stats,
+                    pending_input: self.pending_input.iter().copied().collect(),
+                };
+                if let Some(back) = self.mode.boundary(self.vmm, &here)? {
+                    self.clock = back.clock;
+                    self.stats = back.stats;
+                    self.pending_input = back.pending_input.into();
+                    self.stalls = StallTracker::new();
+                    if let Some(watchdog) = &self.watchdog {
+                        watchdog.note_progress(self.stats.exits);
+                    }
+                    continue;
+                }
+            }
             // A replay gives the recorded landmarks where they were recorded (`rr::replay`).
             if self.mode.landmark_due(self.vmm, self.stats.exits)? {
                 self.landmark()?;

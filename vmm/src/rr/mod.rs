@@ -11,6 +11,7 @@
 //!   state while recording; while replaying the watchdog gives none, and the replayer finds the
 //!   recorded state again before the run loop enters the guest.
 
+pub mod checkpoint;
 pub mod log;
 pub mod record;
 pub mod replay;
@@ -23,6 +24,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::builder::Vmm;
 use crate::clock::VirtualTime;
+use crate::run_loop::RunState;
 use crate::stall::LandmarkCause;
 use crate::vstate::vm::VmError;
 use log::{LandmarkKind, LogError, RegState};
@@ -106,6 +108,9 @@ pub enum RrError {
     /// The debugger (`rrr replay --gdb`) failed: its connection, or gdb's protocol.
     #[error("the debugger failed: {0}")]
     Debugger(String),
+    /// Taking or restoring an in-memory checkpoint (reverse execution) failed.
+    #[error("a checkpoint failed: {0}")]
+    Checkpoint(#[from] checkpoint::CheckpointError),
 }
 
 /// What the run loop asks of the mode. Every method has the plain-run default: no log, host
@@ -211,6 +216,19 @@ pub trait ExecMode {
         Ok(false)
     }
 
+    /// Whether [`ExecMode::boundary`] is to be called at the top of the run loop now (a cheap
+    /// question asked before every entry).
+    fn wants_boundary(&self, _exits: u64) -> bool {
+        false
+    }
+
+    /// At the top of the run loop, between two exits with nothing pending: the mode may keep
+    /// the machine and `run` (an in-memory checkpoint) or put an earlier machine back, and then
+    /// returns the run loop's state to go on with (its clock, counters and pending input).
+    fn boundary(&mut self, _vmm: &mut Vmm, _run: &RunState) -> Result<Option<RunState>, RrError> {
+        Ok(None)
+    }
+
     /// Before entering the guest: whether a logged landmark is due here. The mode has moved the
     /// vCPU to the landmark's state; the run loop then gives the tick.
     fn landmark_due(&mut self, _vmm: &mut Vmm, _exits: u64) -> Result<bool, RrError> {
@@ -266,19 +284,28 @@ impl RegState {
 
 /// The pages the guest wrote during a run, from KVM's dirty log, taken at the same points
 /// (landmarks and the end) while recording and replaying.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct DirtyPages {
     all: BTreeSet<u64>,
+    /// Pages someone else took from KVM's log since the last take (in-memory checkpoints).
+    carried: Vec<u64>,
 }
 
 impl DirtyPages {
     /// Takes the pages written since the last call and returns a hash of their contents.
     pub fn take_and_hash(&mut self, vmm: &Vmm) -> Result<u64, RrError> {
         let mut pages = vmm.vm.take_dirty_pages(&vmm.mem)?;
+        pages.append(&mut self.carried);
         pages.sort_unstable();
+        pages.dedup();
         let hash = hash_pages(vmm, &pages)?;
         self.all.extend(pages);
         Ok(hash)
+    }
+
+    /// Pages taken from KVM's log by someone else, for the next take.
+    pub fn carry(&mut self, pages: &[u64]) {
+        self.carried.extend_from_slice(pages);
     }
 
     /// The final state: registers and the whole of guest RAM. Not only the pages the dirty log
@@ -357,7 +384,7 @@ fn hash_pages(vmm: &Vmm, pages: &[u64]) -> Result<u64, RrError> {
 
 /// A ring of the last exits, for divergence reports; kept as plain data (formatted only for a
 /// report), since it is filled at every exit of a replay.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct ExitRing {
     ring: std::collections::VecDeque<(u64, VirtualTime, ExitWhat)>,
 }

@@ -38,6 +38,15 @@ pub struct ReplayStats {
     pub dirty_mismatches: u64,
 }
 
+/// Where a replayer stands in its log, to go back there (reverse execution).
+#[derive(Debug, Clone)]
+pub struct ReplayCursor {
+    next: usize,
+    dirty: DirtyPages,
+    ring: ExitRing,
+    stats: ReplayStats,
+}
+
 pub struct Replayer {
     records: Vec<Record>,
     complete: bool,
@@ -63,6 +72,32 @@ impl Replayer {
 
     pub fn stats(&self) -> ReplayStats {
         self.stats
+    }
+
+    /// Pages an in-memory checkpoint took from KVM's dirty log: the next landmark's hash
+    /// counts them as if the replayer had taken them itself.
+    pub fn carry_dirty(&mut self, pages: &[u64]) {
+        self.dirty.carry(pages);
+    }
+
+    pub fn cursor(&self) -> ReplayCursor {
+        ReplayCursor {
+            next: self.next,
+            dirty: self.dirty.clone(),
+            ring: self.ring.clone(),
+            stats: self.stats,
+        }
+    }
+
+    /// Goes back to a cursor taken earlier in this replay; the debug exits made since stay
+    /// counted.
+    pub fn rewind(&mut self, cursor: &ReplayCursor) {
+        let debug_exits = self.stats.debug_exits;
+        self.next = cursor.next;
+        self.dirty = cursor.dirty.clone();
+        self.ring = cursor.ring.clone();
+        self.stats = cursor.stats;
+        self.stats.debug_exits = debug_exits;
     }
 
     /// Whether a logged landmark is to be given at exit `exits` (a probe that plants

@@ -31,6 +31,38 @@ pub fn create_guest_memory(bytes: u64) -> Result<GuestMemoryMmap, MemoryError> {
         .map_err(|source| MemoryError::Mmap { mib, source })
 }
 
+/// Pages of guest RAM the VMM itself wrote (a virtio device's data, status byte and used
+/// ring), which KVM's dirty log never sees: the in-memory checkpoints of reverse execution
+/// need them. Off unless a checkpointing replay turns it on. A process holds one VM, so one
+/// log for the process (the devices would otherwise need a handle each).
+static HOST_WRITES: std::sync::Mutex<Option<std::collections::BTreeSet<u64>>> =
+    std::sync::Mutex::new(None);
+
+/// Starts (or stops) logging the VMM's own writes to guest RAM.
+pub fn track_host_writes(on: bool) {
+    let mut log = HOST_WRITES.lock().unwrap_or_else(|e| e.into_inner());
+    *log = on.then(Default::default);
+}
+
+/// The VMM wrote `len` bytes of guest RAM at `gpa`.
+pub fn note_host_write(gpa: u64, len: usize) {
+    if len == 0 {
+        return;
+    }
+    let mut log = HOST_WRITES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(pages) = log.as_mut() {
+        pages.extend((gpa >> 12)..=((gpa + len as u64 - 1) >> 12));
+    }
+}
+
+/// The pages written by the VMM since the last call (guest page numbers).
+pub fn take_host_writes() -> Vec<u64> {
+    let mut log = HOST_WRITES.lock().unwrap_or_else(|e| e.into_inner());
+    log.as_mut()
+        .map(|pages| std::mem::take(pages).into_iter().collect())
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

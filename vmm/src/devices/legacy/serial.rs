@@ -120,6 +120,11 @@ pub struct Serial {
     /// by an IIR read that reports it or by a THR write.
     thr_empty_interrupt: bool,
     output_failed: bool,
+    /// Bytes the guest has transmitted (host-side, not part of the snapshot state): a replay
+    /// that goes back in time (`rrr replay --gdb`'s reverse execution) sets it back and the
+    /// bytes below `silent_until` are not written again, since the output already holds them.
+    transmitted: u64,
+    silent_until: u64,
 }
 
 impl Serial {
@@ -139,7 +144,22 @@ impl Serial {
             line_errors: 0,
             thr_empty_interrupt: false,
             output_failed: false,
+            transmitted: 0,
+            silent_until: 0,
         }
+    }
+
+    /// How many bytes the guest has transmitted.
+    pub fn transmitted(&self) -> u64 {
+        self.transmitted
+    }
+
+    /// Goes back to when `count` bytes had been transmitted: the guest transmits the same bytes
+    /// again as its replay goes forward (it is deterministic), and those already written out
+    /// are not written twice.
+    pub fn rewind_output(&mut self, count: u64) {
+        self.silent_until = self.silent_until.max(self.transmitted);
+        self.transmitted = count;
     }
 
     pub fn save(&self) -> SerialState {
@@ -236,12 +256,18 @@ impl Serial {
     }
 
     fn transmit(&mut self, byte: u8) {
-        if self.looping() {
+        let looping = self.looping();
+        if !looping {
+            self.transmitted += 1;
+        }
+        if looping {
             if self.input.len() < INPUT_QUEUE_LIMIT {
                 self.input.push_back(byte);
             } else {
                 self.line_errors |= LSR_OE;
             }
+        } else if self.transmitted <= self.silent_until {
+            // Written out before a rewind.
         } else if let Err(error) = self
             .output
             .write_all(&[byte])

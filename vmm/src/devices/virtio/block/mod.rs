@@ -81,6 +81,7 @@ impl Block {
         };
         // `parse` checked that the status byte is in guest memory. The used length is 32 bits:
         // a guest that asked for more than that is told the most it can be told.
+        crate::vstate::memory::note_host_write(chain.status_addr().0, 1);
         let used = match mem.write_obj(status, chain.status_addr()) {
             Ok(()) => written.saturating_add(1),
             Err(e) => {
@@ -156,6 +157,11 @@ impl VirtioDevice for Block {
             // A head index outside the table means the available ring itself is garbage.
             queue.add_used(mem, head, len).map_err(broken)?;
         }
+        // The used ring: flags, index, the elements and the event word.
+        crate::vstate::memory::note_host_write(
+            queue.used_ring(),
+            6 + 8 * usize::from(queue.size()),
+        );
         queue.needs_notification(mem).map_err(broken)
     }
 

@@ -188,6 +188,7 @@ impl Chain {
                 let mut rest = &id[..];
                 for d in data {
                     let n = rest.len().min(d.len() as usize);
+                    crate::vstate::memory::note_host_write(d.addr().0, n);
                     mem.write_slice(&rest[..n], d.addr())
                         .map_err(|source| memory_error(d.addr(), source))?;
                     *written += n as u64;
@@ -269,6 +270,7 @@ fn copy_to_guest(
         let n = scratch.len().min((d.len() - done) as usize);
         let addr = chunk_addr(d, done)?;
         fill(&mut scratch[..n])?;
+        crate::vstate::memory::note_host_write(addr.0, n);
         mem.write_slice(&scratch[..n], addr)
             .map_err(|source| memory_error(addr, source))?;
         done += n as u32;
