@@ -116,7 +116,7 @@ fn gdb_breaks_in_the_kernel_steps_and_the_replay_still_matches() {
     let kernel_dir = vmlinux.parent().unwrap();
     assert!(
         banner.contains(&format!(
-            "gdb -iex 'add-auto-load-safe-path {}' {} -ex 'target remote {addr}'",
+            "gdb -iex 'add-auto-load-safe-path {}' -iex 'set remotetimeout 60' {} -ex 'target remote {addr}'",
             kernel_dir.display(),
             vmlinux.display()
         )),
@@ -149,6 +149,7 @@ fn gdb_breaks_in_the_kernel_steps_and_the_replay_still_matches() {
     let mut gdb = Command::new("timeout");
     gdb.args(["600", "gdb", "-batch", "-nx", "-iex"])
         .arg(format!("add-auto-load-safe-path {}", kernel_dir.display()))
+        .args(["-iex", "set remotetimeout 60"])
         .arg(&vmlinux);
     for c in &commands {
         gdb.args(["-ex", c]);

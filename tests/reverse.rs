@@ -409,4 +409,39 @@ fn gdb_runs_the_replay_backwards_to_a_write_and_across_calls() {
     if let Some(fd) = fd {
         assert_eq!(uint_arg(&calls[installed].1, "fd"), Some(fd), "{calls:?}");
     }
+
+    // A moment seen in the trace opens in gdb: `monitor goto` of the position the trace gives
+    // fd_install's entry (its `__fentry__` site, after the `endbr64` gdb breaks on) stops there,
+    // in the same call.
+    let traced_at = calls[installed].1["position"]["str"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no position in the trace: {calls:?}"))
+        .to_owned();
+    let (exits, rip, _) = position(&traced_at).unwrap_or_else(|| panic!("{traced_at}"));
+    assert_eq!(exits, at_install.0, "the same exit interval as gdb's stop");
+    assert!(rip > at_install.1 && rip < at_install.1 + 16, "{traced_at}");
+    let third: Vec<String> = [
+        format!("monitor goto {traced_at}"),
+        "maint flush register-cache".into(),
+        "bt 1".into(),
+        "monitor when".into(),
+        "delete".into(),
+        "continue".into(),
+    ]
+    .to_vec();
+    let (said, replay, ok) = gdb_session(&rec, &vmlinux, &third);
+    let context = format!("gdb said:\n{said}\nrrr replay said:\n{replay}");
+    assert!(ok, "{context}");
+    let frame = said
+        .lines()
+        .find(|l| l.starts_with("#0 "))
+        .unwrap_or_else(|| panic!("no frame after the goto:\n{context}"));
+    assert!(frame.contains("in fd_install ("), "{context}");
+    assert_eq!(frame_arg(frame, "file"), Some(file), "{context}");
+    let when: Vec<(u64, u64, u64)> = said.lines().filter_map(position).collect();
+    assert_eq!(when, [position(&traced_at).unwrap()], "{context}");
+    assert!(
+        replay.contains("rrr: the replay matches the recording"),
+        "{context}"
+    );
 }

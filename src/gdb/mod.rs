@@ -25,7 +25,6 @@ use rrr_vmm::clock::VirtualTime;
 use rrr_vmm::rr::checkpoint::{CheckpointStats, Checkpoints};
 use rrr_vmm::rr::{ExecMode, ExitWhat, Replayer, RrError};
 use rrr_vmm::run_loop::RunState;
-use rrr_vmm::stall::LandmarkCause;
 
 pub use session::Debugger;
 
@@ -54,6 +53,9 @@ pub fn parse_addr(text: &str) -> Result<SocketAddr> {
     Ok(addr)
 }
 
+/// The seconds the connect line tells gdb to wait for an answer.
+pub const REMOTE_TIMEOUT_S: u32 = 60;
+
 /// The line that tells the user how to connect.
 pub fn banner(addr: SocketAddr, vmlinux: &std::path::Path) -> String {
     // With the kernel's gdb scripts beside vmlinux, gdb loads them (lx-dmesg, lx-ps, ...) once
@@ -63,8 +65,10 @@ pub fn banner(addr: SocketAddr, vmlinux: &std::path::Path) -> String {
         .filter(|dir| dir.join(rrr_kernels::gdb_scripts::SCRIPT_NAME).is_file())
         .map(|dir| format!("-iex 'add-auto-load-safe-path {}' ", dir.display()))
         .unwrap_or_default();
+    // gdb gives up on a remote that takes 2 s to answer; a replay going back over checkpoints,
+    // or a carrier on a loaded machine, can take longer.
     format!(
-        "rrr: gdb: the replay waits at READY for gdb on {addr}; connect with:\n  gdb {scripts}{} -ex 'target remote {addr}'",
+        "rrr: gdb: the replay waits at READY for gdb on {addr}; connect with:\n  gdb {scripts}-iex 'set remotetimeout {REMOTE_TIMEOUT_S}' {} -ex 'target remote {addr}'",
         vmlinux.display()
     )
 }
@@ -119,6 +123,8 @@ impl GdbReplay {
 }
 
 impl ExecMode for GdbReplay {
+    rrr_vmm::replayer_passthrough!(replayer);
+
     fn after_exit(
         &mut self,
         vmm: &mut Vmm,
@@ -134,10 +140,6 @@ impl ExecMode for GdbReplay {
             return checked;
         }
         self.debugger.after_exit(vmm, exits)
-    }
-
-    fn host_landmarks(&self) -> bool {
-        self.replayer.host_landmarks()
     }
 
     fn wants_boundary(&self, exits: u64) -> bool {
@@ -184,36 +186,6 @@ impl ExecMode for GdbReplay {
         self.replayer.carry_dirty(&dirty);
         self.debugger.checkpoints = checkpoints.exits();
         Ok(None)
-    }
-
-    fn feeds_input(&self) -> bool {
-        self.replayer.feeds_input()
-    }
-
-    fn input_delivered(
-        &mut self,
-        exits: u64,
-        now: VirtualTime,
-        bytes: &[u8],
-    ) -> Result<(), RrError> {
-        self.replayer.input_delivered(exits, now, bytes)
-    }
-
-    fn input_due(
-        &mut self,
-        exits: u64,
-        now: VirtualTime,
-        room: usize,
-    ) -> Result<Option<Vec<u8>>, RrError> {
-        self.replayer.input_due(exits, now, room)
-    }
-
-    fn input_pending_at(&self, exits: u64, now: VirtualTime) -> bool {
-        self.replayer.input_pending_at(exits, now)
-    }
-
-    fn landmark(&mut self, vmm: &mut Vmm, exits: u64, cause: LandmarkCause) -> Result<(), RrError> {
-        self.replayer.landmark(vmm, exits, cause)
     }
 
     fn probe_hit(

@@ -18,7 +18,6 @@ use rrr_tracer::Index;
 use rrr_vmm::builder::Vmm;
 use rrr_vmm::clock::VirtualTime;
 use rrr_vmm::rr::{ExecMode, ExitWhat, Replayer, RrError};
-use rrr_vmm::stall::LandmarkCause;
 
 pub use tracer::{EmitFilter, Tracer};
 
@@ -184,6 +183,8 @@ pub struct TracedReplay {
 }
 
 impl ExecMode for TracedReplay {
+    rrr_vmm::replayer_passthrough!(replayer);
+
     fn after_exit(
         &mut self,
         vmm: &mut Vmm,
@@ -192,40 +193,6 @@ impl ExecMode for TracedReplay {
         what: ExitWhat,
     ) -> Result<(), RrError> {
         self.replayer.after_exit(vmm, exits, now, what)
-    }
-
-    fn host_landmarks(&self) -> bool {
-        self.replayer.host_landmarks()
-    }
-
-    fn feeds_input(&self) -> bool {
-        self.replayer.feeds_input()
-    }
-
-    fn input_delivered(
-        &mut self,
-        exits: u64,
-        now: VirtualTime,
-        bytes: &[u8],
-    ) -> Result<(), RrError> {
-        self.replayer.input_delivered(exits, now, bytes)
-    }
-
-    fn input_due(
-        &mut self,
-        exits: u64,
-        now: VirtualTime,
-        room: usize,
-    ) -> Result<Option<Vec<u8>>, RrError> {
-        self.replayer.input_due(exits, now, room)
-    }
-
-    fn input_pending_at(&self, exits: u64, now: VirtualTime) -> bool {
-        self.replayer.input_pending_at(exits, now)
-    }
-
-    fn landmark(&mut self, vmm: &mut Vmm, exits: u64, cause: LandmarkCause) -> Result<(), RrError> {
-        self.replayer.landmark(vmm, exits, cause)
     }
 
     fn probe_hit(&mut self, vmm: &mut Vmm, exits: u64, now: VirtualTime) -> Result<bool, RrError> {

@@ -115,6 +115,53 @@ pub enum RrError {
 
 /// What the run loop asks of the mode. Every method has the plain-run default: no log, host
 /// landmarks and host input as they come.
+/// Inside `impl ExecMode for W`, where `W` wraps a [`Replayer`] in field `$field` and adds
+/// probes of its own (the trace pass, gdb): the methods such a wrapper hands to the replayer
+/// unchanged, written once here.
+#[macro_export]
+macro_rules! replayer_passthrough {
+    ($field:ident) => {
+        fn host_landmarks(&self) -> bool {
+            self.$field.host_landmarks()
+        }
+
+        fn feeds_input(&self) -> bool {
+            self.$field.feeds_input()
+        }
+
+        fn input_delivered(
+            &mut self,
+            exits: u64,
+            now: $crate::clock::VirtualTime,
+            bytes: &[u8],
+        ) -> Result<(), $crate::rr::RrError> {
+            self.$field.input_delivered(exits, now, bytes)
+        }
+
+        fn input_due(
+            &mut self,
+            exits: u64,
+            now: $crate::clock::VirtualTime,
+            room: usize,
+        ) -> Result<Option<Vec<u8>>, $crate::rr::RrError> {
+            self.$field.input_due(exits, now, room)
+        }
+
+        fn input_pending_at(&self, exits: u64, now: $crate::clock::VirtualTime) -> bool {
+            self.$field.input_pending_at(exits, now)
+        }
+
+        fn landmark(
+            &mut self,
+            vmm: &mut $crate::builder::Vmm,
+            exits: u64,
+            cause: $crate::stall::LandmarkCause,
+        ) -> Result<(), $crate::rr::RrError> {
+            self.$field.landmark(vmm, exits, cause)
+        }
+    };
+}
+
 pub trait ExecMode {
     /// After synchronous exit number `exits` was counted and the clock ticked.
     fn after_exit(
