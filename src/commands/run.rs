@@ -402,18 +402,21 @@ pub fn run_vm(
     session: &mut dyn Session,
 ) -> Result<RunSummary> {
     let console_path = run_dir.join("console.log");
-    let detector = Arc::new(Mutex::new(CrashDetector::new()));
+    let mut detector = Arc::new(Mutex::new(CrashDetector::new()));
     let control = console::ControlSlot::default();
     let log = File::create(&console_path)
         .with_context(|| format!("cannot create {}", console_path.display()))?;
-    let console = console::ConsoleTee {
-        terminal: (!args.quiet).then(std::io::stdout),
-        log: log
-            .try_clone()
-            .with_context(|| format!("cannot reopen {}", console_path.display()))?,
-        detector: detector.clone(),
-        control: control.clone(),
+    let tee = |detector: &Arc<Mutex<CrashDetector>>| -> Result<console::ConsoleTee> {
+        Ok(console::ConsoleTee {
+            terminal: (!args.quiet).then(std::io::stdout),
+            log: log
+                .try_clone()
+                .with_context(|| format!("cannot reopen {}", console_path.display()))?,
+            detector: detector.clone(),
+            control: control.clone(),
+        })
     };
+    let console = tee(&detector)?;
 
     let spec = MachineSpec {
         kernel: kernel.to_owned(),
@@ -439,8 +442,41 @@ pub fn run_vm(
     } else {
         StartMode::Snapshot
     };
-    let started =
-        crate::machine::start(&spec, config, Box::new(console), disks, mode, &console_path)?;
+    let mut started = crate::machine::start(
+        &spec,
+        config.clone(),
+        Box::new(console),
+        disks,
+        mode,
+        &console_path,
+    )?;
+    // A recording starts where its replays will: from the snapshot file. The VM that booted
+    // and saved it is set aside (whatever the file does not carry would part them).
+    if session.dirty_log() {
+        if let Started::AtReady(at_ready) = &started {
+            if at_ready.report.kind == StartKind::BootedAndSaved {
+                if !args.quiet {
+                    eprintln!("rrr: {}; restoring it to start from it", at_ready.report);
+                }
+                drop(started);
+                (&log)
+                    .set_len(0)
+                    .and_then(|()| {
+                        std::io::Seek::seek(&mut &log, std::io::SeekFrom::Start(0)).map(drop)
+                    })
+                    .with_context(|| format!("cannot rewrite {}", console_path.display()))?;
+                detector = Arc::new(Mutex::new(CrashDetector::new()));
+                started = crate::machine::start(
+                    &spec,
+                    config,
+                    Box::new(tee(&detector)?),
+                    spec.disks(&stimulus_slot)?,
+                    StartMode::Snapshot,
+                    &console_path,
+                )?;
+            }
+        }
+    }
     // Console bytes before this offset were printed before READY (the boot log).
     let mut boot_len = 0;
     let (vmm, result, start_report) = match started {
