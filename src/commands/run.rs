@@ -459,8 +459,7 @@ pub fn run_vm(
                     eprintln!("rrr: {}; restoring it to start from it", at_ready.report);
                 }
                 drop(started);
-                (&log)
-                    .set_len(0)
+                log.set_len(0)
                     .and_then(|()| {
                         std::io::Seek::seek(&mut &log, std::io::SeekFrom::Start(0)).map(drop)
                     })
