@@ -9,6 +9,7 @@ mod commands;
 mod digest;
 mod gdb;
 mod machine;
+mod position;
 mod progress;
 mod syzbot;
 mod trace;

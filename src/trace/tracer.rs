@@ -23,6 +23,7 @@ use super::decode::{self, Shown};
 use super::func_probes::{FuncProbe, FuncProbes};
 use super::guest::GuestReader;
 use super::probes::{Probe, ProbeSet};
+use crate::position::Position;
 
 /// Kernel stacks (task and interrupt stacks) are 16 KiB and aligned to it: an address's stack.
 const STACK_SHIFT: u32 = 14;
@@ -125,27 +126,11 @@ pub struct Tracer {
     stats: TraceStats,
 }
 
-/// A moment of the replay as `monitor goto` takes it: after exit `exits`, the `hits`-th arrival
-/// at `rip`. Execution between two exits is deterministic, so this names one instruction
-/// boundary in every replay of the recording.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Position {
-    pub exits: u64,
-    pub rip: u64,
-    pub hits: u32,
-}
-
-impl std::fmt::Display for Position {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{:#x}:{}", self.exits, self.rip, self.hits)
-    }
-}
-
 /// Counts arrivals at each probe address between two exits.
 #[derive(Default)]
 struct HitCounter {
     exits: u64,
-    counts: HashMap<u64, u32>,
+    counts: HashMap<u64, u64>,
 }
 
 impl HitCounter {
@@ -156,11 +141,7 @@ impl HitCounter {
         }
         let hits = self.counts.entry(rip).or_insert(0);
         *hits += 1;
-        Position {
-            exits,
-            rip,
-            hits: *hits,
-        }
+        Position::arrival(exits, rip, *hits)
     }
 }
 
@@ -1026,14 +1007,7 @@ mod tests {
         assert_eq!(hits.arrive(7, 0x10).hits, 2);
         // A new exit starts the count again.
         let p = hits.arrive(8, 0x10);
-        assert_eq!(
-            p,
-            Position {
-                exits: 8,
-                rip: 0x10,
-                hits: 1
-            }
-        );
+        assert_eq!(p, Position::arrival(8, 0x10, 1));
         assert_eq!(p.to_string(), "8:0x10:1");
     }
 }
