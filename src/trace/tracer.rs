@@ -315,11 +315,7 @@ impl Tracer {
         if self.func_probes.is_none() {
             return Ok(false);
         }
-        let regs = if self.sync_regs {
-            vmm.vcpu.fd.sync_regs().regs
-        } else {
-            vmm.vcpu.fd.get_regs().map_err(RrError::Vcpu)?
-        };
+        let regs = self.read_regs(vmm)?;
         self.mem.refresh();
         let Some(task_ptr) = self.mem.read_u64(vmm, self.current_at) else {
             return Ok(false);
@@ -334,14 +330,7 @@ impl Tracer {
         };
         let mut moved = regs;
         moved.rip = bias.wrapping_add(FuncProbes::resume_after(at));
-        if self.sync_regs {
-            vmm.vcpu.fd.sync_regs_mut().regs = moved;
-            vmm.vcpu.fd.set_sync_dirty_reg(SyncReg::Register);
-        } else {
-            vmm.vcpu.fd.set_regs(&moved).map_err(RrError::Vcpu)?;
-            vmm.vcpu.fd.set_sync_valid_reg(SyncReg::Register);
-            self.sync_regs = true;
-        }
+        self.write_regs(vmm, &moved)?;
         let image = &self
             .caller
             .as_ref()
@@ -565,14 +554,7 @@ impl Tracer {
     }
 
     fn hit_inner(&mut self, vmm: &mut Vmm, exits: u64, now: VirtualTime) -> Result<bool, RrError> {
-        // After the first hit, KVM leaves the registers in the run page at every exit and takes
-        // them back from it when told (KVM_CAP_SYNC_REGS): two ioctls fewer per probe, which
-        // inside the carrier is most of a probe's cost.
-        let regs = if self.sync_regs {
-            vmm.vcpu.fd.sync_regs().regs
-        } else {
-            vmm.vcpu.fd.get_regs().map_err(RrError::Vcpu)?
-        };
+        let regs = self.read_regs(vmm)?;
         // User memory and vmalloc'd stacks are read through the page tables in use now.
         self.mem.refresh();
         // KVM completed the `hlt` before it exited: RIP is past it.
@@ -601,14 +583,7 @@ impl Tracer {
                 moved.rsp = regs.rsp.wrapping_add(8);
             }
         }
-        if self.sync_regs {
-            vmm.vcpu.fd.sync_regs_mut().regs = moved;
-            vmm.vcpu.fd.set_sync_dirty_reg(SyncReg::Register);
-        } else {
-            vmm.vcpu.fd.set_regs(&moved).map_err(RrError::Vcpu)?;
-            vmm.vcpu.fd.set_sync_valid_reg(SyncReg::Register);
-            self.sync_regs = true;
-        }
+        self.write_regs(vmm, &moved)?;
         let ts = self.timestamp(now);
         let at = self.hits.arrive(exits, at);
         let result = match probe {
@@ -618,6 +593,30 @@ impl Tracer {
         result.map_err(|e| RrError::Probe(e.to_string()))?;
         self.plant_func_probes(vmm);
         Ok(true)
+    }
+
+    /// The vCPU's registers at a probe. After the first, KVM leaves them in the run page at
+    /// every exit and takes them back from it when told (KVM_CAP_SYNC_REGS): two ioctls fewer
+    /// per probe, which inside the carrier is most of a probe's cost.
+    fn read_regs(&self, vmm: &Vmm) -> Result<kvm_bindings::kvm_regs, RrError> {
+        if self.sync_regs {
+            Ok(vmm.vcpu.fd.sync_regs().regs)
+        } else {
+            vmm.vcpu.fd.get_regs().map_err(RrError::Vcpu)
+        }
+    }
+
+    /// Where the guest goes on after a probe (the instruction under it done by the VMM).
+    fn write_regs(&mut self, vmm: &mut Vmm, moved: &kvm_bindings::kvm_regs) -> Result<(), RrError> {
+        if self.sync_regs {
+            vmm.vcpu.fd.sync_regs_mut().regs = *moved;
+            vmm.vcpu.fd.set_sync_dirty_reg(SyncReg::Register);
+        } else {
+            vmm.vcpu.fd.set_regs(moved).map_err(RrError::Vcpu)?;
+            vmm.vcpu.fd.set_sync_valid_reg(SyncReg::Register);
+            self.sync_regs = true;
+        }
+        Ok(())
     }
 
     /// The task running now, read from the guest (and its identity when it is new).
