@@ -588,7 +588,9 @@ impl Tracer {
         let at = self.hits.arrive(exits, at);
         let result = match probe {
             Probe::Entry(f) => self.entered(vmm, f, &regs, ts, at),
-            Probe::Return(f) => self.returned(vmm, f, &regs, ts, at),
+            // Returns carry no position (half the events, and most of their size): gdb gets
+            // to one from its call's entry with `finish`.
+            Probe::Return(f) => self.returned(vmm, f, &regs, ts),
         };
         result.map_err(|e| RrError::Probe(e.to_string()))?;
         self.plant_func_probes(vmm);
@@ -875,7 +877,6 @@ impl Tracer {
         function: u32,
         regs: &kvm_bindings::kvm_regs,
         ts: u64,
-        at: Position,
     ) -> anyhow::Result<()> {
         self.stats.returns += 1;
         let ptr = self.current(vmm)?;
@@ -934,7 +935,6 @@ impl Tracer {
                     let by = &self.index.functions[function as usize].name;
                     shown.push(("returned through", Shown::Str(by.clone())));
                 }
-                shown.push((POSITION_ARG, Shown::Str(at.to_string())));
             } else {
                 shown.push(("return", Shown::Str("<not seen>".into())));
             }
@@ -959,7 +959,7 @@ fn as_args<N: AsRef<str>>(shown: &[(N, Shown)]) -> Vec<Arg<'_>> {
 /// The category of the stimulus's own functions in the trace.
 const STIMULUS_CATEGORY: &str = "stimulus";
 
-/// The argument every entry and return carries: where it happened, for `monitor goto` in gdb.
+/// The argument every entry carries: where it happened, for `monitor goto` in gdb.
 const POSITION_ARG: &str = "position";
 
 const ARG_NAMES: [&str; 6] = ["arg0", "arg1", "arg2", "arg3", "arg4", "arg5"];
