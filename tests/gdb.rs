@@ -4,72 +4,17 @@
 //! `task_struct` field by name, single-steps, finishes the function, and lets the replay run to
 //! its end, which must still match the recording: the debugger's exits (its breakpoints' `hlt`s,
 //! single steps) are not the VM's, and its breakpoints are lifted before the final state hash.
-//!
-//! Where this host's KVM is software-only the replay runs in the carrier, which has no network:
-//! QEMU listens on the host's loopback port and carries gdb's bytes to rrr inside over a
-//! virtio-serial port, so gdb runs here on the host as a user would run it.
 
-use std::io::{BufRead, BufReader, Read};
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+mod gdb_common;
 
-const RRR: &str = env!("CARGO_BIN_EXE_rrr");
+use std::process::Command;
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn test_dir(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("gdb-tests")
-        .join(format!("{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// A loopback port nobody listens on now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The default kernel's vmlinux (cached; `rrr kernel build` prints its directory).
-fn vmlinux() -> PathBuf {
-    let out = Command::new(RRR)
-        .args(["kernel", "build"])
-        .output()
-        .expect("cannot start rrr");
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    PathBuf::from(text(&out.stdout).trim()).join("vmlinux")
-}
+use gdb_common::{gdb_session, record_open_write_close, test_dir, text, vmlinux, RRR};
 
 #[test]
 fn gdb_breaks_in_the_kernel_steps_and_the_replay_still_matches() {
-    let dir = test_dir("session");
-    let rec = dir.join("ow.rrr");
-    let stimulus = root().join("examples/stimuli/open_write_close.c");
-    let out = Command::new(RRR)
-        .args(["record", stimulus.to_str().unwrap(), "-o"])
-        .arg(&rec)
-        .arg("--quiet")
-        .output()
-        .expect("cannot start rrr");
-    assert!(
-        out.status.success(),
-        "rrr record failed:\n{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    let dir = test_dir("gdb-tests", "session");
+    let rec = record_open_write_close(&dir);
     let vmlinux = vmlinux();
 
     // Refused before any VM starts: the protocol has no authentication.
@@ -84,52 +29,7 @@ fn gdb_breaks_in_the_kernel_steps_and_the_replay_still_matches() {
         text(&out.stderr)
     );
 
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut replay = Command::new(RRR)
-        .args(["replay", rec.to_str().unwrap(), "--quiet", "--gdb", &addr])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start rrr replay");
-    let mut stdout = replay.stdout.take().unwrap();
-    let stdout_reader = std::thread::spawn(move || {
-        let mut all = String::new();
-        let _ = stdout.read_to_string(&mut all);
-        all
-    });
-    // The replay says when gdb may connect (at READY) and how.
-    let mut stderr = BufReader::new(replay.stderr.take().unwrap());
-    let mut banner = String::new();
-    let started = Instant::now();
-    loop {
-        let mut line = String::new();
-        if stderr.read_line(&mut line).unwrap() == 0 {
-            panic!("rrr replay --gdb ended before waiting for gdb:\n{banner}");
-        }
-        banner.push_str(&line);
-        if line.contains("target remote") {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(300), "{banner}");
-    }
-    // The kernel's own gdb scripts sit beside vmlinux, and the line loads them.
-    let kernel_dir = vmlinux.parent().unwrap();
-    assert!(
-        banner.contains(&format!(
-            "gdb -iex 'add-auto-load-safe-path {}' -iex 'set remotetimeout 60' {} -ex 'target remote {addr}'",
-            kernel_dir.display(),
-            vmlinux.display()
-        )),
-        "the banner does not say how to connect:\n{banner}"
-    );
-    let stderr_reader = std::thread::spawn(move || {
-        let mut rest = String::new();
-        let _ = stderr.read_to_string(&mut rest);
-        rest
-    });
-
-    let commands = [
-        format!("target remote {addr}"),
+    let commands: Vec<String> = vec![
         "break do_sys_openat2".into(),
         "continue".into(),
         "bt".into(),
@@ -146,23 +46,25 @@ fn gdb_breaks_in_the_kernel_steps_and_the_replay_still_matches() {
         "delete".into(),
         "continue".into(),
     ];
-    let mut gdb = Command::new("timeout");
-    gdb.args(["600", "gdb", "-batch", "-nx", "-iex"])
-        .arg(format!("add-auto-load-safe-path {}", kernel_dir.display()))
-        .args(["-iex", "set remotetimeout 60"])
-        .arg(&vmlinux);
-    for c in &commands {
-        gdb.args(["-ex", c]);
-    }
-    let out = gdb
-        .output()
-        .expect("cannot start gdb (scripts/setup installs it)");
-    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
-    let status = replay.wait().unwrap();
-    let replay_out = stdout_reader.join().unwrap();
-    let replay_err = stderr_reader.join().unwrap();
-    let context = format!(
-        "gdb said:\n{said}\nrrr replay ({status}) said:\n{replay_out}\n{banner}{replay_err}"
+    // The kernel's own gdb scripts sit beside vmlinux; gdb loads them from there.
+    let kernel_dir = vmlinux.parent().unwrap();
+    let session = gdb_session(
+        &rec,
+        &vmlinux,
+        &[format!("add-auto-load-safe-path {}", kernel_dir.display())],
+        &commands,
+    );
+    let (said, replay_out, banner) = (&session.said, &session.replay, &session.banner);
+    let context = session.context();
+    // The replay said when gdb may connect (at READY) and how, the scripts' directory included.
+    assert!(
+        banner.contains(&format!(
+            "gdb -iex 'add-auto-load-safe-path {}' -iex 'set remotetimeout 60' {} -ex 'target remote {}'",
+            kernel_dir.display(),
+            vmlinux.display(),
+            session.addr
+        )),
+        "the banner does not say how to connect:\n{banner}"
     );
 
     // Stopped at the breakpoint, in the function, with its arguments.
@@ -217,7 +119,7 @@ fn gdb_breaks_in_the_kernel_steps_and_the_replay_still_matches() {
         said.contains("[Inferior 1 (process 1) exited normally]"),
         "{context}"
     );
-    assert!(status.success(), "{context}");
+    assert!(session.ok, "{context}");
     assert!(
         replay_out.contains("rrr: the replay matches the recording"),
         "the replay under gdb did not match its recording:\n{context}"

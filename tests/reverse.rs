@@ -12,49 +12,15 @@
 //! `alloc_empty_file` with the credentials gdb shows in the frame it stopped in, then
 //! `fd_install` with the descriptor and file gdb showed.
 
-use std::io::{BufRead, BufReader, Read};
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+mod gdb_common;
 
+use std::path::Path;
+use std::process::Command;
+
+use gdb_common::{
+    gdb_session, record_open_write_close, root, test_dir, text, vmlinux, GdbSession, RRR,
+};
 use serde_json::Value;
-
-const RRR: &str = env!("CARGO_BIN_EXE_rrr");
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn test_dir(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("reverse-tests")
-        .join(format!("{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn vmlinux() -> PathBuf {
-    let out = Command::new(RRR)
-        .args(["kernel", "build"])
-        .output()
-        .expect("cannot start rrr");
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    PathBuf::from(text(&out.stdout).trim()).join("vmlinux")
-}
 
 /// A position as `monitor when` prints it: EXITS:RIP:HITS[+STEPS].
 fn position(line: &str) -> Option<(u64, u64, u64)> {
@@ -80,60 +46,17 @@ fn frame_arg(line: &str, name: &str) -> Option<u64> {
     u64::from_str_radix(&digits[..end], radix).ok()
 }
 
-/// A gdb session against `rrr replay --gdb`: gdb's output, and the replay's stdout and stderr.
-fn gdb_session(rec: &Path, vmlinux: &Path, commands: &[String]) -> (String, String, bool) {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut replay = Command::new(RRR)
-        .args(["replay", rec.to_str().unwrap(), "--quiet", "--gdb", &addr])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start rrr replay");
-    let mut stdout = replay.stdout.take().unwrap();
-    let stdout_reader = std::thread::spawn(move || {
-        let mut all = String::new();
-        let _ = stdout.read_to_string(&mut all);
-        all
-    });
-    let mut stderr = BufReader::new(replay.stderr.take().unwrap());
-    let mut banner = String::new();
-    let started = Instant::now();
-    loop {
-        let mut line = String::new();
-        if stderr.read_line(&mut line).unwrap() == 0 {
-            panic!("rrr replay --gdb ended before waiting for gdb:\n{banner}");
-        }
-        banner.push_str(&line);
-        if line.contains("target remote") {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(300), "{banner}");
-    }
-    let stderr_reader = std::thread::spawn(move || {
-        let mut rest = String::new();
-        let _ = stderr.read_to_string(&mut rest);
-        rest
-    });
-    let mut gdb = Command::new("timeout");
-    gdb.args(["900", "gdb", "-batch", "-nx"]).arg(vmlinux);
-    // A replay that answers late (the carrier on a loaded machine) must not be given up on.
-    gdb.args(["-ex", "set remotetimeout 60"]);
-    gdb.args(["-ex", &format!("target remote {addr}")]);
-    for c in commands {
-        gdb.args(["-ex", c]);
-    }
-    let out = gdb
-        .output()
-        .expect("cannot start gdb (scripts/setup installs it)");
-    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
-    let status = replay.wait().unwrap();
-    let replay_out = stdout_reader.join().unwrap();
-    let replay_err = stderr_reader.join().unwrap();
-    (
+/// A gdb session against `rrr replay --gdb`: gdb's output, the replay's output (with what it
+/// printed before gdb connected), and whether the replay matched its recording.
+fn session(rec: &Path, vmlinux: &Path, commands: &[String]) -> (String, String, bool) {
+    let GdbSession {
+        banner,
         said,
-        format!("{replay_out}\n{banner}{replay_err}"),
-        status.success(),
-    )
+        replay,
+        ok,
+        ..
+    } = gdb_session(rec, vmlinux, &[], commands);
+    (said, format!("{banner}{replay}"), ok)
 }
 
 /// The trace decoded by Google's classes.
@@ -190,21 +113,8 @@ fn uint_arg(args: &Value, name: &str) -> Option<u64> {
 
 #[test]
 fn gdb_runs_the_replay_backwards_to_a_write_and_across_calls() {
-    let dir = test_dir("reverse");
-    let rec = dir.join("ow.rrr");
-    let stimulus = root().join("examples/stimuli/open_write_close.c");
-    let out = Command::new(RRR)
-        .args(["record", stimulus.to_str().unwrap(), "-o"])
-        .arg(&rec)
-        .arg("--quiet")
-        .output()
-        .expect("cannot start rrr");
-    assert!(
-        out.status.success(),
-        "rrr record failed:\n{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    let dir = test_dir("reverse-tests", "reverse");
+    let rec = record_open_write_close(&dir);
     let vmlinux = vmlinux();
 
     let first: Vec<String> = [
@@ -231,7 +141,7 @@ fn gdb_runs_the_replay_backwards_to_a_write_and_across_calls() {
     // The position of the breakpoint's stop is only known once gdb printed it: the session is
     // run once to learn it and the commands that use it come after (`monitor goto` of a
     // position from another session of the same recording is the point of naming positions).
-    let (said, replay, ok) = gdb_session(&rec, &vmlinux, &first);
+    let (said, replay, ok) = session(&rec, &vmlinux, &first);
     let context = format!("gdb said:\n{said}\nrrr replay said:\n{replay}");
     assert!(ok, "{context}");
     let stop = said
@@ -315,7 +225,7 @@ fn gdb_runs_the_replay_backwards_to_a_write_and_across_calls() {
         "continue".into(),
     ]
     .to_vec();
-    let (said, replay, ok) = gdb_session(&rec, &vmlinux, &second);
+    let (said, replay, ok) = session(&rec, &vmlinux, &second);
     let context = format!("gdb said:\n{said}\nrrr replay said:\n{replay}");
     assert!(ok, "{context}");
     let frames: Vec<&str> = said.lines().filter(|l| l.starts_with("#0 ")).collect();
@@ -429,7 +339,7 @@ fn gdb_runs_the_replay_backwards_to_a_write_and_across_calls() {
         "continue".into(),
     ]
     .to_vec();
-    let (said, replay, ok) = gdb_session(&rec, &vmlinux, &third);
+    let (said, replay, ok) = session(&rec, &vmlinux, &third);
     let context = format!("gdb said:\n{said}\nrrr replay said:\n{replay}");
     assert!(ok, "{context}");
     let frame = said

@@ -366,11 +366,7 @@ impl Tracer {
     ) -> anyhow::Result<()> {
         self.stats.user_entries += 1;
         self.close_kernel_frames(ptr, ts)?;
-        let task = &self.tasks[&ptr];
-        let depth = task.frames.iter().filter(|f| f.emitted).count() as u32;
-        let emitted = task.shown
-            && depth + 1 < MAX_DEPTH
-            && self.filter.depth.map_or(true, |max| depth < max);
+        let emitted = self.shows_next_frame(ptr);
         if emitted {
             let image = &self
                 .caller
@@ -621,6 +617,14 @@ impl Tracer {
         Ok(())
     }
 
+    /// Whether a frame the task at `ptr` enters now is written: the task is shown (`--pid`), and
+    /// the frame is within Perfetto's depth and the `--depth` filter.
+    fn shows_next_frame(&self, ptr: u64) -> bool {
+        let task = &self.tasks[&ptr];
+        let depth = task.frames.iter().filter(|f| f.emitted).count() as u32;
+        task.shown && depth + 1 < MAX_DEPTH && self.filter.depth.map_or(true, |max| depth < max)
+    }
+
     /// The task running now, read from the guest (and its identity when it is new).
     fn current(&mut self, vmm: &Vmm) -> anyhow::Result<u64> {
         let ptr = self
@@ -736,11 +740,7 @@ impl Tracer {
         } else {
             FrameKind::Function
         };
-        let task = &self.tasks[&ptr];
-        let depth = task.frames.iter().filter(|f| f.emitted).count() as u32;
-        let emitted = task.shown
-            && depth + 1 < MAX_DEPTH
-            && self.filter.depth.map_or(true, |max| depth < max);
+        let emitted = self.shows_next_frame(ptr);
         if emitted {
             match &syscall {
                 Some(call) => self.begin_syscall(vmm, ptr, call, regs.rdi, ts, at)?,
