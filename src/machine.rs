@@ -228,6 +228,7 @@ pub fn start(
                         console,
                         disks,
                         loaded.mem,
+                        loaded.origin,
                         &loaded.identity.description,
                         &loaded.machine,
                     )

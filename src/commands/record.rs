@@ -55,7 +55,6 @@ fn run_as(args: Args, command_line: Option<Vec<std::ffi::OsString>>) -> Result<i
         bail!("rrr record starts from the machine's snapshot (a replay restores it); --boot is for rrr run");
     }
     let started = Instant::now();
-    run::prefer_read_snapshot_memory();
     let prepared = run::prepare(&args.run)?;
     let run_dir = prepared.run_dir.clone();
     let output = args

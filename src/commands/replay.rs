@@ -90,7 +90,6 @@ pub fn run(args: Args) -> Result<i32> {
     if gdb_addr.is_some() && args.trace {
         bail!("--gdb and --trace cannot be combined yet: trace the recording with `rrr trace`, then debug it with `rrr replay --gdb`");
     }
-    run::prefer_read_snapshot_memory();
     let header = &recording.header;
     let kernel = match &args.kernel {
         Some(path) => super::boot::resolve_kernel(path)?,

@@ -167,6 +167,9 @@ pub struct RunSummary {
     /// The same by cause: spin-waits (cheap to replay) and loops with changing state (not).
     #[serde(default)]
     pub landmarks_by_kind: LandmarkCounts,
+    /// Interrupt windows that opened early, in an `sti` shadow, and were stepped to their place.
+    #[serde(default)]
+    pub shadow_steps: u64,
     /// Exits that were progress-port writes of instrumented code (`vmm::devices::progress`).
     #[serde(default)]
     pub progress_exits: u64,
@@ -364,18 +367,6 @@ pub fn carrier_handover(
         started.elapsed().as_secs_f64()
     );
     Ok(code)
-}
-
-/// Record and replay read the snapshot's memory at restore instead of mapping it lazily.
-/// Measured 2026-11-30 on the loaded 2-core machine, in the carrier: restores that mapped it
-/// gave every recording (5 of 5) stall landmarks right after READY (the guest waits on page
-/// faults that read the file over 9p, and the watchdog takes the frozen registers for a
-/// spin-wait); restores that read it gave none (4 of 4), for about 1.7 s more at the start.
-/// The variable crosses into the carrier with the environment.
-pub fn prefer_read_snapshot_memory() {
-    if std::env::var_os("RRR_SNAPSHOT_MEMORY").is_none() {
-        std::env::set_var("RRR_SNAPSHOT_MEMORY", "read");
-    }
 }
 
 fn new_run_dir(stimulus: &Path) -> Result<PathBuf> {
@@ -600,6 +591,7 @@ pub fn run_vm(
         exits: stats.exits,
         landmarks: stats.landmarks,
         landmarks_by_kind: stats.landmark_kinds,
+        shadow_steps: stats.shadow_steps,
         progress_exits: stats.progress_exits,
         progress: stats.progress,
         seed: args.seed,
@@ -721,6 +713,13 @@ fn write_summary(out: &mut impl Write, summary: &RunSummary) -> std::io::Result<
         summary.landmarks_by_kind.changing_state,
         summary.seed
     )?;
+    if summary.shadow_steps > 0 {
+        writeln!(
+            out,
+            "rrr: {} interrupt windows opened one instruction early (in an sti shadow) and were stepped to their place",
+            summary.shadow_steps
+        )?;
+    }
     if let Some(start) = &summary.start {
         writeln!(out, "rrr: start: {start}")?;
     }

@@ -188,6 +188,10 @@ impl ExecMode for GdbReplay {
         Ok(None)
     }
 
+    fn restore_guest_debug(&mut self, vmm: &mut Vmm) -> Result<(), RrError> {
+        self.debugger.restore_guest_debug(vmm)
+    }
+
     fn probe_hit(
         &mut self,
         vmm: &mut Vmm,

@@ -752,7 +752,7 @@ impl Debugger {
 
     /// The debug registers and single-step flag the session wants now (after the replayer's
     /// landmark search used its own).
-    fn restore_guest_debug(&self, vmm: &Vmm) -> Result<(), RrError> {
+    pub fn restore_guest_debug(&self, vmm: &Vmm) -> Result<(), RrError> {
         let Some(target) = &self.target else {
             return Ok(());
         };

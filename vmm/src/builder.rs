@@ -28,7 +28,7 @@ use crate::devices::virtio::mmio::{MmioTransport, MmioTransportState};
 use crate::host::KvmKind;
 use crate::irq::IsaIrq;
 use crate::vstate::kvm::{KvmError, KvmHandle};
-use crate::vstate::memory::{self, MemoryError};
+use crate::vstate::memory::{self, MemoryError, MemoryOrigin};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -215,6 +215,8 @@ pub struct Vmm {
     pub vm: Vm,
     pub kvm: KvmHandle,
     pub mem: GuestMemoryMmap,
+    /// Where `mem` came from (how its final state is hashed).
+    pub mem_origin: MemoryOrigin,
     pub pio: Bus,
     pub mmio: MmioDevices,
     pub devices: LegacyDevices,
@@ -359,6 +361,7 @@ pub fn build_vm(
         vm,
         kvm,
         mem,
+        mem_origin: MemoryOrigin::Anonymous,
         pio,
         mmio,
         devices,
@@ -400,6 +403,7 @@ pub fn restore_vm(
     console: Box<dyn Write + Send>,
     mmio_devices: Vec<MmioDeviceFactory>,
     mem: GuestMemoryMmap,
+    mem_origin: MemoryOrigin,
     saved: &VmDescription,
     machine: &crate::persist::MachineState,
 ) -> Result<Vmm, RestoreError> {
@@ -454,6 +458,7 @@ pub fn restore_vm(
         vm,
         kvm,
         mem,
+        mem_origin,
         pio,
         mmio,
         devices,

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::VcpuExit;
 
 use crate::arch::x86_64::fault::CpuSnapshot;
+use crate::arch::x86_64::sti_shadow::{self, Shadowed};
 use crate::builder::Vmm;
 use crate::bus::{lock, DeviceContext};
 use crate::clock::{VirtualClock, VirtualTime};
@@ -71,6 +72,10 @@ pub struct RunStats {
     pub injections: u64,
     /// Watchdog kicks (asynchronous; not part of the guest's timeline).
     pub kicks: u64,
+    /// Interrupt windows that opened one instruction early, in an `sti` shadow, and were
+    /// stepped to where they belong (host-timed, in the carrier only; not part of the timeline).
+    #[serde(default)]
+    pub shadow_steps: u64,
     /// Kicks after a stall at which a timer interrupt was delivered (host-timed: a recording
     /// must log them).
     pub landmarks: u64,
@@ -219,6 +224,19 @@ enum Step {
     Probe,
     /// `KVM_EXIT_DEBUG`, for the mode (a debugger's single step or debug-register hit).
     Debug(kvm_bindings::kvm_debug_exit_arch),
+    /// An interrupt window opened (or the step out of an `sti` shadow towards it ended).
+    Window,
+}
+
+/// What an open interrupt window turned out to be (`arch::x86_64::sti_shadow`).
+enum WindowOpened {
+    /// A window where it belongs: a synchronous exit.
+    Here,
+    /// One instruction early, in an `sti` shadow: the run loop steps over that instruction
+    /// first, and nothing is counted yet.
+    Stepping,
+    /// Early, on the `hlt` of `sti; hlt`: taken as the `hlt` exit it would have been.
+    Halt,
 }
 
 /// Console input from the host, crossing threads through a channel and handed to the guest only
@@ -278,6 +296,8 @@ struct Runner<'a> {
     /// Record, replay, or a plain run (`rr`).
     mode: &'a mut dyn ExecMode,
     last_exit: ExitWhat,
+    /// The vCPU is single-stepping out of an `sti` shadow, to where its window belongs.
+    shadow_step: bool,
 }
 
 /// Runs the VM from the start until it powers off, reboots, faults, or a time limit passes.
@@ -327,6 +347,7 @@ pub fn run_until_with(
         stop_at_ready,
         mode,
         last_exit: ExitWhat::Window,
+        shadow_step: false,
     };
     let end = runner.run_until_end();
     runner.stats.virtual_time = runner.clock.now();
@@ -455,6 +476,14 @@ impl Runner<'_> {
                     self.after_sync_exit()?
                 }
                 Step::Sync => self.after_sync_exit()?,
+                Step::Window => match self.window_opened()? {
+                    WindowOpened::Here => self.after_sync_exit()?,
+                    WindowOpened::Stepping => continue,
+                    WindowOpened::Halt => match self.probe_or_halt()? {
+                        Step::Probe => continue,
+                        _ => self.halt()?,
+                    },
+                },
                 Step::Halt => self.halt()?,
                 Step::Shutdown => {
                     if lock(&self.vmm.devices.i8042).take_reset_request() {
@@ -513,11 +542,7 @@ impl Runner<'_> {
                 vmm.mmio.bus.write(&mut cx, addr, data);
                 Step::Sync
             }
-            Ok(VcpuExit::IrqWindowOpen) => {
-                tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, "window");
-                self.last_exit = ExitWhat::Window;
-                Step::Sync
-            }
+            Ok(VcpuExit::IrqWindowOpen) => Step::Window,
             Ok(VcpuExit::Hlt) => Step::Halt,
             Ok(VcpuExit::Shutdown) => Step::Shutdown,
             Ok(VcpuExit::InternalError) => Step::InternalError,
@@ -535,7 +560,52 @@ impl Runner<'_> {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Kick,
             Err(e) => return Err(RunError::KvmRun(e)),
         };
+        // A kick can come before the step out of an `sti` shadow is done; any other exit ends it
+        // (an instruction that exits on its own is handled as the exit it is).
+        if self.shadow_step && !matches!(step, Step::Kick) {
+            self.shadow_step = false;
+            self.mode.restore_guest_debug(self.vmm)?;
+            if matches!(step, Step::Debug(_)) {
+                return Ok(Step::Window);
+            }
+        }
         Ok(step)
+    }
+
+    /// An interrupt window opened: where it belongs, or one instruction early, behind an `sti`
+    /// (`arch::x86_64::sti_shadow`).
+    fn window_opened(&mut self) -> Result<WindowOpened, RunError> {
+        let fd = &mut self.vmm.vcpu.fd;
+        let mut regs = fd.get_regs().map_err(RunError::KvmRun)?;
+        let sregs = fd.get_sregs().map_err(RunError::KvmRun)?;
+        match sti_shadow::shadowed(&regs, &sregs, &self.vmm.mem) {
+            Shadowed::No => {
+                tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, "window");
+                self.last_exit = ExitWhat::Window;
+                Ok(WindowOpened::Here)
+            }
+            Shadowed::Halt => {
+                // KVM leaves RIP after a `hlt` it exits on.
+                regs.rip += 1;
+                fd.set_regs(&regs).map_err(RunError::KvmRun)?;
+                tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, rip = regs.rip, "window on sti; hlt");
+                Ok(WindowOpened::Halt)
+            }
+            Shadowed::Instruction => {
+                tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, rip = regs.rip, "window in an sti shadow: stepping");
+                // With the window still requested, KVM would open it again before the step.
+                fd.get_kvm_run().request_interrupt_window = 0;
+                let step = kvm_bindings::kvm_guest_debug {
+                    control: kvm_bindings::KVM_GUESTDBG_ENABLE
+                        | kvm_bindings::KVM_GUESTDBG_SINGLESTEP,
+                    ..Default::default()
+                };
+                fd.set_guest_debug(&step).map_err(RunError::KvmRun)?;
+                self.shadow_step = true;
+                self.stats.shadow_steps += 1;
+                Ok(WindowOpened::Stepping)
+            }
+        }
     }
 
     /// A `hlt` exit: a probe of the mode's (handled there, not part of the timeline), or the

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 pub const MAGIC: [u8; 8] = *b"RRRSNAP\0";
 /// Bumped whenever the layout or any state struct changes; older and newer files are refused.
 /// v2: the random port's PRNG state joined the devices.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 const ENTRY_LEN: usize = 32;
 const MAX_SECTIONS: u32 = 16;
 pub const PAGE: u64 = 4096;
@@ -37,6 +37,8 @@ pub enum SectionKind {
     Console = 4,
     /// Where the memory section's data pages are, postcard.
     MemoryExtents = 5,
+    /// The CRC of each data page ([`super::memory::PageCrcs`]), postcard.
+    MemoryPages = 6,
 }
 
 impl SectionKind {
@@ -47,6 +49,7 @@ impl SectionKind {
             3 => SectionKind::Memory,
             4 => SectionKind::Console,
             5 => SectionKind::MemoryExtents,
+            6 => SectionKind::MemoryPages,
             _ => return None,
         })
     }

@@ -22,6 +22,11 @@ const RUN_PAGES: usize = 256;
 /// A run of data pages: guest physical start and length in bytes, both page multiples.
 pub type Extent = (u64, u64);
 
+/// Every non-zero page of guest RAM, as (page number, CRC32 of its bytes), by page number.
+/// A snapshot keeps it, so a run on a copy-on-write mapping of the snapshot can hash its final
+/// state by reading only the pages it wrote.
+pub type PageCrcs = Vec<(u64, u32)>;
+
 /// What [`write_sparse`] wrote.
 pub struct SparseImage {
     /// Bytes of guest RAM the section covers, holes included.
@@ -30,6 +35,7 @@ pub struct SparseImage {
     /// Where the data pages are; everything else reads as zero. Kept in the snapshot so that
     /// reading it back never depends on the filesystem reporting holes (9p does not).
     pub extents: Vec<Extent>,
+    pub pages: PageCrcs,
 }
 
 /// Writes every non-zero page of `mem` at `offset + guest address`; holes stay holes.
@@ -41,6 +47,7 @@ pub fn write_sparse(
     let mut hasher = crc32fast::Hasher::new();
     let mut total = 0;
     let mut extents: Vec<Extent> = Vec::new();
+    let mut pages = PageCrcs::new();
     for region in mem.iter() {
         let base = region.start_addr().0;
         let len = region.len() as usize;
@@ -64,8 +71,10 @@ pub fn write_sparse(
                 }
                 continue;
             }
-            hasher.update(&(base / PAGE + index as u64).to_le_bytes());
+            let number = base / PAGE + index as u64;
+            hasher.update(&number.to_le_bytes());
             hasher.update(page);
+            pages.push((number, crc32fast::hash(page)));
             match run_start {
                 Some(start) if (at - start) / PAGE as usize >= RUN_PAGES => {
                     flush(start, at)?;
@@ -86,6 +95,7 @@ pub fn write_sparse(
         len: total,
         crc32: hasher.finalize(),
         extents,
+        pages,
     })
 }
 
@@ -107,7 +117,7 @@ pub fn check_extents(extents: &[Extent], len: u64) -> Result<(), String> {
 
 /// Reads guest RAM (`len` bytes from guest physical 0) from the snapshot file into fresh
 /// anonymous memory, one read per extent (holes stay the zero pages they are), and returns it
-/// with the checksum of what it read. Where the file sits on a 9p or network share, this is
+/// with the checksum of what it read and the CRC of each non-zero page. Where the file sits on a 9p or network share, this is
 /// much faster than faulting pages in one by one. `extents` must have passed
 /// [`check_extents`].
 pub fn read_extents(
@@ -115,7 +125,7 @@ pub fn read_extents(
     offset: u64,
     len: u64,
     extents: &[Extent],
-) -> std::io::Result<(GuestMemoryMmap, u32)> {
+) -> std::io::Result<(GuestMemoryMmap, u32, PageCrcs)> {
     let mem = crate::vstate::memory::create_guest_memory(len)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let region = mem
@@ -131,17 +141,20 @@ pub fn read_extents(
     // the slice does not outlive `mem`'s borrow here.
     let ram = unsafe { std::slice::from_raw_parts_mut(region.as_ptr(), len as usize) };
     let mut hasher = crc32fast::Hasher::new();
+    let mut pages = PageCrcs::new();
     for &(start, size) in extents {
         let bytes = &mut ram[start as usize..(start + size) as usize];
         file.read_exact_at(bytes, offset + start)?;
         for (i, page) in bytes.chunks(PAGE as usize).enumerate() {
             if page.iter().any(|&b| b != 0) {
-                hasher.update(&(start / PAGE + i as u64).to_le_bytes());
+                let number = start / PAGE + i as u64;
+                hasher.update(&number.to_le_bytes());
                 hasher.update(page);
+                pages.push((number, crc32fast::hash(page)));
             }
         }
     }
-    Ok((mem, hasher.finalize()))
+    Ok((mem, hasher.finalize(), pages))
 }
 
 /// Maps guest RAM (`len` bytes from guest physical 0) from the snapshot file, private and
@@ -196,8 +209,23 @@ mod tests {
         restored.read_slice(&mut buf, GuestAddress(0x10)).unwrap();
         assert_eq!(&buf, b"first page");
         restored
+            .read_slice(&mut buf, GuestAddress((20 << 20) + 5))
+            .unwrap();
+        restored
             .write_slice(b"guest write", GuestAddress(0x10))
             .unwrap();
+        restored
+            .write_slice(b"new", GuestAddress(3 * PAGE))
+            .unwrap();
+        // Written pages are the private copies, read or untouched ones the file's.
+        let region = restored.iter().next().unwrap();
+        let written = crate::vstate::memory::written_pages_of_private_mapping(
+            region.as_ptr(),
+            (len / PAGE) as usize,
+        )
+        .unwrap();
+        let listed: Vec<usize> = (0..written.len()).filter(|&p| written[p]).collect();
+        assert_eq!(listed, vec![0, 3]);
         let mut on_disk = [0u8; 10];
         file.read_exact_at(&mut on_disk, PAGE + 0x10).unwrap();
         assert_eq!(
@@ -205,8 +233,11 @@ mod tests {
             "private mapping must not write back"
         );
 
-        let (read, read_crc) = read_extents(&file, PAGE, len, &image.extents).unwrap();
+        assert_eq!(image.pages.len(), 2);
+        assert_eq!(image.pages[1].0, (20 << 20) / PAGE);
+        let (read, read_crc, read_pages) = read_extents(&file, PAGE, len, &image.extents).unwrap();
         assert_eq!(read_crc, crc);
+        assert_eq!(read_pages, image.pages);
         let mut far = [0u8; 8];
         read.read_slice(&mut far, GuestAddress((20 << 20) + 5))
             .unwrap();

@@ -17,6 +17,7 @@ pub mod file;
 pub mod memory;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -26,6 +27,7 @@ use crate::builder::{LegacyState, Vmm};
 use crate::description::VmDescription;
 use crate::devices::virtio::mmio::MmioTransportState;
 use crate::run_loop::RunState;
+use crate::vstate::memory::MemoryOrigin;
 use crate::vstate::vcpu_state::{VcpuState, VcpuStateError};
 use file::{FileError, SectionKind, SnapshotFile, SnapshotWriter};
 
@@ -178,13 +180,17 @@ pub fn save(
     )?;
     let mem = &vmm.mem;
     writer.add(SectionKind::Console, boot_console)?;
-    let extents = writer.add_with(SectionKind::Memory, |file, offset| {
+    let (extents, pages) = writer.add_with(SectionKind::Memory, |file, offset| {
         let image = memory::write_sparse(mem, file, offset)?;
-        Ok((image.len, image.crc32, image.extents))
+        Ok((image.len, image.crc32, (image.extents, image.pages)))
     })?;
     writer.add(
         SectionKind::MemoryExtents,
         &encode(SectionKind::MemoryExtents, &extents)?,
+    )?;
+    writer.add(
+        SectionKind::MemoryPages,
+        &encode(SectionKind::MemoryPages, &pages)?,
     )?;
     let path = writer.finish()?;
     let meta = std::fs::metadata(&path).map_err(|source| FileError::Io {
@@ -206,6 +212,7 @@ pub struct LoadedSnapshot {
     pub identity: SnapshotIdentity,
     pub machine: MachineState,
     pub mem: GuestMemoryMmap,
+    pub origin: MemoryOrigin,
     /// The console output up to the snapshot.
     pub boot_console: Vec<u8>,
 }
@@ -275,28 +282,33 @@ pub fn load(
         path: path.to_owned(),
         why,
     })?;
-    let mem = match check {
+    let pages: memory::PageCrcs = decode(
+        path,
+        SectionKind::MemoryPages,
+        &file.read_section(SectionKind::MemoryPages)?,
+    )?;
+    let (mem, origin) = match check {
         MemoryCheck::Full => {
-            let (mem, crc) =
+            let (mem, crc, read_pages) =
                 memory::read_extents(&file.file, mem_section.offset, mem_section.len, &extents)
                     .map_err(|source| SnapshotError::MemoryIo {
                         path: path.to_owned(),
                         source,
                     })?;
-            if crc != mem_section.crc32 {
+            if crc != mem_section.crc32 || read_pages != pages {
                 return Err(SnapshotError::MemoryChecksum {
                     path: path.to_owned(),
                 });
             }
-            mem
+            (mem, MemoryOrigin::Anonymous)
         }
         MemoryCheck::SizeOnly => {
-            memory::map_private(&file.file, mem_section.offset, mem_section.len).map_err(|why| {
-                SnapshotError::Map {
+            let mem = memory::map_private(&file.file, mem_section.offset, mem_section.len)
+                .map_err(|why| SnapshotError::Map {
                     path: path.to_owned(),
                     why,
-                }
-            })?
+                })?;
+            (mem, MemoryOrigin::SnapshotMapping(Arc::new(pages)))
         }
     };
     Ok(LoadedSnapshot {
@@ -304,6 +316,7 @@ pub fn load(
         identity,
         machine,
         mem,
+        origin,
         boot_console,
     })
 }

@@ -12,13 +12,13 @@
 //!   recorded state again before the run loop enters the guest.
 
 pub mod checkpoint;
+pub mod final_state;
 pub mod log;
 pub mod record;
 pub mod replay;
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::path::Path;
 
 use vm_memory::{Bytes, GuestAddress};
 
@@ -263,6 +263,15 @@ pub trait ExecMode {
         Ok(false)
     }
 
+    /// Puts back the guest-debug settings the mode wants after the run loop single-stepped on
+    /// its own (out of an `sti` shadow). The default: none.
+    fn restore_guest_debug(&mut self, vmm: &mut Vmm) -> Result<(), RrError> {
+        vmm.vcpu
+            .fd
+            .set_guest_debug(&kvm_bindings::kvm_guest_debug::default())
+            .map_err(RrError::Vcpu)
+    }
+
     /// Whether [`ExecMode::boundary`] is to be called at the top of the run loop now (a cheap
     /// question asked before every entry).
     fn wants_boundary(&self, _exits: u64) -> bool {
@@ -361,7 +370,7 @@ impl DirtyPages {
     /// checkpoint, the exits and the console differed in that list).
     pub fn final_hash(&mut self, vmm: &Vmm) -> Result<u64, RrError> {
         self.take_and_hash(vmm)?;
-        let memory = hash_all_memory(vmm);
+        let memory = final_state::memory_hash(vmm);
         let regs = reg_state(vmm)?;
         tracing::debug!(
             written_pages = self.all.len(),
@@ -371,49 +380,6 @@ impl DirtyPages {
         );
         Ok(fnv([regs.hash(), memory]))
     }
-}
-
-/// A hash of every non-zero page of guest RAM with its page number. With `RRR_STATE_PAGES` set
-/// to a file path, the page numbers and CRCs are also written there, one `page crc` line each
-/// (hex): two runs whose final hashes differ can then be compared page by page.
-fn hash_all_memory(vmm: &Vmm) -> u64 {
-    let pages = nonzero_page_crcs(vmm);
-    if let Some(path) = std::env::var_os(STATE_PAGES_ENV) {
-        if let Err(err) = write_page_crcs(Path::new(&path), &pages) {
-            tracing::warn!("cannot write the final state's pages to {path:?}: {err}");
-        }
-    }
-    fnv(pages.iter().flat_map(|&(page, crc)| [page, u64::from(crc)]))
-}
-
-/// Where [`hash_all_memory`] lists the final state's pages, when set.
-pub const STATE_PAGES_ENV: &str = "RRR_STATE_PAGES";
-
-/// Every non-zero page of guest RAM, by page number, with the CRC32 of its contents.
-fn nonzero_page_crcs(vmm: &Vmm) -> Vec<(u64, u32)> {
-    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-    let mut pages = Vec::new();
-    for region in vmm.mem.iter() {
-        let base = region.start_addr().0 >> 12;
-        // SAFETY: the region maps `len` bytes for as long as `vmm.mem` lives, and the vCPU is
-        // stopped (the run is over), so nothing writes them while they are read.
-        let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr(), region.len() as usize) };
-        for (index, page) in bytes.chunks(4096).enumerate() {
-            if page.iter().any(|&b| b != 0) {
-                pages.push((base + index as u64, crc32fast::hash(page)));
-            }
-        }
-    }
-    pages
-}
-
-fn write_page_crcs(path: &Path, pages: &[(u64, u32)]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
-    for (page, crc) in pages {
-        writeln!(out, "{page:x} {crc:08x}")?;
-    }
-    out.flush()
 }
 
 fn hash_pages(vmm: &Vmm, pages: &[u64]) -> Result<u64, RrError> {

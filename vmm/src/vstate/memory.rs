@@ -31,6 +31,42 @@ pub fn create_guest_memory(bytes: u64) -> Result<GuestMemoryMmap, MemoryError> {
         .map_err(|source| MemoryError::Mmap { mib, source })
 }
 
+/// Where guest RAM came from, which decides how the run's final state can be hashed.
+#[derive(Debug, Clone, Default)]
+pub enum MemoryOrigin {
+    /// Anonymous memory: a boot, or a snapshot read whole. Nothing tells written pages apart.
+    #[default]
+    Anonymous,
+    /// A snapshot mapped copy-on-write ([`crate::persist::memory::map_private`]): a page anyone
+    /// wrote since (the guest, KVM, a device) is an anonymous copy, and every other page still
+    /// holds the snapshot's bytes, whose CRCs these are.
+    SnapshotMapping(std::sync::Arc<crate::persist::memory::PageCrcs>),
+}
+
+/// Which pages of a private file mapping of `pages` pages at `start` were written since it was
+/// mapped, from `/proc/self/pagemap`: a written page is present and anonymous (its
+/// copy-on-write copy), or swapped out. Exact whoever wrote it, unlike KVM's dirty log, which
+/// misses the VMM's own writes.
+pub fn written_pages_of_private_mapping(
+    start: *const u8,
+    pages: usize,
+) -> std::io::Result<Vec<bool>> {
+    use std::os::unix::fs::FileExt;
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    const FILE_OR_SHARED: u64 = 1 << 61;
+    let pagemap = std::fs::File::open("/proc/self/pagemap")?;
+    let mut raw = vec![0u8; pages * 8];
+    pagemap.read_exact_at(&mut raw, (start as u64 / 4096) * 8)?;
+    Ok(raw
+        .chunks_exact(8)
+        .map(|entry| {
+            let entry = u64::from_le_bytes(entry.try_into().expect("8 bytes"));
+            entry & SWAPPED != 0 || (entry & PRESENT != 0 && entry & FILE_OR_SHARED == 0)
+        })
+        .collect())
+}
+
 /// Pages of guest RAM the VMM itself wrote (a virtio device's data, status byte and used
 /// ring), which KVM's dirty log never sees: the in-memory checkpoints of reverse execution
 /// need them. Off unless a checkpointing replay turns it on. A process holds one VM, so one

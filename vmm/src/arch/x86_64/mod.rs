@@ -7,4 +7,5 @@ pub mod fault;
 pub mod kernel;
 pub mod layout;
 pub mod regs;
+pub mod sti_shadow;
 pub mod walk;
