@@ -29,16 +29,11 @@ pub const MAX_RECORD_BYTES: u32 = 128 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
-    #[error("cannot read the recording {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("cannot write the recording {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    // The I/O error is part of the message, not a `source`: anyhow's `{:#}` would print it twice.
+    #[error("cannot read the recording {path}: {io}")]
+    Read { path: PathBuf, io: std::io::Error },
+    #[error("cannot write the recording {path}: {io}")]
+    Write { path: PathBuf, io: std::io::Error },
     #[error("not an rrr recording (no rrr recording magic at the start)")]
     NotARecording,
     #[error("recording format version {found}, this rrr reads version {FORMAT_VERSION} only")]
@@ -187,9 +182,9 @@ pub struct RecordingWriter {
 impl RecordingWriter {
     /// Creates (or truncates) `path` and writes the preamble and the header.
     pub fn create(path: &Path, header: Header) -> Result<Self, LogError> {
-        let write_err = |source| LogError::Write {
+        let write_err = |io| LogError::Write {
             path: path.to_owned(),
-            source,
+            io,
         };
         let mut file = File::create(path).map_err(write_err)?;
         let mut preamble = MAGIC.to_vec();
@@ -207,12 +202,10 @@ impl RecordingWriter {
 
     pub fn append(&mut self, record: &Record) -> Result<(), LogError> {
         let frame = encode_frame(record)?;
-        self.file
-            .write_all(&frame)
-            .map_err(|source| LogError::Write {
-                path: self.path.clone(),
-                source,
-            })?;
+        self.file.write_all(&frame).map_err(|io| LogError::Write {
+            path: self.path.clone(),
+            io,
+        })?;
         self.bytes += frame.len() as u64;
         self.records += 1;
         Ok(())
@@ -220,9 +213,9 @@ impl RecordingWriter {
 
     /// Makes the records written so far durable (at the end of a recording).
     pub fn sync(&mut self) -> Result<(), LogError> {
-        self.file.sync_data().map_err(|source| LogError::Write {
+        self.file.sync_data().map_err(|io| LogError::Write {
             path: self.path.clone(),
-            source,
+            io,
         })
     }
 
@@ -275,9 +268,9 @@ pub struct Recording {
 
 impl Recording {
     pub fn read(path: &Path) -> Result<Self, LogError> {
-        let bytes = std::fs::read(path).map_err(|source| LogError::Read {
+        let bytes = std::fs::read(path).map_err(|io| LogError::Read {
             path: path.to_owned(),
-            source,
+            io,
         })?;
         Self::parse(&bytes)
     }
