@@ -37,7 +37,7 @@ pub fn memory_hash(vmm: &Vmm) -> u64 {
 fn nonzero_page_crcs(vmm: &Vmm) -> PageCrcs {
     if let MemoryOrigin::SnapshotMapping(snapshot) = &vmm.mem_origin {
         match written_since_snapshot(vmm) {
-            Ok(written) => return merge_written(vmm, snapshot, &written),
+            Ok(written) => return merge_written(snapshot, &written),
             // Not an error for the run: the slow way gives the same hash.
             Err(err) => tracing::debug!("page map unreadable ({err}); hashing all of RAM"),
         }
@@ -63,48 +63,61 @@ fn regions(vmm: &Vmm) -> impl Iterator<Item = (u64, &[u8])> {
     })
 }
 
+/// A region of guest RAM and which of its pages the run wrote.
+struct WrittenRegion<'a> {
+    /// Its first page number.
+    base: u64,
+    bytes: &'a [u8],
+    written: Vec<bool>,
+}
+
+impl WrittenRegion<'_> {
+    fn wrote(&self, page: u64) -> bool {
+        page >= self.base
+            && self
+                .written
+                .get((page - self.base) as usize)
+                .copied()
+                .unwrap_or(false)
+    }
+}
+
 /// For each region, which of its pages were written since the snapshot was mapped.
-fn written_since_snapshot(vmm: &Vmm) -> std::io::Result<Vec<(u64, &[u8], Vec<bool>)>> {
+fn written_since_snapshot(vmm: &Vmm) -> std::io::Result<Vec<WrittenRegion<'_>>> {
     regions(vmm)
         .map(|(base, bytes)| {
             let written = written_pages_of_private_mapping(bytes.as_ptr(), bytes.len() / PAGE)?;
-            Ok((base, bytes, written))
+            Ok(WrittenRegion {
+                base,
+                bytes,
+                written,
+            })
         })
         .collect()
 }
 
 /// The snapshot's page CRCs, with every written page's taken from its bytes now (and dropped
 /// if it is zero now).
-fn merge_written(vmm: &Vmm, snapshot: &PageCrcs, written: &[(u64, &[u8], Vec<bool>)]) -> PageCrcs {
-    let is_written = |page: u64| {
-        written.iter().any(|(base, _, map)| {
-            page >= *base && map.get((page - base) as usize).copied().unwrap_or(false)
-        })
-    };
+fn merge_written(snapshot: &PageCrcs, regions: &[WrittenRegion]) -> PageCrcs {
     let mut pages: PageCrcs = snapshot
         .iter()
         .copied()
-        .filter(|&(page, _)| !is_written(page))
+        .filter(|&(page, _)| !regions.iter().any(|r| r.wrote(page)))
         .collect();
-    for (base, bytes, map) in written {
-        for (index, _) in map.iter().enumerate().filter(|(_, &w)| w) {
-            let page = &bytes[index * PAGE..(index + 1) * PAGE];
+    let mut read = 0usize;
+    for region in regions {
+        for (index, _) in region.written.iter().enumerate().filter(|(_, &w)| w) {
+            read += 1;
+            let page = &region.bytes[index * PAGE..(index + 1) * PAGE];
             if page.iter().any(|&b| b != 0) {
-                pages.push((base + index as u64, crc32fast::hash(page)));
+                pages.push((region.base + index as u64, crc32fast::hash(page)));
             }
         }
     }
     pages.sort_unstable_by_key(|&(page, _)| page);
     tracing::debug!(
-        written = written
-            .iter()
-            .map(|(_, _, m)| m.iter().filter(|&&w| w).count())
-            .sum::<usize>(),
-        of = vmm
-            .mem
-            .iter()
-            .map(|r| r.len() as usize / PAGE)
-            .sum::<usize>(),
+        written = read,
+        of = regions.iter().map(|r| r.written.len()).sum::<usize>(),
         "final state from the snapshot's page CRCs and the pages written since"
     );
     pages
@@ -117,4 +130,37 @@ fn write_page_crcs(path: &Path, pages: &[(u64, u32)]) -> std::io::Result<()> {
         writeln!(out, "{page:x} {crc:08x}")?;
     }
     out.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(fill: u8) -> Vec<u8> {
+        vec![fill; PAGE]
+    }
+
+    #[test]
+    fn the_snapshot_crcs_and_the_written_pages_give_the_whole_memory_crcs() {
+        // At the snapshot: pages 0, 1 and 2 hold A, B, C. The run zeroed page 1 and wrote D on
+        // page 3; pages 0 and 2 are still the snapshot's.
+        let snapshot: PageCrcs = [b'A', b'B', b'C']
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| (i as u64, crc32fast::hash(&page(b))))
+            .collect();
+        let now = [page(b'A'), page(0), page(b'C'), page(b'D')].concat();
+        let region = WrittenRegion {
+            base: 0,
+            bytes: &now,
+            written: vec![false, true, false, true],
+        };
+        let whole: PageCrcs = now
+            .chunks(PAGE)
+            .enumerate()
+            .filter(|(_, p)| p.iter().any(|&b| b != 0))
+            .map(|(i, p)| (i as u64, crc32fast::hash(p)))
+            .collect();
+        assert_eq!(merge_written(&snapshot, &[region]), whole);
+    }
 }
