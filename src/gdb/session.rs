@@ -754,7 +754,12 @@ impl Debugger {
     /// landmark search used its own).
     pub fn restore_guest_debug(&self, vmm: &Vmm) -> Result<(), RrError> {
         let Some(target) = &self.target else {
-            return Ok(());
+            // No debugger attached: none at all (the run loop's own steps must not linger).
+            return vmm
+                .vcpu
+                .fd
+                .set_guest_debug(&Default::default())
+                .map_err(RrError::Vcpu);
         };
         let debug = match self.stepping_over {
             Some((at, _)) => target.guest_debug(true, Some(at)),
