@@ -133,12 +133,7 @@ impl DebugTarget {
     }
 
     fn paging(&self) -> PagingMode {
-        PagingMode {
-            cr0: self.sregs.cr0,
-            cr3: self.sregs.cr3,
-            cr4: self.sregs.cr4,
-            efer: self.sregs.efer,
-        }
+        PagingMode::of(&self.sregs)
     }
 
     /// Puts every original byte back (before the final state hash, a landmark search, a

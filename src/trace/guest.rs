@@ -42,12 +42,7 @@ impl GuestReader {
     fn paging(&mut self, vmm: &Vmm) -> Option<PagingMode> {
         if self.paging.is_none() {
             let s = vmm.vcpu.fd.get_sregs().ok()?;
-            self.paging = Some(PagingMode {
-                cr0: s.cr0,
-                cr3: s.cr3,
-                cr4: s.cr4,
-                efer: s.efer,
-            });
+            self.paging = Some(PagingMode::of(&s));
         }
         self.paging
     }

@@ -29,19 +29,8 @@ pub struct CpuSnapshot {
 
 impl CpuSnapshot {
     pub fn capture(regs: kvm_regs, sregs: &kvm_sregs, mem: &GuestMemoryMmap) -> Self {
-        let mode = PagingMode {
-            cr0: sregs.cr0,
-            cr3: sregs.cr3,
-            cr4: sregs.cr4,
-            efer: sregs.efer,
-        };
-        // Outside long mode CS has a base; in long mode it is ignored (and zero for us).
-        let rip = if sregs.efer & (1 << 10) != 0 {
-            regs.rip
-        } else {
-            sregs.cs.base.wrapping_add(regs.rip)
-        };
-        let (code, code_error) = mode.read_virt(mem, rip, CODE_BYTES);
+        let rip = PagingMode::code_address(&regs, sregs);
+        let (code, code_error) = PagingMode::of(sregs).read_virt(mem, rip, CODE_BYTES);
         CpuSnapshot {
             regs,
             cr0: sregs.cr0,

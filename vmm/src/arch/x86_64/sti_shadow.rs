@@ -33,19 +33,8 @@ pub enum Shadowed {
 /// Whether RIP sits right behind an `sti`, from the guest's own page tables. A byte that
 /// cannot be read counts as no `sti`: the window is then taken as it came.
 pub fn shadowed(regs: &kvm_regs, sregs: &kvm_sregs, mem: &GuestMemoryMmap) -> Shadowed {
-    let mode = PagingMode {
-        cr0: sregs.cr0,
-        cr3: sregs.cr3,
-        cr4: sregs.cr4,
-        efer: sregs.efer,
-    };
-    // Outside long mode CS has a base; in long mode it is ignored.
-    let rip = if sregs.efer & (1 << 10) != 0 {
-        regs.rip
-    } else {
-        sregs.cs.base.wrapping_add(regs.rip)
-    };
-    let (bytes, _) = mode.read_virt(mem, rip.wrapping_sub(1), 2);
+    let rip = PagingMode::code_address(regs, sregs);
+    let (bytes, _) = PagingMode::of(sregs).read_virt(mem, rip.wrapping_sub(1), 2);
     match bytes.as_slice() {
         [STI, HLT] => Shadowed::Halt,
         [STI, _] => Shadowed::Instruction,

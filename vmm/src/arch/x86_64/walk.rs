@@ -3,6 +3,7 @@
 //! Used for fault reports (the instruction bytes at RIP). Every table address comes from the
 //! guest, so each one is checked against guest RAM and every step can fail with a reason.
 
+use kvm_bindings::{kvm_regs, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::regs::{EFER_LMA, X86_CR0_PG, X86_CR4_PAE};
@@ -39,6 +40,26 @@ pub struct PagingMode {
 }
 
 impl PagingMode {
+    /// The vCPU's paging mode, from its special registers.
+    pub fn of(sregs: &kvm_sregs) -> Self {
+        PagingMode {
+            cr0: sregs.cr0,
+            cr3: sregs.cr3,
+            cr4: sregs.cr4,
+            efer: sregs.efer,
+        }
+    }
+
+    /// The virtual address of the instruction at CS:RIP: outside long mode CS has a base; in
+    /// long mode it is ignored.
+    pub fn code_address(regs: &kvm_regs, sregs: &kvm_sregs) -> u64 {
+        if sregs.efer & EFER_LMA != 0 {
+            regs.rip
+        } else {
+            sregs.cs.base.wrapping_add(regs.rip)
+        }
+    }
+
     /// Translates a virtual address to a guest-physical one.
     pub fn translate(&self, mem: &GuestMemoryMmap, gva: u64) -> Result<u64, WalkError> {
         if self.cr0 & X86_CR0_PG == 0 {
