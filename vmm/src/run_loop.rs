@@ -224,19 +224,12 @@ enum Step {
     Probe,
     /// `KVM_EXIT_DEBUG`, for the mode (a debugger's single step or debug-register hit).
     Debug(kvm_bindings::kvm_debug_exit_arch),
-    /// An interrupt window opened (or the step out of an `sti` shadow towards it ended).
+    /// An interrupt window opened (or the step out of an `sti` shadow towards it ended); see
+    /// [`Runner::window_opened`] for what it turns into.
     Window,
-}
-
-/// What an open interrupt window turned out to be (`arch::x86_64::sti_shadow`).
-enum WindowOpened {
-    /// A window where it belongs: a synchronous exit.
-    Here,
-    /// One instruction early, in an `sti` shadow: the run loop steps over that instruction
-    /// first, and nothing is counted yet.
-    Stepping,
-    /// Early, on the `hlt` of `sti; hlt`: taken as the `hlt` exit it would have been.
-    Halt,
+    /// The window opened one instruction early, in an `sti` shadow: the vCPU steps over that
+    /// instruction first, and nothing is counted yet.
+    InShadow,
 }
 
 /// Console input from the host, crossing threads through a channel and handed to the guest only
@@ -433,6 +426,9 @@ impl Runner<'_> {
                 continue;
             }
             let mut step = self.enter()?;
+            if matches!(step, Step::Window) {
+                step = self.window_opened()?;
+            }
             if matches!(step, Step::Halt) {
                 step = self.probe_or_halt()?;
             }
@@ -476,14 +472,8 @@ impl Runner<'_> {
                     self.after_sync_exit()?
                 }
                 Step::Sync => self.after_sync_exit()?,
-                Step::Window => match self.window_opened()? {
-                    WindowOpened::Here => self.after_sync_exit()?,
-                    WindowOpened::Stepping => continue,
-                    WindowOpened::Halt => match self.probe_or_halt()? {
-                        Step::Probe => continue,
-                        _ => self.halt()?,
-                    },
-                },
+                Step::InShadow => continue,
+                Step::Window => unreachable!("window_opened resolves every window"),
                 Step::Halt => self.halt()?,
                 Step::Shutdown => {
                     if lock(&self.vmm.devices.i8042).take_reset_request() {
@@ -572,9 +562,10 @@ impl Runner<'_> {
         Ok(step)
     }
 
-    /// An interrupt window opened: where it belongs, or one instruction early, behind an `sti`
-    /// (`arch::x86_64::sti_shadow`).
-    fn window_opened(&mut self) -> Result<WindowOpened, RunError> {
+    /// An interrupt window opened: where it belongs (a synchronous exit), one instruction early
+    /// behind an `sti` (a step over that instruction first), or early on the `hlt` of `sti; hlt`
+    /// (the `hlt` exit it would have been). See `arch::x86_64::sti_shadow`.
+    fn window_opened(&mut self) -> Result<Step, RunError> {
         let fd = &mut self.vmm.vcpu.fd;
         let mut regs = fd.get_regs().map_err(RunError::KvmRun)?;
         let sregs = fd.get_sregs().map_err(RunError::KvmRun)?;
@@ -582,14 +573,14 @@ impl Runner<'_> {
             Shadowed::No => {
                 tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, "window");
                 self.last_exit = ExitWhat::Window;
-                Ok(WindowOpened::Here)
+                Ok(Step::Sync)
             }
             Shadowed::Halt => {
                 // KVM leaves RIP after a `hlt` it exits on.
                 regs.rip += 1;
                 fd.set_regs(&regs).map_err(RunError::KvmRun)?;
                 tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, rip = regs.rip, "window on sti; hlt");
-                Ok(WindowOpened::Halt)
+                Ok(Step::Halt)
             }
             Shadowed::Instruction => {
                 tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, rip = regs.rip, "window in an sti shadow: stepping");
@@ -603,7 +594,7 @@ impl Runner<'_> {
                 fd.set_guest_debug(&step).map_err(RunError::KvmRun)?;
                 self.shadow_step = true;
                 self.stats.shadow_steps += 1;
-                Ok(WindowOpened::Stepping)
+                Ok(Step::InShadow)
             }
         }
     }
