@@ -144,13 +144,16 @@ impl Outcome {
     }
 
     fn context(&self) -> String {
+        let lines: Vec<&str> = self.console.lines().collect();
+        let console_tail = lines[lines.len().saturating_sub(40)..].join("\n");
         format!(
-            "{}: exit status {}\nsummary: {:#}\nstdout:\n{}\nstderr:\n{}",
+            "{}: exit status {}\nsummary: {:#}\nstdout:\n{}\nstderr:\n{}\nthe console's last 40 lines:\n{}",
             self.dir.display(),
             self.rc,
             self.summary,
             self.stdout,
-            self.stderr
+            self.stderr,
+            console_tail
         )
     }
 

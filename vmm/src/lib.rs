@@ -14,6 +14,7 @@ pub mod clock;
 pub mod config;
 pub mod description;
 pub mod devices;
+pub mod exit_ring;
 pub mod host;
 pub mod irq;
 pub mod persist;

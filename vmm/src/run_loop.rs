@@ -25,6 +25,7 @@ use crate::clock::{VirtualClock, VirtualTime};
 use crate::description::VmDescription;
 use crate::devices::control::ControlEvent;
 use crate::devices::progress::ProgressCounts;
+use crate::exit_ring::{ExitRing, RingEvent};
 use crate::irq::IrqLines;
 use crate::rr::{ExecMode, ExitWhat, Plain, RrError};
 use crate::stall::{LandmarkCounts, StallTracker, Verdict};
@@ -166,6 +167,9 @@ pub struct Fault {
     pub stats: RunStats,
     pub cpu: Option<CpuSnapshot>,
     pub description: VmDescription,
+    /// The last exits, injections and kicks before it, oldest first (`exit_ring`): after a
+    /// triple fault the registers are the reset state, and these are all there is.
+    pub last_exits: Vec<String>,
 }
 
 impl fmt::Display for Fault {
@@ -178,9 +182,19 @@ impl fmt::Display for Fault {
             self.kind
         )?;
         match &self.cpu {
-            Some(cpu) => write!(f, "{cpu}"),
-            None => write!(f, "  (registers unavailable)"),
+            Some(cpu) => write!(f, "{cpu}")?,
+            None => write!(f, "  (registers unavailable)")?,
         }
+        if !self.last_exits.is_empty() {
+            write!(
+                f,
+                "\n  last exits before it (rip as KVM reported it at each):"
+            )?;
+            for exit in &self.last_exits {
+                write!(f, "\n    {exit}")?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -291,6 +305,8 @@ struct Runner<'a> {
     last_exit: ExitWhat,
     /// The vCPU is single-stepping out of an `sti` shadow, to where its window belongs.
     shadow_step: bool,
+    /// The last exits, injections and kicks, for a fault report.
+    recent: ExitRing,
 }
 
 /// Runs the VM from the start until it powers off, reboots, faults, or a time limit passes.
@@ -341,6 +357,7 @@ pub fn run_until_with(
         mode,
         last_exit: ExitWhat::Window,
         shadow_step: false,
+        recent: ExitRing::default(),
     };
     let end = runner.run_until_end();
     runner.stats.virtual_time = runner.clock.now();
@@ -386,7 +403,15 @@ impl Runner<'_> {
             stats: self.stats,
             cpu: None,
             description: self.vmm.description.clone(),
+            last_exits: self.recent.list(),
         }))
+    }
+
+    /// Keeps `event` in the ring a fault report shows, with the RIP of the last exit.
+    fn note(&mut self, event: RingEvent) {
+        let rip = self.vmm.vcpu.exit_rip();
+        self.recent
+            .push(self.stats.exits, self.clock.now(), rip, event);
     }
 
     fn host_timed_out(&self) -> bool {
@@ -450,6 +475,7 @@ impl Runner<'_> {
                 Step::Kick => {
                     tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, "kick");
                     self.stats.kicks += 1;
+                    self.note(RingEvent::Kick);
                     if self.watchdog.as_ref().is_some_and(Watchdog::take_stall)
                         && self.mode.host_landmarks()
                     {
@@ -476,6 +502,7 @@ impl Runner<'_> {
                 Step::Window => unreachable!("window_opened resolves every window"),
                 Step::Halt => self.halt()?,
                 Step::Shutdown => {
+                    self.note(RingEvent::Shutdown);
                     if lock(&self.vmm.devices.i8042).take_reset_request() {
                         Some(RunEnd::Reboot)
                     } else {
@@ -594,6 +621,7 @@ impl Runner<'_> {
                 fd.set_guest_debug(&step).map_err(RunError::KvmRun)?;
                 self.shadow_step = true;
                 self.stats.shadow_steps += 1;
+                self.note(RingEvent::ShadowStep);
                 Ok(Step::InShadow)
             }
         }
@@ -766,6 +794,7 @@ impl Runner<'_> {
     /// stands.
     fn landmark(&mut self) -> Result<(), RunError> {
         self.stats.landmarks += 1;
+        self.note(RingEvent::Landmark);
         if let Some(deadline) = lock(&self.vmm.devices.pit).next_deadline() {
             self.clock.advance_to(deadline);
         }
@@ -790,6 +819,7 @@ impl Runner<'_> {
                 self.clock.tick();
             }
         }
+        self.note(RingEvent::Exit(self.last_exit));
         self.mode
             .after_exit(self.vmm, self.stats.exits, self.clock.now(), self.last_exit)?;
         if lock(&self.vmm.devices.i8042).take_reset_request() {
@@ -828,6 +858,7 @@ impl Runner<'_> {
             }
             self.vmm.vcpu.inject(vector)?;
             self.stats.injections += 1;
+            self.note(RingEvent::Inject { vector });
         }
         let more = lock(&self.vmm.devices.pic).interrupt_pending();
         self.vmm.vcpu.fd.get_kvm_run().request_interrupt_window = u8::from(more);
@@ -844,6 +875,7 @@ impl Runner<'_> {
             watchdog.note_progress(self.stats.exits);
         }
         self.clock.tick();
+        self.note(RingEvent::Exit(self.last_exit));
         self.mode
             .after_exit(self.vmm, self.stats.exits, self.clock.now(), self.last_exit)?;
         if !interrupts_on {

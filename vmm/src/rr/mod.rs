@@ -394,28 +394,3 @@ fn hash_pages(vmm: &Vmm, pages: &[u64]) -> Result<u64, RrError> {
     }
     Ok(fnv(words))
 }
-
-/// A ring of the last exits, for divergence reports; kept as plain data (formatted only for a
-/// report), since it is filled at every exit of a replay.
-#[derive(Debug, Default, Clone)]
-pub struct ExitRing {
-    ring: std::collections::VecDeque<(u64, VirtualTime, ExitWhat)>,
-}
-
-impl ExitRing {
-    const LEN: usize = 16;
-
-    pub fn push(&mut self, exits: u64, now: VirtualTime, what: ExitWhat) {
-        if self.ring.len() == Self::LEN {
-            self.ring.pop_front();
-        }
-        self.ring.push_back((exits, now, what));
-    }
-
-    pub fn list(&self) -> Vec<String> {
-        self.ring
-            .iter()
-            .map(|(exits, now, what)| format!("exit {exits} at {} ns: {what}", now.as_nanos()))
-            .collect()
-    }
-}

@@ -11,7 +11,8 @@ use crate::builder::Vmm;
 use crate::clock::VirtualTime;
 
 use super::log::{End, Landmark, Record, Recording, RegState, Tail};
-use super::{reg_state, DirtyPages, Divergence, ExecMode, ExitRing, ExitWhat, RrError};
+use super::{reg_state, DirtyPages, Divergence, ExecMode, ExitWhat, RrError};
+use crate::exit_ring::{ExitRing, RingEvent};
 
 /// Breakpoint hits at a landmark's RIP with another state before the replay gives up: a
 /// spin-wait matches at its first hit, a loop whose state changes may take many (DESIGN.md,
@@ -331,7 +332,8 @@ impl ExecMode for Replayer {
         now: VirtualTime,
         what: ExitWhat,
     ) -> Result<(), RrError> {
-        self.ring.push(exits, now, what);
+        self.ring
+            .push(exits, now, vmm.vcpu.exit_rip(), RingEvent::Exit(what));
         if self.peek().is_none() && !self.complete {
             return Err(RrError::EndOfPartial { exits });
         }
