@@ -12,7 +12,6 @@ use std::fs::File;
 use std::io::BufWriter;
 use std::path::Path;
 
-use kvm_ioctls::SyncReg;
 use rrr_perfetto::{Arg, Event, Kind, TraceWriter, TrackId, Value, MAX_DEPTH};
 use rrr_tracer::{Index, TaskLayout, UserImage};
 use rrr_vmm::builder::Vmm;
@@ -115,8 +114,6 @@ pub struct Tracer {
     last_task: Option<u64>,
     last_ts: u64,
     next_flow: u64,
-    /// Whether KVM keeps the registers in the run page (turned on at the first hit).
-    sync_regs: bool,
     arg_names: HashMap<u32, std::rc::Rc<[String]>>,
     /// Probe hits per address since the last exit: with the exit count they name the moment of
     /// an event in the replay (its position).
@@ -192,7 +189,6 @@ impl Tracer {
             last_task: None,
             last_ts: 0,
             next_flow: 1,
-            sync_regs: false,
             arg_names: HashMap::new(),
             hits: HitCounter::default(),
             caller: None,
@@ -593,28 +589,14 @@ impl Tracer {
         Ok(true)
     }
 
-    /// The vCPU's registers at a probe. After the first, KVM leaves them in the run page at
-    /// every exit and takes them back from it when told (KVM_CAP_SYNC_REGS): two ioctls fewer
-    /// per probe, which inside the carrier is most of a probe's cost.
+    /// The vCPU's registers at a probe, from the run page (KVM_CAP_SYNC_REGS): no ioctl.
     fn read_regs(&self, vmm: &Vmm) -> Result<kvm_bindings::kvm_regs, RrError> {
-        if self.sync_regs {
-            Ok(vmm.vcpu.fd.sync_regs().regs)
-        } else {
-            vmm.vcpu.fd.get_regs().map_err(RrError::Vcpu)
-        }
+        vmm.vcpu.exit_regs().map_err(RrError::Vcpu)
     }
 
     /// Where the guest goes on after a probe (the instruction under it done by the VMM).
     fn write_regs(&mut self, vmm: &mut Vmm, moved: &kvm_bindings::kvm_regs) -> Result<(), RrError> {
-        if self.sync_regs {
-            vmm.vcpu.fd.sync_regs_mut().regs = *moved;
-            vmm.vcpu.fd.set_sync_dirty_reg(SyncReg::Register);
-        } else {
-            vmm.vcpu.fd.set_regs(moved).map_err(RrError::Vcpu)?;
-            vmm.vcpu.fd.set_sync_valid_reg(SyncReg::Register);
-            self.sync_regs = true;
-        }
-        Ok(())
+        vmm.vcpu.set_regs_for_entry(moved).map_err(RrError::Vcpu)
     }
 
     /// Whether a frame the task at `ptr` enters now is written: the task is shown (`--pid`), and

@@ -4,7 +4,7 @@
 use std::sync::Once;
 use std::time::Duration;
 
-use kvm_bindings::{kvm_interrupt, CpuId};
+use kvm_bindings::{kvm_interrupt, kvm_regs, CpuId};
 use kvm_ioctls::{Cap, SyncReg, VcpuFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::ioctl::ioctl_with_ref;
@@ -57,6 +57,28 @@ impl Vcpu {
     /// The guest's RIP at the last exit, when KVM reports it in the run page.
     pub fn exit_rip(&self) -> Option<u64> {
         self.sync_regs.then(|| self.fd.sync_regs().regs.rip)
+    }
+
+    /// The registers at the last exit: from the run page where KVM stores them, else by ioctl
+    /// (inside the carrier an ioctl costs about as much as an exit).
+    pub fn exit_regs(&self) -> Result<kvm_regs, kvm_ioctls::Error> {
+        if self.sync_regs {
+            Ok(self.fd.sync_regs().regs)
+        } else {
+            self.fd.get_regs()
+        }
+    }
+
+    /// Registers for the next entry: through the run page (KVM takes them back at `KVM_RUN`),
+    /// else by ioctl. Nothing may read them by ioctl before that entry.
+    pub fn set_regs_for_entry(&mut self, regs: &kvm_regs) -> Result<(), kvm_ioctls::Error> {
+        if self.sync_regs {
+            self.fd.sync_regs_mut().regs = *regs;
+            self.fd.set_sync_dirty_reg(SyncReg::Register);
+            Ok(())
+        } else {
+            self.fd.set_regs(regs)
+        }
     }
 
     pub fn set_cpuid(&self, cpuid: &CpuId) -> Result<(), VcpuError> {
