@@ -170,6 +170,9 @@ pub struct RunSummary {
     /// Interrupt windows that opened early, in an `sti` shadow, and were stepped to their place.
     #[serde(default)]
     pub shadow_steps: u64,
+    /// Windows that opened on the `hlt` of `sti; hlt` and were taken as that `hlt`.
+    #[serde(default)]
+    pub shadowed_halts: u64,
     /// Exits that were progress-port writes of instrumented code (`vmm::devices::progress`).
     #[serde(default)]
     pub progress_exits: u64,
@@ -592,6 +595,7 @@ pub fn run_vm(
         landmarks: stats.landmarks,
         landmarks_by_kind: stats.landmark_kinds,
         shadow_steps: stats.shadow_steps,
+        shadowed_halts: stats.shadowed_halts,
         progress_exits: stats.progress_exits,
         progress: stats.progress,
         seed: args.seed,
@@ -718,6 +722,13 @@ fn write_summary(out: &mut impl Write, summary: &RunSummary) -> std::io::Result<
             out,
             "rrr: {} interrupt windows opened one instruction early (in an sti shadow) and were stepped to their place",
             summary.shadow_steps
+        )?;
+    }
+    if summary.shadowed_halts > 0 {
+        writeln!(
+            out,
+            "rrr: {} interrupt windows opened on the hlt of sti; hlt and were taken as that hlt",
+            summary.shadowed_halts
         )?;
     }
     if let Some(start) = &summary.start {

@@ -24,6 +24,8 @@ pub enum RingEvent {
     Kick,
     /// A step out of an `sti` shadow (`arch::x86_64::sti_shadow`).
     ShadowStep,
+    /// A window on the `hlt` of `sti; hlt`, taken as that `hlt`.
+    ShadowedHalt,
     /// A tick given at a stall (`stall`).
     Landmark,
     /// `KVM_EXIT_SHUTDOWN`: the vCPU was reset, its RIP is the reset vector.
@@ -37,6 +39,7 @@ impl fmt::Display for RingEvent {
             RingEvent::Inject { vector } => write!(f, "inject vector {vector}"),
             RingEvent::Kick => f.write_str("kick (host-timed)"),
             RingEvent::ShadowStep => f.write_str("step out of an sti shadow"),
+            RingEvent::ShadowedHalt => f.write_str("window on sti; hlt, taken as the hlt"),
             RingEvent::Landmark => f.write_str("landmark tick"),
             RingEvent::Shutdown => f.write_str("shutdown (triple fault)"),
         }

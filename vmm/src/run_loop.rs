@@ -77,6 +77,10 @@ pub struct RunStats {
     /// stepped to where they belong (host-timed, in the carrier only; not part of the timeline).
     #[serde(default)]
     pub shadow_steps: u64,
+    /// Windows that opened on the `hlt` of `sti; hlt` (the idle loop), taken as that `hlt`
+    /// (host-timed like the steps; in the carrier only).
+    #[serde(default)]
+    pub shadowed_halts: u64,
     /// Kicks after a stall at which a timer interrupt was delivered (host-timed: a recording
     /// must log them).
     pub landmarks: u64,
@@ -606,6 +610,8 @@ impl Runner<'_> {
                 // KVM leaves RIP after a `hlt` it exits on.
                 regs.rip += 1;
                 fd.set_regs(&regs).map_err(RunError::KvmRun)?;
+                self.stats.shadowed_halts += 1;
+                self.note(RingEvent::ShadowedHalt);
                 tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, rip = regs.rip, "window on sti; hlt");
                 Ok(Step::Halt)
             }
