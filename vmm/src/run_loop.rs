@@ -597,9 +597,9 @@ impl Runner<'_> {
     /// behind an `sti` (a step over that instruction first), or early on the `hlt` of `sti; hlt`
     /// (the `hlt` exit it would have been). See `arch::x86_64::sti_shadow`.
     fn window_opened(&mut self) -> Result<Step, RunError> {
-        let fd = &mut self.vmm.vcpu.fd;
-        let mut regs = fd.get_regs().map_err(RunError::KvmRun)?;
-        let sregs = fd.get_sregs().map_err(RunError::KvmRun)?;
+        let vcpu = &mut self.vmm.vcpu;
+        let mut regs = vcpu.exit_regs().map_err(RunError::KvmRun)?;
+        let sregs = vcpu.fd.get_sregs().map_err(RunError::KvmRun)?;
         match sti_shadow::shadowed(&regs, &sregs, &self.vmm.mem) {
             Shadowed::No => {
                 tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, "window");
@@ -607,9 +607,10 @@ impl Runner<'_> {
                 Ok(Step::Sync)
             }
             Shadowed::Halt => {
-                // KVM leaves RIP after a `hlt` it exits on.
+                // KVM leaves RIP after a `hlt` it exits on. The trace, which tells its probes'
+                // `hlt`s from the guest's own by that RIP, reads it from the run page.
                 regs.rip += 1;
-                fd.set_regs(&regs).map_err(RunError::KvmRun)?;
+                vcpu.set_regs_now(&regs).map_err(RunError::KvmRun)?;
                 self.stats.shadowed_halts += 1;
                 self.note(RingEvent::ShadowedHalt);
                 tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, rip = regs.rip, "window on sti; hlt");
@@ -618,13 +619,13 @@ impl Runner<'_> {
             Shadowed::Instruction => {
                 tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, rip = regs.rip, "window in an sti shadow: stepping");
                 // With the window still requested, KVM would open it again before the step.
-                fd.get_kvm_run().request_interrupt_window = 0;
+                vcpu.fd.get_kvm_run().request_interrupt_window = 0;
                 let step = kvm_bindings::kvm_guest_debug {
                     control: kvm_bindings::KVM_GUESTDBG_ENABLE
                         | kvm_bindings::KVM_GUESTDBG_SINGLESTEP,
                     ..Default::default()
                 };
-                fd.set_guest_debug(&step).map_err(RunError::KvmRun)?;
+                vcpu.fd.set_guest_debug(&step).map_err(RunError::KvmRun)?;
                 self.shadow_step = true;
                 self.stats.shadow_steps += 1;
                 self.note(RingEvent::ShadowStep);
@@ -859,7 +860,7 @@ impl Runner<'_> {
         let vector = lock(&self.vmm.devices.pic).acknowledge();
         if let Some(vector) = vector {
             if tracing::enabled!(target: "rrr_vmm::timeline", tracing::Level::TRACE) {
-                let rip = self.vmm.vcpu.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                let rip = self.vmm.vcpu.exit_rip().unwrap_or(0);
                 tracing::trace!(target: "rrr_vmm::timeline", exit = self.stats.exits, vector, rip, "inject");
             }
             self.vmm.vcpu.inject(vector)?;

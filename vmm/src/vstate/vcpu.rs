@@ -81,6 +81,16 @@ impl Vcpu {
         }
     }
 
+    /// Registers set now (`KVM_SET_REGS`), with the run page's copy made the same, so that a
+    /// reader of either (the trace reads the run page) sees them before the next entry.
+    pub fn set_regs_now(&mut self, regs: &kvm_regs) -> Result<(), kvm_ioctls::Error> {
+        self.fd.set_regs(regs)?;
+        if self.sync_regs {
+            self.fd.sync_regs_mut().regs = *regs;
+        }
+        Ok(())
+    }
+
     pub fn set_cpuid(&self, cpuid: &CpuId) -> Result<(), VcpuError> {
         self.fd.set_cpuid2(cpuid).map_err(VcpuError::SetCpuid)
     }
