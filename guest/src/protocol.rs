@@ -24,6 +24,14 @@ pub const PROGRESS_INTERVAL: u64 = 65536;
 pub const PROGRESS_FROM_KERNEL: u8 = 0x4b; // 'K'
 /// The byte the stimulus's trace-pc runtime writes.
 pub const PROGRESS_FROM_USER: u8 = 0x55; // 'U'
+/// The kernel room rrr's patch to `kcov.c` leaves for the trace pass's in-guest probes: an
+/// executable area in `.text` for the stubs the tracer writes (filled with `int3`), and a buffer
+/// in `.bss` their records go to (zeroes). Untraced, nothing refers to either.
+pub const TRACE_TEXT_SYMBOL: &str = "rrr_trace_text";
+pub const TRACE_TEXT_SIZE: u64 = 4 << 20;
+pub const TRACE_DATA_SYMBOL: &str = "rrr_trace_data";
+pub const TRACE_DATA_SIZE: u64 = 4 << 20;
+
 /// Set (to "1") in the stimulus's environment by the agent once it has granted the progress port
 /// with `ioperm`; without it the runtime only counts, since `outb` would fault.
 pub const PROGRESS_ENV: &str = "RRR_PROGRESS";

@@ -27,7 +27,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use rrr_guest::protocol::{PROGRESS_FROM_KERNEL, PROGRESS_INTERVAL, PROGRESS_PORT};
+use rrr_guest::protocol::{
+    PROGRESS_FROM_KERNEL, PROGRESS_INTERVAL, PROGRESS_PORT, TRACE_DATA_SIZE, TRACE_DATA_SYMBOL,
+    TRACE_TEXT_SIZE, TRACE_TEXT_SYMBOL,
+};
 use sha2::{Digest, Sha256};
 
 use crate::error::KernelError;
@@ -62,9 +65,35 @@ static __always_inline void rrr_progress_tick(void)
 		asm volatile("outb %b0, %w1" : : "a"((unsigned char){tag:#x}), "Nd"((unsigned short){PROGRESS_PORT:#x}));
 }}
 
+/*
+ * rrr: room for the trace pass's probes. The tracer writes a jump over each traced function's
+ * __fentry__ NOP and over each `ret; int3; int3; int3; int3` return site (what
+ * CONFIG_MITIGATION_RETHUNK's return thunk jumps become without the mitigation) to stubs it
+ * writes into {text}; they append a record of the call to {data}, which it drains at its exits.
+ * No code refers to either; a trace puts back the int3s and zeroes it found. Both go into the
+ * plain .text and .bss input sections, which the linker script places inside _stext.._etext
+ * and the kernel's .bss (a section of their own would be an orphan, placed after _etext).
+ */
+asm(".pushsection .text, \"ax\"\n"
+    ".balign 4096\n"
+    ".globl {text}\n"
+    "{text}:\n"
+    ".fill {text_size:#x}, 1, 0xcc\n"
+    ".popsection\n"
+    ".pushsection .bss, \"aw\"\n"
+    ".balign 4096\n"
+    ".globl {data}\n"
+    "{data}:\n"
+    ".skip {data_size:#x}\n"
+    ".popsection\n");
+
 "#,
         mask = PROGRESS_INTERVAL - 1,
         tag = PROGRESS_FROM_KERNEL,
+        text = TRACE_TEXT_SYMBOL,
+        text_size = TRACE_TEXT_SIZE,
+        data = TRACE_DATA_SYMBOL,
+        data_size = TRACE_DATA_SIZE,
     )
 }
 

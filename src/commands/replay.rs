@@ -382,7 +382,7 @@ fn print_trace(output: &Path, stats: &serde_json::Value) {
     let n = |k: &str| stats[k].as_u64().unwrap_or(0);
     let size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
     println!(
-        "rrr: trace: {} events ({} kernel calls, {} system calls, {} calls in the stimulus, {} tasks, {} switches; {} probes), {:.1} MiB",
+        "rrr: trace: {} events ({} kernel calls, {} system calls, {} calls in the stimulus, {} tasks, {} switches; {} probes, {} of them in-guest), {:.1} MiB",
         n("events"),
         n("entries"),
         n("syscalls"),
@@ -390,6 +390,7 @@ fn print_trace(output: &Path, stats: &serde_json::Value) {
         n("tasks"),
         n("switches"),
         n("probes"),
+        n("stub_sites"),
         size as f64 / (1024.0 * 1024.0)
     );
     println!("rrr: the trace is {}", output.display());
@@ -469,7 +470,11 @@ impl Session for ReplaySession {
             );
         }
         match &mut self.mode {
-            Some(ReplayMode::Traced(traced)) => traced.tracer.start(ready.vmm)?,
+            Some(ReplayMode::Traced(traced)) => {
+                traced
+                    .tracer
+                    .start(ready.vmm, at.0, ready.state.clock.now())?
+            }
             Some(ReplayMode::Gdb(gdb)) => {
                 gdb.debugger.attach(ready.vmm, ready.state.stats.exits)?
             }

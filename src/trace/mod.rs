@@ -9,6 +9,7 @@ pub mod decode;
 pub mod func_probes;
 pub mod guest;
 pub mod probes;
+pub mod stubs;
 pub mod tracer;
 
 use std::path::{Path, PathBuf};
@@ -192,6 +193,7 @@ impl ExecMode for TracedReplay {
         now: VirtualTime,
         what: ExitWhat,
     ) -> Result<(), RrError> {
+        self.tracer.exit_seen(vmm, exits, now)?;
         self.replayer.after_exit(vmm, exits, now, what)
     }
 

@@ -7,17 +7,24 @@
 //! so the vCPU moves past it; a return is performed as `ret` does (pop the return address into
 //! RIP).
 //!
+//! Where rrr's kernel patch left room for them, most sites get a `jmp` to an in-guest stub
+//! instead ([`super::stubs`]), which records the call without an exit. A function keeps `hlt`s
+//! where its trace needs guest memory as it was at the call (a string argument or return value,
+//! an argument on the stack, a system call's registers), and where the kernel's identity of a
+//! task changes (`copy_process`, `free_task`: the buffer is drained before it does).
+//!
 //! The original bytes are kept: the probes are lifted before anything compares guest memory
 //! (a landmark search, the final state hash), which is what makes a traced replay pass the same
 //! checks as a plain one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use anyhow::{bail, Result};
-use rrr_tracer::Index;
+use rrr_tracer::{Index, Location, Reg, ValueKind};
 use rrr_vmm::builder::Vmm;
 
 use super::guest::GuestReader;
+use super::stubs::{self, CurrentAt, Record, StubArea};
 
 /// `hlt`: privileged, one byte, and always a VM exit to the VMM.
 const PROBE: u8 = 0xf4;
@@ -26,6 +33,12 @@ const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
 const CALL: u8 = 0xe8;
 const RET: u8 = 0xc3;
 const JMP32: u8 = 0xe9;
+/// A return thunk's `jmp` as the kernel rewrites it at boot without the mitigation.
+const RET_INT3: [u8; 5] = [RET, 0xcc, 0xcc, 0xcc, 0xcc];
+/// Functions whose entry changes which task a `task_struct` is: the buffer is drained there, so
+/// records are told apart by the identity they were made under.
+const IDENTITY_CHANGES: [&str; 2] = ["copy_process", "free_task"];
+const SYSCALL_PREFIXES: [&str; 2] = ["__x64_sys_", "__ia32_sys_"];
 
 /// What a breakpoint stands for, with the function it belongs to (an index into the index's
 /// functions).
@@ -35,10 +48,31 @@ pub enum Probe {
     Return(u32),
 }
 
+/// How a site reaches the tracer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// A `hlt`: an exit.
+    Halt,
+    /// A `jmp` to an in-guest stub: a record in the buffer.
+    Stub,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Site {
+    probe: Probe,
+    /// Whether a stub may stand here (the call's trace needs no memory read at the time).
+    stub_ok: bool,
+    via: Via,
+    original: [u8; 5],
+}
+
 pub struct ProbeSet {
-    /// Address, what it is, and the byte the breakpoint replaced.
-    probes: HashMap<u64, (Probe, u8)>,
+    probes: HashMap<u64, Site>,
+    stubs: Option<StubArea>,
     planted: bool,
+    /// Sites planted with a stub and with a `hlt`, at the last planting.
+    pub stubbed: usize,
+    pub halted: usize,
 }
 
 impl ProbeSet {
@@ -46,21 +80,36 @@ impl ProbeSet {
     /// return sites.
     pub fn new(index: &Index, functions: &[u32]) -> ProbeSet {
         let mut probes = HashMap::new();
-        let chosen: std::collections::HashSet<u32> = functions.iter().copied().collect();
+        let chosen: HashSet<u32> = functions.iter().copied().collect();
+        let site = |probe, stub_ok| Site {
+            probe,
+            stub_ok,
+            via: Via::Halt,
+            original: [0; 5],
+        };
         for &f in functions {
-            if let Some(site) = index.functions[f as usize].fentry {
-                probes.insert(site, (Probe::Entry(f), 0));
+            if let Some(at) = index.functions[f as usize].fentry {
+                probes.insert(at, site(Probe::Entry(f), entry_reads_nothing(index, f)));
             }
         }
-        for site in &index.return_sites {
-            if chosen.contains(&site.function) {
-                probes.insert(site.address, (Probe::Return(site.function), 0));
+        for ret in &index.return_sites {
+            if chosen.contains(&ret.function) {
+                let stub_ok = return_reads_nothing(index, ret.function);
+                probes.insert(ret.address, site(Probe::Return(ret.function), stub_ok));
             }
         }
         ProbeSet {
             probes,
+            stubs: StubArea::find(index),
             planted: false,
+            stubbed: 0,
+            halted: 0,
         }
+    }
+
+    /// Whether the kernel has room for in-guest stubs.
+    pub fn has_stub_room(&self) -> bool {
+        self.stubs.is_some()
     }
 
     pub fn len(&self) -> usize {
@@ -68,45 +117,116 @@ impl ProbeSet {
     }
 
     pub fn get(&self, addr: u64) -> Option<Probe> {
-        self.probes.get(&addr).map(|(p, _)| *p)
+        self.probes.get(&addr).map(|s| s.probe)
     }
 
-    /// Writes the probes. A site whose bytes
-    /// are not what the probe expects (code the kernel changed since it was built) is left
-    /// alone and dropped.
-    pub fn plant(&mut self, vmm: &Vmm, mem: &mut GuestReader) -> Result<usize> {
+    /// Writes the probes. A site whose bytes are not what the probe expects (code the kernel
+    /// changed since it was built) is left alone and dropped.
+    pub fn plant(
+        &mut self,
+        vmm: &Vmm,
+        mem: &mut GuestReader,
+        current: Option<CurrentAt>,
+    ) -> Result<usize> {
         let mut dropped = 0usize;
         let mut keep = HashMap::with_capacity(self.probes.len());
-        for (&addr, &(probe, _)) in &self.probes {
+        let mut stubs = match (self.stubs.take(), current) {
+            (Some(mut area), Some(current)) => {
+                area.prepare(vmm, mem, current)?;
+                Some(area)
+            }
+            (area, _) => {
+                self.stubs = area;
+                None
+            }
+        };
+        let (mut stubbed, mut halted) = (0, 0);
+        // In address order: the same stubs in the same places at every planting.
+        let mut sites: Vec<(u64, Site)> = self.probes.iter().map(|(&a, &s)| (a, s)).collect();
+        sites.sort_unstable_by_key(|&(a, _)| a);
+        for (addr, mut site) in sites {
             let mut bytes = [0u8; 5];
             if mem.read(vmm, addr, &mut bytes).is_none() {
                 dropped += 1;
                 continue;
             }
-            let expected = match probe {
+            let expected = match site.probe {
                 Probe::Entry(_) => bytes == NOP5 || bytes[0] == CALL,
                 Probe::Return(_) => bytes[0] == RET || bytes[0] == JMP32,
             };
-            if !expected || mem.write(vmm, addr, &[PROBE]).is_none() {
+            if !expected {
                 dropped += 1;
                 continue;
             }
-            keep.insert(addr, (probe, bytes[0]));
+            let stubbable = match site.probe {
+                Probe::Entry(_) => bytes == NOP5,
+                Probe::Return(_) => bytes == RET_INT3,
+            };
+            let jump = match &mut stubs {
+                Some(area) if site.stub_ok && stubbable && area.room() > 0 => {
+                    let is_return = matches!(site.probe, Probe::Return(_));
+                    let stub = area.add_stub(vmm, mem, addr, is_return)?;
+                    stubs::jump(addr, stub)
+                }
+                _ => None,
+            };
+            let written = match jump {
+                Some(jump) => {
+                    site.via = Via::Stub;
+                    stubbed += 1;
+                    mem.write(vmm, addr, &jump)
+                }
+                None => {
+                    site.via = Via::Halt;
+                    halted += 1;
+                    mem.write(vmm, addr, &[PROBE])
+                }
+            };
+            if written.is_none() {
+                dropped += 1;
+                continue;
+            }
+            site.original = bytes;
+            keep.insert(addr, site);
+        }
+        if stubs.is_some() {
+            self.stubs = stubs;
         }
         self.probes = keep;
         self.planted = true;
+        (self.stubbed, self.halted) = (stubbed, halted);
         Ok(dropped)
     }
 
-    /// Puts every original byte back.
+    /// Whether `addr` is the `hlt` of a stub whose buffer is full.
+    pub fn is_full_halt(&self, addr: u64) -> bool {
+        self.stubs.as_ref().is_some_and(|s| s.is_full_halt(addr))
+    }
+
+    /// The stubs' records since the last drain, in order.
+    pub fn drain(&mut self, vmm: &Vmm, mem: &mut GuestReader, out: &mut Vec<Record>) -> Result<()> {
+        match &mut self.stubs {
+            Some(area) if self.planted => area.drain(vmm, mem, out),
+            _ => Ok(()),
+        }
+    }
+
+    /// Puts every original byte back, and the stubs' room as it was (drain it first).
     pub fn lift(&mut self, vmm: &Vmm, mem: &mut GuestReader) -> Result<()> {
         if !self.planted {
             return Ok(());
         }
-        for (&addr, &(_, original)) in &self.probes {
-            if mem.write(vmm, addr, &[original]).is_none() {
-                bail!("cannot restore the kernel byte at {addr:#x} under a probe");
+        for (&addr, site) in &self.probes {
+            let len = match site.via {
+                Via::Halt => 1,
+                Via::Stub => 5,
+            };
+            if mem.write(vmm, addr, &site.original[..len]).is_none() {
+                bail!("cannot restore the kernel bytes at {addr:#x} under a probe");
             }
+        }
+        if let Some(area) = &mut self.stubs {
+            area.clear(vmm, mem)?;
         }
         self.planted = false;
         Ok(())
@@ -115,4 +235,38 @@ impl ProbeSet {
     pub fn planted(&self) -> bool {
         self.planted
     }
+}
+
+/// Whether a function's entry can be traced from its argument registers alone: no argument is
+/// a string to read, on the stack, or somewhere a stub does not record; not a system call
+/// (whose arguments are read from its `pt_regs`); not a change of a task's identity.
+fn entry_reads_nothing(index: &Index, f: u32) -> bool {
+    let function = &index.functions[f as usize];
+    if SYSCALL_PREFIXES
+        .iter()
+        .any(|p| function.name.starts_with(p))
+        || IDENTITY_CHANGES.contains(&function.name.as_str())
+    {
+        return false;
+    }
+    function.params.iter().all(|p| {
+        let in_recorded_register = match p.location {
+            Location::Reg(r) | Location::Abi(r) | Location::RegPair(r, _) => {
+                matches!(
+                    r,
+                    Reg::Rdi | Reg::Rsi | Reg::Rdx | Reg::Rcx | Reg::R8 | Reg::R9
+                )
+            }
+            Location::Const(_) | Location::Expr(_) | Location::Unavailable => true,
+            Location::Stack(_) => false,
+        };
+        in_recorded_register && !matches!(index.value_kind(p.ty), ValueKind::Str)
+    })
+}
+
+/// Whether a function's return can be traced from `rax` alone (it does not return a string).
+fn return_reads_nothing(index: &Index, f: u32) -> bool {
+    index.functions[f as usize]
+        .ret
+        .map_or(true, |ty| !matches!(index.value_kind(ty), ValueKind::Str))
 }

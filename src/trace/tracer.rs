@@ -22,6 +22,7 @@ use super::decode::{self, Shown};
 use super::func_probes::{FuncProbe, FuncProbes};
 use super::guest::GuestReader;
 use super::probes::{Probe, ProbeSet};
+use super::stubs::{CurrentAt, Record};
 use crate::position::Position;
 
 /// Kernel stacks (task and interrupt stacks) are 16 KiB and aligned to it: an address's stack.
@@ -56,6 +57,13 @@ pub struct TraceStats {
     /// Host time spent handling probe hits (the rest of a traced replay's extra time is the
     /// exits themselves).
     pub handling_ns: u64,
+    /// Sites with an in-guest stub (no exit), and with a `hlt`.
+    pub stub_sites: usize,
+    pub halt_sites: usize,
+    /// Calls and returns the stubs recorded, and the exits that drained them when their buffer
+    /// was full.
+    pub stub_records: u64,
+    pub full_drains: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +128,12 @@ pub struct Tracer {
     hits: HitCounter,
     caller: Option<Caller>,
     func_probes: Option<FuncProbes>,
+    /// Where the stubs read the current task.
+    stub_current: Option<CurrentAt>,
+    /// The exit count and virtual time since the last exit: the moment of the stubs' records
+    /// drained at the next one.
+    since: (u64, VirtualTime),
+    records: Vec<Record>,
     stats: TraceStats,
 }
 
@@ -193,6 +207,9 @@ impl Tracer {
             hits: HitCounter::default(),
             caller: None,
             func_probes: None,
+            stub_current: None,
+            since: (0, VirtualTime::ZERO),
+            records: Vec::new(),
         })
     }
 
@@ -311,6 +328,7 @@ impl Tracer {
         if self.func_probes.is_none() {
             return Ok(false);
         }
+        self.drain(vmm, exits, now)?;
         let regs = self.read_regs(vmm)?;
         self.mem.refresh();
         let Some(task_ptr) = self.mem.read_u64(vmm, self.current_at) else {
@@ -341,7 +359,7 @@ impl Tracer {
         let ts = self.timestamp(now);
         let position = self.hits.arrive(exits, regs.rip);
         let ptr = self
-            .current(vmm)
+            .read_current(vmm)
             .map_err(|e| RrError::Probe(e.to_string()))?;
         let result = match kind {
             FuncProbe::Enter => self.entered_user(ptr, index, call_site, &regs, ts, position),
@@ -457,8 +475,10 @@ impl Tracer {
         }
     }
 
-    /// Plants the probes: at READY, once the snapshot is restored.
-    pub fn start(&mut self, vmm: &Vmm) -> anyhow::Result<()> {
+    /// Plants the probes: at READY (exit `exits`, virtual time `now`), once the snapshot is
+    /// restored.
+    pub fn start(&mut self, vmm: &Vmm, exits: u64, now: VirtualTime) -> anyhow::Result<()> {
+        self.since = (exits, now);
         use anyhow::Context;
         let current = self
             .index
@@ -479,9 +499,19 @@ impl Tracer {
                 .context("cannot read CPU 0's per-CPU offset")?;
             self.current_at = self.current_at.wrapping_add(base);
         }
+        self.stub_current = Some(if current.per_cpu {
+            CurrentAt::PerCpu(current.address)
+        } else {
+            CurrentAt::Global(current.address)
+        });
         let wanted = self.probes.len();
-        self.stats.probes_dropped = self.probes.plant(vmm, &mut self.mem)?;
+        self.stats.probes_dropped = self.probes.plant(vmm, &mut self.mem, self.stub_current)?;
         self.stats.probes = self.probes.len();
+        self.stats.stub_sites = self.probes.stubbed;
+        self.stats.halt_sites = self.probes.halted;
+        if !self.probes.has_stub_room() {
+            tracing::info!("the kernel has no room for in-guest probes (not built by rrr?): every traced call is a VM exit, and the trace takes longer");
+        }
         // A few sites may have changed since the build (code the kernel patched at boot); most
         // not matching means the code in memory is not this vmlinux's.
         if self.stats.probes_dropped * 10 > wanted {
@@ -495,8 +525,11 @@ impl Tracer {
         Ok(())
     }
 
-    /// Lifts the probes (the guest's memory is its own again).
+    /// Lifts the probes (the guest's memory is its own again), once the stubs' last records are
+    /// in the trace.
     pub fn lift(&mut self, vmm: &Vmm) -> Result<(), RrError> {
+        let (exits, now) = self.since;
+        self.drain(vmm, exits, now)?;
         if let Some(probes) = &mut self.func_probes {
             probes.lift(vmm);
         }
@@ -510,7 +543,7 @@ impl Tracer {
             probes.replant(vmm);
         }
         self.probes
-            .plant(vmm, &mut self.mem)
+            .plant(vmm, &mut self.mem, self.stub_current)
             .map(|_| ())
             .map_err(|e| RrError::Probe(e.to_string()))
     }
@@ -519,7 +552,81 @@ impl Tracer {
         self.probes.planted()
     }
 
-    /// Ends every open slice and writes the rest of the trace.
+    /// A counted exit (`exits` so far, virtual time `now` after it): the stubs' records made
+    /// since the last one go into the trace, stamped with that one.
+    pub fn exit_seen(&mut self, vmm: &Vmm, exits: u64, now: VirtualTime) -> Result<(), RrError> {
+        if self.probes.planted() {
+            let started = std::time::Instant::now();
+            let (at, then) = self.since;
+            self.drain(vmm, at, then)?;
+            self.stats.handling_ns += started.elapsed().as_nanos() as u64;
+        }
+        self.since = (exits, now);
+        Ok(())
+    }
+
+    /// Handles the records in the stubs' buffer, as if each had been a probe hit after exit
+    /// `exits`. (Its time counts in the caller's `handling_ns`.)
+    fn drain(&mut self, vmm: &Vmm, exits: u64, now: VirtualTime) -> Result<(), RrError> {
+        let mut records = std::mem::take(&mut self.records);
+        self.probes
+            .drain(vmm, &mut self.mem, &mut records)
+            .map_err(|e| RrError::Probe(format!("{e:#}")))?;
+        if !records.is_empty() {
+            self.mem.refresh();
+            self.stats.stub_records += records.len() as u64;
+        }
+        let mut result = Ok(());
+        for record in records.drain(..) {
+            result = self.recorded(vmm, &record, exits, now);
+            if result.is_err() {
+                break;
+            }
+        }
+        self.records = records;
+        result.map_err(|e| RrError::Probe(e.to_string()))
+    }
+
+    /// One stub's record: a call or a return, with the registers the stub kept.
+    fn recorded(
+        &mut self,
+        vmm: &Vmm,
+        record: &Record,
+        exits: u64,
+        now: VirtualTime,
+    ) -> anyhow::Result<()> {
+        let Some(probe) = self.probes.get(record.site) else {
+            anyhow::bail!(
+                "the trace buffer holds a record from {:#x}, which has no probe: the guest wrote over the buffer",
+                record.site
+            );
+        };
+        let mut regs = kvm_bindings::kvm_regs {
+            rsp: record.rsp,
+            ..Default::default()
+        };
+        match probe {
+            Probe::Entry(_) => {
+                let [rdi, rsi, rdx, rcx, r8, r9] = record.regs;
+                (regs.rdi, regs.rsi, regs.rdx, regs.rcx, regs.r8, regs.r9) =
+                    (rdi, rsi, rdx, rcx, r8, r9);
+            }
+            Probe::Return(_) => (regs.rax, regs.rdx) = (record.regs[0], record.regs[1]),
+        }
+        let ts = self.timestamp(now);
+        let ptr = self.switch_to(vmm, record.current)?;
+        match probe {
+            Probe::Entry(f) => {
+                let at = self.hits.arrive(exits, record.site);
+                self.entered(vmm, ptr, f, &regs, ts, at)
+            }
+            Probe::Return(f) => self.returned(vmm, ptr, f, &regs, ts),
+        }?;
+        self.plant_func_probes(vmm);
+        Ok(())
+    }
+
+    /// Ends every open slice and writes the rest of the trace (after [`Tracer::lift`]).
     pub fn finish(mut self, now: VirtualTime) -> anyhow::Result<TraceStats> {
         let ts = self.timestamp(now);
         let stats = self.stats();
@@ -547,13 +654,25 @@ impl Tracer {
 
     fn hit_inner(&mut self, vmm: &mut Vmm, exits: u64, now: VirtualTime) -> Result<bool, RrError> {
         let regs = self.read_regs(vmm)?;
-        // User memory and vmalloc'd stacks are read through the page tables in use now.
-        self.mem.refresh();
         // KVM completed the `hlt` before it exited: RIP is past it.
         let at = regs.rip.wrapping_sub(1);
-        let Some(probe) = self.probes.get(at) else {
+        let full = self.probes.is_full_halt(at);
+        let probe = self.probes.get(at);
+        if !full && probe.is_none() {
+            return Ok(false);
+        }
+        // Every call the stubs recorded came before this one.
+        self.drain(vmm, exits, now)?;
+        if full {
+            // The stub goes on to record its call into the emptied buffer.
+            self.stats.full_drains += 1;
+            return Ok(true);
+        }
+        let Some(probe) = probe else {
             return Ok(false);
         };
+        // User memory and vmalloc'd stacks are read through the page tables in use now.
+        self.mem.refresh();
         tracing::trace!(
             rip = format_args!("{:#x}", regs.rip),
             at = format_args!("{at:#x}"),
@@ -578,12 +697,12 @@ impl Tracer {
         self.write_regs(vmm, &moved)?;
         let ts = self.timestamp(now);
         let at = self.hits.arrive(exits, at);
-        let result = match probe {
-            Probe::Entry(f) => self.entered(vmm, f, &regs, ts, at),
+        let result = self.read_current(vmm).and_then(|ptr| match probe {
+            Probe::Entry(f) => self.entered(vmm, ptr, f, &regs, ts, at),
             // Returns carry no position (half the events, and most of their size): gdb gets
             // to one from its call's entry with `finish`.
-            Probe::Return(f) => self.returned(vmm, f, &regs, ts),
-        };
+            Probe::Return(f) => self.returned(vmm, ptr, f, &regs, ts),
+        });
         result.map_err(|e| RrError::Probe(e.to_string()))?;
         self.plant_func_probes(vmm);
         Ok(true)
@@ -608,11 +727,16 @@ impl Tracer {
     }
 
     /// The task running now, read from the guest (and its identity when it is new).
-    fn current(&mut self, vmm: &Vmm) -> anyhow::Result<u64> {
+    fn read_current(&mut self, vmm: &Vmm) -> anyhow::Result<u64> {
         let ptr = self
             .mem
             .read_u64(vmm, self.current_at)
             .ok_or_else(|| anyhow::anyhow!("cannot read the current task pointer"))?;
+        self.switch_to(vmm, ptr)
+    }
+
+    /// The task at `ptr` runs (and its identity is read when it is new).
+    fn switch_to(&mut self, vmm: &Vmm, ptr: u64) -> anyhow::Result<u64> {
         if self.last_task != Some(ptr) {
             // A task runs after a switch, and a new task's first run is one: this is where a
             // task_struct the kernel reused for another task is told from the one we knew.
@@ -705,13 +829,13 @@ impl Tracer {
     fn entered(
         &mut self,
         vmm: &Vmm,
+        ptr: u64,
         function: u32,
         regs: &kvm_bindings::kvm_regs,
         ts: u64,
         at: Position,
     ) -> anyhow::Result<()> {
         self.stats.entries += 1;
-        let ptr = self.current(vmm)?;
         let name = self.index.functions[function as usize].name.as_str();
         let syscall = SYSCALL_PREFIXES
             .iter()
@@ -856,12 +980,12 @@ impl Tracer {
     fn returned(
         &mut self,
         vmm: &Vmm,
+        ptr: u64,
         function: u32,
         regs: &kvm_bindings::kvm_regs,
         ts: u64,
     ) -> anyhow::Result<()> {
         self.stats.returns += 1;
-        let ptr = self.current(vmm)?;
         let stack = regs.rsp >> STACK_SHIFT;
         let frames = &self.tasks[&ptr].frames;
         // The frames this return closes: from the top, those on this stack entered at or below

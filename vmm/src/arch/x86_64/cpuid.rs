@@ -30,7 +30,7 @@ pub const MAX_CPUID_ENTRIES: usize = kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 /// landmarks) instead of about a thousand, and boot to init is ~40% faster.
 pub const BASE_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0 nolapic noapic nokaslr \
      no-kvmclock tsc=unstable clocksource=jiffies lpj=2000000 i8042.noaux panic=-1 reboot=k \
-     noxsave";
+     noxsave mitigations=off ibt=off";
 
 /// Feature flags (Linux 6.12 `/proc/cpuinfo` names) the guest kernel must not use; the CPUID
 /// table hides the same ones. Linux reads at most 127 characters of `clearcpuid=`.

@@ -1,0 +1,484 @@
+//! In-guest probes: calls recorded without a VM exit.
+//!
+//! A `hlt` probe costs an exit per call and per return, about 100 µs each inside the carrier.
+//! Where rrr's kernel patch left room for it (`rrr_trace_text` in `.text`, `rrr_trace_data` in
+//! `.bss`, see `kernels/src/patches.rs`), a traced function's `__fentry__` NOP and its
+//! `ret; int3 x4` return sites become a 5-byte `jmp` to a stub of its own in that room:
+//!
+//! ```text
+//! site stub (16 bytes):  movq $SITE, data.site(%rip); jmp common
+//! common (entry):        save rcx; rcx = data.remaining; jrcxz full; remaining -= 1;
+//!                        rcx = data.cursor; store rdi rsi rdx rcx r8 r9 rsp site current there;
+//!                        cursor += RECORD_SIZE; restore rax rcx; jmp *(site + 5)
+//! common (return):       the same with rax and rdx, then ret
+//! full:                  hlt (the VMM drains the buffer), then try again
+//! ```
+//!
+//! The stubs change no register, no flag (only `mov`, `lea` and `jrcxz`) and no byte of the
+//! guest's own memory; interrupts are injected at exits only, so none lands inside one. The
+//! VMM drains the records at every exit, so each is handled in order with the `hlt` probes
+//! (kept for functions whose arguments must be read from memory at the call: strings, stack
+//! arguments, system calls) and stamped with the exit it followed. The room is put back to the
+//! `int3`s and zeroes it held before the final state is compared.
+
+use anyhow::{bail, Context, Result};
+use rrr_guest::protocol::{TRACE_DATA_SIZE, TRACE_DATA_SYMBOL, TRACE_TEXT_SIZE, TRACE_TEXT_SYMBOL};
+use rrr_tracer::Index;
+use rrr_vmm::builder::Vmm;
+
+use super::guest::GuestReader;
+
+/// The header at the start of the data area (offsets).
+const CURSOR: u64 = 0x00;
+const REMAINING: u64 = 0x08;
+const SAVED_RCX: u64 = 0x10;
+const SAVED_RAX: u64 = 0x18;
+const SITE: u64 = 0x20;
+/// The records, after the header's page.
+const RECORDS: u64 = 0x1000;
+/// One record: the site, six registers, `rsp`, the current task.
+pub const RECORD_SIZE: u64 = 72;
+/// A site's stub.
+const STUB_SIZE: u64 = 16;
+/// The common code's share of the text area.
+const COMMON_SIZE: u64 = 0x200;
+
+const INT3: u8 = 0xcc;
+
+/// One call or return, as its stub recorded it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record {
+    /// The probed site (a `__fentry__` site or a return site).
+    pub site: u64,
+    /// At an entry: `rdi rsi rdx rcx r8 r9`. At a return: `rax rdx` and four zeroes.
+    pub regs: [u64; 6],
+    pub rsp: u64,
+    pub current: u64,
+}
+
+impl Record {
+    fn parse(bytes: &[u8]) -> Record {
+        let word = |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap());
+        Record {
+            site: word(0),
+            regs: [word(1), word(2), word(3), word(4), word(5), word(6)],
+            rsp: word(7),
+            current: word(8),
+        }
+    }
+}
+
+/// Where the current task's pointer is, as the stubs read it.
+#[derive(Debug, Clone, Copy)]
+pub enum CurrentAt {
+    /// `%gs:offset` (an SMP kernel's per-CPU variable).
+    PerCpu(u64),
+    /// A plain variable (a UP kernel).
+    Global(u64),
+}
+
+/// The stub room in one kernel, and what has been written there.
+pub struct StubArea {
+    text: u64,
+    text_size: u64,
+    data: u64,
+    capacity: u64,
+    entry_common: u64,
+    return_common: u64,
+    /// The `hlt`s the stubs stop at when the buffer is full (addresses of the `hlt`s).
+    full_halts: [u64; 2],
+    /// Where the next site's stub goes.
+    next_stub: u64,
+    /// How far records have ever been written (zeroed again when the room is put back).
+    high_water: u64,
+    written: bool,
+}
+
+impl StubArea {
+    /// The room in `index`'s kernel, if it has rrr's patch.
+    pub fn find(index: &Index) -> Option<StubArea> {
+        let text = index.symbol(TRACE_TEXT_SYMBOL)?.address;
+        let data = index.symbol(TRACE_DATA_SYMBOL)?.address;
+        Some(StubArea {
+            text,
+            text_size: TRACE_TEXT_SIZE,
+            data,
+            capacity: (TRACE_DATA_SIZE - RECORDS) / RECORD_SIZE,
+            entry_common: 0,
+            return_common: 0,
+            full_halts: [0; 2],
+            next_stub: text + COMMON_SIZE,
+            high_water: 0,
+            written: false,
+        })
+    }
+
+    /// How many more site stubs fit.
+    pub fn room(&self) -> u64 {
+        (self.text + self.text_size - self.next_stub) / STUB_SIZE
+    }
+
+    /// Writes the common code and an empty buffer. Site stubs come after, one per site.
+    pub fn prepare(&mut self, vmm: &Vmm, mem: &mut GuestReader, current: CurrentAt) -> Result<()> {
+        let data = self.data;
+        let mut asm = Asm::new(self.text);
+
+        // Entry: the site's stub put the site in data.site.
+        let entry_full = asm.here();
+        asm.hlt();
+        let entry_retry_jump = asm.here();
+        asm.jmp8(0); // patched below
+        self.entry_common = asm.here();
+        asm.store_rip(RCX, data + SAVED_RCX);
+        let entry_retry = asm.here();
+        asm.load_rip(RCX, data + REMAINING);
+        asm.jrcxz(entry_full);
+        asm.lea_rcx_rcx(-1);
+        asm.store_rip(RCX, data + REMAINING);
+        asm.load_rip(RCX, data + CURSOR);
+        for (reg, slot) in [(RDI, 1), (RSI, 2), (RDX, 3), (R8, 5), (R9, 6), (RSP, 7)] {
+            asm.store_rcx(reg, slot * 8);
+        }
+        asm.store_rip(RAX, data + SAVED_RAX);
+        asm.load_rip(RAX, data + SITE);
+        asm.store_rcx(RAX, 0);
+        // The way back: the instruction after the 5-byte site (`lea` leaves the flags alone).
+        asm.lea_rax_rax(5);
+        asm.store_rip(RAX, data + SITE);
+        asm.load_rip(RAX, data + SAVED_RCX);
+        asm.store_rcx(RAX, 4 * 8);
+        asm.load_current(current);
+        asm.store_rcx(RAX, 8 * 8);
+        asm.lea_rcx_rcx(RECORD_SIZE as i8);
+        asm.store_rip(RCX, data + CURSOR);
+        asm.load_rip(RAX, data + SAVED_RAX);
+        asm.load_rip(RCX, data + SAVED_RCX);
+        asm.jmp_indirect_rip(data + SITE);
+        asm.patch_jmp8(entry_retry_jump, entry_retry);
+
+        // Return: the same, with the return value.
+        let return_full = asm.here();
+        asm.hlt();
+        let return_retry_jump = asm.here();
+        asm.jmp8(0);
+        self.return_common = asm.here();
+        asm.store_rip(RCX, data + SAVED_RCX);
+        let return_retry = asm.here();
+        asm.load_rip(RCX, data + REMAINING);
+        asm.jrcxz(return_full);
+        asm.lea_rcx_rcx(-1);
+        asm.store_rip(RCX, data + REMAINING);
+        asm.load_rip(RCX, data + CURSOR);
+        asm.store_rcx(RAX, 8);
+        asm.store_rcx(RDX, 2 * 8);
+        asm.store_rcx(RSP, 7 * 8);
+        asm.store_rip(RAX, data + SAVED_RAX);
+        asm.load_rip(RAX, data + SITE);
+        asm.store_rcx(RAX, 0);
+        asm.load_current(current);
+        asm.store_rcx(RAX, 8 * 8);
+        asm.lea_rcx_rcx(RECORD_SIZE as i8);
+        asm.store_rip(RCX, data + CURSOR);
+        asm.load_rip(RAX, data + SAVED_RAX);
+        asm.load_rip(RCX, data + SAVED_RCX);
+        asm.ret();
+        asm.patch_jmp8(return_retry_jump, return_retry);
+
+        if asm.code.len() as u64 > COMMON_SIZE {
+            bail!("the stubs' common code outgrew its room");
+        }
+        self.full_halts = [entry_full, return_full];
+        self.written = true;
+        self.write(vmm, mem, self.text, &asm.code)?;
+        self.rearm(vmm, mem)
+    }
+
+    /// The 16-byte stub for one site: `is_return` picks the common code it goes on to.
+    pub fn add_stub(
+        &mut self,
+        vmm: &Vmm,
+        mem: &mut GuestReader,
+        site: u64,
+        is_return: bool,
+    ) -> Result<u64> {
+        if self.room() == 0 {
+            bail!("the stub room is full");
+        }
+        let at = self.next_stub;
+        let mut asm = Asm::new(at);
+        asm.movq_imm_rip(sign_extended(site)?, self.data + SITE);
+        asm.jmp32(if is_return {
+            self.return_common
+        } else {
+            self.entry_common
+        });
+        self.write(vmm, mem, at, &asm.code)?;
+        self.next_stub += STUB_SIZE;
+        Ok(at)
+    }
+
+    /// Whether `addr` is one of the stubs' `hlt`s (the buffer is full).
+    pub fn is_full_halt(&self, addr: u64) -> bool {
+        self.written && self.full_halts.contains(&addr)
+    }
+
+    /// The records written since the last drain, in order; the buffer is empty again after.
+    pub fn drain(&mut self, vmm: &Vmm, mem: &mut GuestReader, out: &mut Vec<Record>) -> Result<()> {
+        if !self.written {
+            return Ok(());
+        }
+        let start = self.data + RECORDS;
+        let cursor = mem
+            .read_u64(vmm, self.data + CURSOR)
+            .context("cannot read the trace buffer's cursor")?;
+        if cursor == start {
+            return Ok(());
+        }
+        let used = cursor.wrapping_sub(start);
+        if cursor < start || used % RECORD_SIZE != 0 || used / RECORD_SIZE > self.capacity {
+            bail!("the trace buffer's cursor {cursor:#x} is outside its buffer: the guest wrote over it");
+        }
+        let mut bytes = vec![0u8; used as usize];
+        mem.read(vmm, start, &mut bytes)
+            .context("cannot read the trace buffer")?;
+        out.extend(bytes.chunks_exact(RECORD_SIZE as usize).map(Record::parse));
+        self.high_water = self.high_water.max(used);
+        self.rearm(vmm, mem)
+    }
+
+    fn rearm(&mut self, vmm: &Vmm, mem: &mut GuestReader) -> Result<()> {
+        let mut header = [0u8; 16];
+        header[..8].copy_from_slice(&(self.data + RECORDS).to_le_bytes());
+        header[8..].copy_from_slice(&self.capacity.to_le_bytes());
+        self.write(vmm, mem, self.data + CURSOR, &header)
+    }
+
+    /// Puts back the `int3`s and zeroes the room held (records drained first).
+    pub fn clear(&mut self, vmm: &Vmm, mem: &mut GuestReader) -> Result<()> {
+        if !self.written {
+            return Ok(());
+        }
+        let text = vec![INT3; (self.next_stub - self.text) as usize];
+        self.write(vmm, mem, self.text, &text)?;
+        let data = vec![0u8; (RECORDS + self.high_water) as usize];
+        self.write(vmm, mem, self.data, &data)?;
+        self.next_stub = self.text + COMMON_SIZE;
+        self.high_water = 0;
+        self.written = false;
+        Ok(())
+    }
+
+    fn write(&self, vmm: &Vmm, mem: &mut GuestReader, at: u64, bytes: &[u8]) -> Result<()> {
+        mem.write(vmm, at, bytes)
+            .with_context(|| format!("cannot write the trace stubs' room at {at:#x}"))
+    }
+}
+
+/// A kernel address as the sign-extended 32-bit immediate `movq` takes.
+fn sign_extended(addr: u64) -> Result<i32> {
+    let imm = addr as i64;
+    if imm < i32::MIN as i64 || imm > i32::MAX as i64 {
+        bail!("{addr:#x} is not in the kernel's top 2 GiB");
+    }
+    Ok(imm as i32)
+}
+
+/// The `jmp rel32` that replaces a 5-byte site.
+pub fn jump(from: u64, to: u64) -> Option<[u8; 5]> {
+    let rel = to.wrapping_sub(from + 5) as i64;
+    let rel = i32::try_from(rel).ok()?;
+    let mut bytes = [0xe9, 0, 0, 0, 0];
+    bytes[1..].copy_from_slice(&rel.to_le_bytes());
+    Some(bytes)
+}
+
+const RAX: u8 = 0;
+const RCX: u8 = 1;
+const RDX: u8 = 2;
+const RSP: u8 = 4;
+const RSI: u8 = 6;
+const RDI: u8 = 7;
+const R8: u8 = 8;
+const R9: u8 = 9;
+
+/// The handful of x86-64 instructions the stubs are made of, encoded at a known address.
+struct Asm {
+    base: u64,
+    code: Vec<u8>,
+}
+
+impl Asm {
+    fn new(base: u64) -> Asm {
+        Asm {
+            base,
+            code: Vec::new(),
+        }
+    }
+
+    fn here(&self) -> u64 {
+        self.base + self.code.len() as u64
+    }
+
+    /// `bytes` then a RIP-relative displacement to `target`, then `imm`.
+    fn rip_relative(&mut self, bytes: &[u8], target: u64, imm: &[u8]) {
+        let end = self.here() + (bytes.len() + 4 + imm.len()) as u64;
+        let disp = target.wrapping_sub(end) as i64;
+        let disp = i32::try_from(disp).expect("the stub room and the buffer are in one image");
+        self.code.extend_from_slice(bytes);
+        self.code.extend_from_slice(&disp.to_le_bytes());
+        self.code.extend_from_slice(imm);
+    }
+
+    fn rex_w(reg: u8) -> u8 {
+        0x48 | ((reg >> 3) << 2)
+    }
+
+    /// `mov %reg, target(%rip)`
+    fn store_rip(&mut self, reg: u8, target: u64) {
+        self.rip_relative(&[Self::rex_w(reg), 0x89, ((reg & 7) << 3) | 5], target, &[]);
+    }
+
+    /// `mov target(%rip), %reg`
+    fn load_rip(&mut self, reg: u8, target: u64) {
+        self.rip_relative(&[Self::rex_w(reg), 0x8b, ((reg & 7) << 3) | 5], target, &[]);
+    }
+
+    /// `mov %reg, disp8(%rcx)`
+    fn store_rcx(&mut self, reg: u8, disp: u64) {
+        let disp = i8::try_from(disp).expect("a record field");
+        self.code.extend_from_slice(&[
+            Self::rex_w(reg),
+            0x89,
+            0x40 | ((reg & 7) << 3) | RCX,
+            disp as u8,
+        ]);
+    }
+
+    /// `lea disp8(%rcx), %rcx`
+    fn lea_rcx_rcx(&mut self, disp: i8) {
+        self.code.extend_from_slice(&[0x48, 0x8d, 0x49, disp as u8]);
+    }
+
+    /// `lea disp8(%rax), %rax`
+    fn lea_rax_rax(&mut self, disp: i8) {
+        self.code.extend_from_slice(&[0x48, 0x8d, 0x40, disp as u8]);
+    }
+
+    /// `movq $imm, target(%rip)`
+    fn movq_imm_rip(&mut self, imm: i32, target: u64) {
+        self.rip_relative(&[0x48, 0xc7, 0x05], target, &imm.to_le_bytes());
+    }
+
+    /// `mov current, %rax`
+    fn load_current(&mut self, current: CurrentAt) {
+        match current {
+            CurrentAt::PerCpu(offset) => {
+                let disp = i32::try_from(offset as i64).expect("a per-CPU offset");
+                self.code.extend_from_slice(&[0x65, 0x48, 0x8b, 0x04, 0x25]);
+                self.code.extend_from_slice(&disp.to_le_bytes());
+            }
+            CurrentAt::Global(addr) => self.load_rip(RAX, addr),
+        }
+    }
+
+    fn jrcxz(&mut self, target: u64) {
+        let rel = target.wrapping_sub(self.here() + 2) as i64;
+        let rel = i8::try_from(rel).expect("jrcxz within 127 bytes");
+        self.code.extend_from_slice(&[0xe3, rel as u8]);
+    }
+
+    fn jmp8(&mut self, rel: i8) {
+        self.code.extend_from_slice(&[0xeb, rel as u8]);
+    }
+
+    fn patch_jmp8(&mut self, at: u64, target: u64) {
+        let rel = target.wrapping_sub(at + 2) as i64;
+        let rel = i8::try_from(rel).expect("a short jump");
+        self.code[(at - self.base) as usize + 1] = rel as u8;
+    }
+
+    fn jmp32(&mut self, target: u64) {
+        let rel = target.wrapping_sub(self.here() + 5) as i64;
+        let rel = i32::try_from(rel).expect("a jump within the image");
+        self.code.push(0xe9);
+        self.code.extend_from_slice(&rel.to_le_bytes());
+    }
+
+    /// `jmp *target(%rip)`
+    fn jmp_indirect_rip(&mut self, target: u64) {
+        self.rip_relative(&[0xff, 0x25], target, &[]);
+    }
+
+    fn hlt(&mut self) {
+        self.code.push(0xf4);
+    }
+
+    fn ret(&mut self) {
+        self.code.push(0xc3);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::{Decoder, DecoderOptions, Formatter, NasmFormatter};
+
+    fn disassemble(base: u64, code: &[u8]) -> Vec<String> {
+        let mut decoder = Decoder::with_ip(64, code, base, DecoderOptions::NONE);
+        let mut formatter = NasmFormatter::new();
+        let mut out = Vec::new();
+        for instr in &mut decoder {
+            let mut s = String::new();
+            formatter.format(&instr, &mut s);
+            out.push(s);
+        }
+        out
+    }
+
+    #[test]
+    fn the_encoder_writes_what_a_disassembler_reads() {
+        let mut asm = Asm::new(0xffff_ffff_8100_0000);
+        asm.store_rip(RCX, 0xffff_ffff_8100_1000);
+        asm.load_rip(R9, 0xffff_ffff_8100_1008);
+        asm.store_rcx(R8, 40);
+        asm.store_rcx(RSP, 56);
+        asm.lea_rcx_rcx(-1);
+        asm.lea_rax_rax(5);
+        asm.movq_imm_rip(-0x7eff_0000, 0xffff_ffff_8100_1020);
+        asm.load_current(CurrentAt::PerCpu(0x2c000));
+        asm.jmp_indirect_rip(0xffff_ffff_8100_1020);
+        let text = disassemble(0xffff_ffff_8100_0000, &asm.code);
+        assert_eq!(
+            text,
+            [
+                "mov [rel 0FFFFFFFF81001000h],rcx",
+                "mov r9,[rel 0FFFFFFFF81001008h]",
+                "mov [rcx+28h],r8",
+                "mov [rcx+38h],rsp",
+                "lea rcx,[rcx-1]",
+                "lea rax,[rax+5]",
+                "mov qword [rel 0FFFFFFFF81001020h],0FFFFFFFF81010000h",
+                "mov rax,[gs:2C000h]",
+                "jmp qword [rel 0FFFFFFFF81001020h]",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_site_jumps_to_its_stub_and_far_targets_are_refused() {
+        assert_eq!(jump(0x1000, 0x1005), Some([0xe9, 0, 0, 0, 0]));
+        assert_eq!(jump(0x1000, 0x0ffb), Some([0xe9, 0xf6, 0xff, 0xff, 0xff]));
+        assert_eq!(jump(0, 1 << 40), None);
+        assert!(sign_extended(0xffff_ffff_8123_4567).is_ok());
+        assert!(sign_extended(0xffff_8880_0000_0000).is_err());
+    }
+
+    #[test]
+    fn a_record_reads_back_in_its_field_order() {
+        let words: Vec<u8> = (1..=9u64).flat_map(|w| w.to_le_bytes()).collect();
+        let r = Record::parse(&words);
+        assert_eq!(r.site, 1);
+        assert_eq!(r.regs, [2, 3, 4, 5, 6, 7]);
+        assert_eq!((r.rsp, r.current), (8, 9));
+    }
+}
