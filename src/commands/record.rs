@@ -119,6 +119,7 @@ fn run_as(args: Args, command_line: Option<Vec<std::ffi::OsString>>) -> Result<i
         trace_args: args.trace_args,
         gdb: None,
         gdb_carrier_port: false,
+        trace_observations: None,
     })
 }
 

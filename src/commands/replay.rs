@@ -17,7 +17,10 @@ use super::run::{self, Finished, Ready, Session};
 use crate::gdb::conn::Endpoint;
 use crate::gdb::{Debugger, GdbReplay};
 use crate::machine::{MachineSpec, StartKind};
-use crate::trace::{self, EmitFilter, TraceArgs, TracedReplay, Tracer};
+use crate::trace::{
+    self, EmitFilter, Introspection, ObservationFile, Observer, Sink, TraceArgs, TracedReplay,
+    Tracer,
+};
 
 /// The host-time limit of a replay under gdb: a week (the user decides when it goes on).
 const GDB_HOST_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
@@ -71,6 +74,10 @@ pub struct Args {
     /// connects to the `--gdb` address on the host.
     #[arg(long, hide = true, requires = "gdb")]
     pub gdb_carrier_port: bool,
+    /// Inside the carrier: write the trace pass's observations to this file, not the trace
+    /// (the host writes the trace from them after the replay, natively).
+    #[arg(long, hide = true, value_name = "FILE", requires = "trace")]
+    pub trace_observations: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> Result<i32> {
@@ -184,6 +191,7 @@ pub fn run(args: Args) -> Result<i32> {
         stimulus_binary: Some(stimulus_binary.clone()),
     };
     if run::needs_carrier(args.direct) {
+        let run_dir = std::path::absolute(&run_dir).unwrap_or(run_dir);
         let recording_path =
             std::path::absolute(&args.recording).unwrap_or_else(|_| args.recording.clone());
         let mut cmd: Vec<std::ffi::OsString> = vec![
@@ -197,7 +205,7 @@ pub fn run(args: Args) -> Result<i32> {
             "--rootfs".into(),
             rootfs.into(),
             "--run-dir".into(),
-            std::path::absolute(&run_dir).unwrap_or(run_dir).into(),
+            run_dir.clone().into(),
         ];
         if args.partial {
             cmd.push("--partial".into());
@@ -207,6 +215,7 @@ pub fn run(args: Args) -> Result<i32> {
         }
         let trace_output = std::path::absolute(args.trace_args.output_for(&recording_path))
             .unwrap_or_else(|_| args.trace_args.output_for(&recording_path));
+        let observations = run_dir.join("trace.observations");
         if args.trace {
             let mut words = TraceArgs {
                 output: Some(trace_output.clone()),
@@ -215,6 +224,10 @@ pub fn run(args: Args) -> Result<i32> {
             .to_words();
             cmd.push("--trace".into());
             cmd.append(&mut words);
+            // rrr's own code runs emulated in the carrier: there it only observes, and the
+            // trace is written here, natively.
+            cmd.push("--trace-observations".into());
+            cmd.push(observations.clone().into());
         }
         let mut opts = crate::carrier::CarrierOptions::default();
         if let Some(addr) = gdb_addr {
@@ -241,6 +254,26 @@ pub fn run(args: Args) -> Result<i32> {
             "rrr: total wall time {:.1} s (carrier and VM)",
             started.elapsed().as_secs_f64()
         );
+        if let Some((index, _)) = traced.filter(|_| observations.exists()) {
+            let filter = EmitFilter {
+                pids: args.trace_args.pids.clone(),
+                depth: args.trace_args.depth,
+            };
+            let written = write_observed_trace(
+                index,
+                &recording.header,
+                filter,
+                &observations,
+                &run_dir,
+                &trace_output,
+            );
+            match written {
+                Err(err) if code != 0 => eprintln!(
+                    "rrr: the replay did not end well, and its trace could not be written either: {err:#}"
+                ),
+                other => other?,
+            }
+        }
         return Ok(code);
     }
 
@@ -261,9 +294,15 @@ pub fn run(args: Args) -> Result<i32> {
             pids: args.trace_args.pids.clone(),
             depth: args.trace_args.depth,
         };
-        let mut tracer = Tracer::new(index, &functions, &trace_output, filter)?;
-        tracer.know_stimulus(&header.stimulus_name, &header.stimulus);
-        ReplayMode::Traced(Box::new(TracedReplay { replayer, tracer }))
+        let mut intro = Introspection::new(index)?;
+        intro.know_stimulus(&header.stimulus_name, &header.stimulus);
+        let intro = std::sync::Arc::new(intro);
+        let sink: Box<dyn Sink> = match &args.trace_observations {
+            Some(path) => Box::new(ObservationFile::create(path)?),
+            None => Box::new(Tracer::new(intro.clone(), &trace_output, filter)?),
+        };
+        let observer = Observer::new(intro, &functions, sink);
+        ReplayMode::Traced(Box::new(TracedReplay { replayer, observer }))
     } else {
         ReplayMode::Plain(replayer)
     };
@@ -307,7 +346,7 @@ pub fn run(args: Args) -> Result<i32> {
         .rr
         .as_ref()
         .and_then(|rr| rr.get("trace"))
-        .filter(|t| !t.is_null())
+        .filter(|t| !t.is_null() && args.trace_observations.is_none())
     {
         print_trace(&trace_output, stats);
     }
@@ -472,7 +511,7 @@ impl Session for ReplaySession {
         match &mut self.mode {
             Some(ReplayMode::Traced(traced)) => {
                 traced
-                    .tracer
+                    .observer
                     .start(ready.vmm, at.0, ready.state.clock.now())?
             }
             Some(ReplayMode::Gdb(gdb)) => {
@@ -535,12 +574,18 @@ impl ReplaySession {
             ReplayMode::Traced(traced) => {
                 let TracedReplay {
                     replayer,
-                    mut tracer,
+                    mut observer,
                 } = *traced;
                 // The guest's memory is its own again before anything hashes it.
-                tracer.lift(end.vmm)?;
-                let stats = tracer.finish(end.stats.virtual_time)?;
-                (replayer, Some(serde_json::to_value(stats)?))
+                observer.lift(end.vmm)?;
+                let (observed, written) = observer.finish(end.stats.virtual_time)?;
+                let mut stats = serde_json::to_value(observed)?;
+                if let (Some(map), Some(written)) = (stats.as_object_mut(), written) {
+                    if let serde_json::Value::Object(more) = serde_json::to_value(written)? {
+                        map.extend(more);
+                    }
+                }
+                (replayer, Some(stats))
             }
         };
         if let Some(exits) = end
@@ -593,4 +638,50 @@ impl ReplaySession {
             "trace": trace,
         })))
     }
+}
+
+/// Writes the trace from the observations a replay in the carrier made, and adds its counts
+/// (and the time writing it took) to the run's summary.
+fn write_observed_trace(
+    index: rrr_tracer::Index,
+    header: &rrr_vmm::rr::log::Header,
+    filter: EmitFilter,
+    observations: &Path,
+    run_dir: &Path,
+    output: &Path,
+) -> Result<()> {
+    let started = Instant::now();
+    let summary_path = run_dir.join("summary.json");
+    let mut summary: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&summary_path)
+            .with_context(|| format!("cannot read {}", summary_path.display()))?,
+    )
+    .with_context(|| format!("{} is not a run summary", summary_path.display()))?;
+    let mut intro = Introspection::new(index)?;
+    intro.know_stimulus(&header.stimulus_name, &header.stimulus);
+    let mut tracer = Tracer::new(std::sync::Arc::new(intro), output, filter)?;
+    let spinner = crate::progress::spinner(format!("writing the trace {}", output.display()));
+    ObservationFile::replay_into(observations, &mut tracer)?;
+    // Open slices end where the replay did (or at the last event, if it stopped early).
+    let end_ns = summary["virtual_time_ns"].as_u64().unwrap_or(0);
+    let stats = tracer.finish(end_ns)?;
+    spinner.finish_and_clear();
+    let _ = std::fs::remove_file(observations);
+    let trace = &mut summary["rr"]["trace"];
+    if !trace.is_object() {
+        *trace = json!({});
+    }
+    if let (Some(map), serde_json::Value::Object(more)) =
+        (trace.as_object_mut(), serde_json::to_value(stats)?)
+    {
+        map.extend(more);
+        map.insert(
+            "write_ns".into(),
+            json!(started.elapsed().as_nanos() as u64),
+        );
+    }
+    std::fs::write(&summary_path, serde_json::to_vec_pretty(&summary)?)
+        .with_context(|| format!("cannot write {}", summary_path.display()))?;
+    print_trace(output, &summary["rr"]["trace"]);
+    Ok(())
 }

@@ -56,6 +56,7 @@ pub fn run(args: Args) -> Result<i32> {
         },
         gdb: None,
         gdb_carrier_port: false,
+        trace_observations: None,
     })?;
     if code != 0 || !args.serve {
         return Ok(code);

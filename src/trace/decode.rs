@@ -3,9 +3,8 @@
 //! their type, and errno names for negative returns.
 
 use rrr_tracer::{format_enum, Index, TypeId, ValueKind};
-use rrr_vmm::builder::Vmm;
 
-use super::guest::GuestReader;
+use super::guest::Memory;
 
 /// Strings read from guest memory are cut here (the trace shows that they were).
 pub const MAX_STRING: usize = 96;
@@ -52,7 +51,7 @@ fn truncate(raw: u64, size: u8) -> u64 {
 }
 
 /// `raw` as a value of type `ty`.
-pub fn show(index: &Index, ty: TypeId, raw: u64, vmm: &Vmm, mem: &mut GuestReader) -> Shown {
+pub fn show(index: &Index, ty: TypeId, raw: u64, mem: &mut dyn Memory) -> Shown {
     match index.value_kind(ty) {
         ValueKind::Int { size, signed: true } => Shown::Int(sign_extend(raw, size)),
         ValueKind::Int { size, .. } => Shown::Uint(truncate(raw, size)),
@@ -72,7 +71,7 @@ pub fn show(index: &Index, ty: TypeId, raw: u64, vmm: &Vmm, mem: &mut GuestReade
         }
         ValueKind::Str => match raw {
             0 => Shown::Str("NULL".into()),
-            _ => match mem.read_c_string(vmm, raw, MAX_STRING) {
+            _ => match mem.read_c_string(raw, MAX_STRING) {
                 Some((s, cut)) => Shown::Str(format!("{s:?}{}", if cut { "..." } else { "" })),
                 None => Shown::Pointer(raw),
             },

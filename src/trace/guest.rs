@@ -9,6 +9,7 @@ use std::collections::HashMap;
 
 use rrr_vmm::arch::x86_64::walk::PagingMode;
 use rrr_vmm::builder::Vmm;
+use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
 /// The direct map of a kernel without memory randomisation, and the kernel image mapping.
@@ -82,18 +83,6 @@ impl GuestReader {
         Some(gpa)
     }
 
-    pub fn read_u64(&mut self, vmm: &Vmm, gva: u64) -> Option<u64> {
-        let mut bytes = [0u8; 8];
-        self.read(vmm, gva, &mut bytes)?;
-        Some(u64::from_le_bytes(bytes))
-    }
-
-    pub fn read_u32(&mut self, vmm: &Vmm, gva: u64) -> Option<u32> {
-        let mut bytes = [0u8; 4];
-        self.read(vmm, gva, &mut bytes)?;
-        Some(u32::from_le_bytes(bytes))
-    }
-
     /// Reads `out.len()` bytes at `gva`, page by page.
     pub fn read(&mut self, vmm: &Vmm, gva: u64, out: &mut [u8]) -> Option<()> {
         let mut done = 0usize;
@@ -110,16 +99,44 @@ impl GuestReader {
         Some(())
     }
 
+    /// Writes guest memory at `gva` (the probes' breakpoint bytes).
+    pub fn write(&mut self, vmm: &Vmm, gva: u64, bytes: &[u8]) -> Option<()> {
+        for (i, b) in bytes.iter().enumerate() {
+            let gpa = self.translate(vmm, gva + i as u64)?;
+            vmm.mem.write_obj(*b, GuestAddress(gpa)).ok()?;
+        }
+        Some(())
+    }
+}
+
+/// Guest memory as the trace's decoding reads it: live, or as it was captured at the moment of
+/// an event (when the trace is written after the replay, outside the VM's process).
+pub trait Memory {
+    /// Reads `out.len()` bytes at `gva`; `None` if any is not mapped.
+    fn read(&mut self, gva: u64, out: &mut [u8]) -> Option<()>;
+
+    fn read_u64(&mut self, gva: u64) -> Option<u64> {
+        let mut bytes = [0u8; 8];
+        self.read(gva, &mut bytes)?;
+        Some(u64::from_le_bytes(bytes))
+    }
+
+    fn read_u32(&mut self, gva: u64) -> Option<u32> {
+        let mut bytes = [0u8; 4];
+        self.read(gva, &mut bytes)?;
+        Some(u32::from_le_bytes(bytes))
+    }
+
     /// A NUL-terminated string of at most `max` bytes; `None` if its first byte cannot be
     /// read. The flag says whether it was cut at `max`.
-    pub fn read_c_string(&mut self, vmm: &Vmm, gva: u64, max: usize) -> Option<(String, bool)> {
+    fn read_c_string(&mut self, gva: u64, max: usize) -> Option<(String, bool)> {
         let mut bytes = Vec::new();
         let mut at = gva;
         while bytes.len() < max {
             let in_page = (0x1000 - (at & 0xfff)) as usize;
             let n = in_page.min(max - bytes.len());
             let mut chunk = vec![0u8; n];
-            if self.read(vmm, at, &mut chunk).is_none() {
+            if self.read(at, &mut chunk).is_none() {
                 if bytes.is_empty() {
                     return None;
                 }
@@ -134,13 +151,61 @@ impl GuestReader {
         }
         Some((String::from_utf8_lossy(&bytes).into_owned(), true))
     }
+}
 
-    /// Writes guest memory at `gva` (the probes' breakpoint bytes).
-    pub fn write(&mut self, vmm: &Vmm, gva: u64, bytes: &[u8]) -> Option<()> {
-        for (i, b) in bytes.iter().enumerate() {
-            let gpa = self.translate(vmm, gva + i as u64)?;
-            vmm.mem.write_obj(*b, GuestAddress(gpa)).ok()?;
+/// The replaying guest's memory now. With `capture`, every successful read is also kept, so the
+/// same reads can be answered later from a [`Captured`].
+pub struct Live<'a> {
+    pub vmm: &'a Vmm,
+    pub reader: &'a mut GuestReader,
+    pub capture: Option<&'a mut Captured>,
+}
+
+impl Memory for Live<'_> {
+    fn read(&mut self, gva: u64, out: &mut [u8]) -> Option<()> {
+        self.reader.read(self.vmm, gva, out)?;
+        if let Some(captured) = &mut self.capture {
+            captured.blocks.push((gva, out.to_vec()));
         }
         Some(())
+    }
+}
+
+/// Guest memory read at one event, kept with it: reading it again gives the same answers,
+/// and anything else was not readable.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Captured {
+    blocks: Vec<(u64, Vec<u8>)>,
+}
+
+impl Memory for Captured {
+    fn read(&mut self, gva: u64, out: &mut [u8]) -> Option<()> {
+        let end = gva.checked_add(out.len() as u64)?;
+        let (at, bytes) = self
+            .blocks
+            .iter()
+            .find(|(at, bytes)| *at <= gva && end <= at + bytes.len() as u64)?;
+        let from = (gva - at) as usize;
+        out.copy_from_slice(&bytes[from..from + out.len()]);
+        Some(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn captured_memory_answers_the_reads_it_kept_and_no_others() {
+        let mut captured = Captured::default();
+        captured.blocks.push((0x1000, b"abc\0".to_vec()));
+        captured.blocks.push((0x2000, 7u64.to_le_bytes().to_vec()));
+        assert_eq!(captured.read_u64(0x2000), Some(7));
+        assert_eq!(captured.read_u32(0x2004), Some(0));
+        assert_eq!(captured.read_u64(0x2004), None);
+        let mut out = [0u8; 2];
+        assert_eq!(captured.read(0x1001, &mut out), Some(()));
+        assert_eq!(&out, b"bc");
+        assert_eq!(captured.read_u64(0x3000), None);
     }
 }

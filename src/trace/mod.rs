@@ -8,6 +8,8 @@
 pub mod decode;
 pub mod func_probes;
 pub mod guest;
+pub mod introspect;
+pub mod observe;
 pub mod probes;
 pub mod stubs;
 pub mod tracer;
@@ -20,6 +22,8 @@ use rrr_vmm::builder::Vmm;
 use rrr_vmm::clock::VirtualTime;
 use rrr_vmm::rr::{ExecMode, ExitWhat, Replayer, RrError};
 
+pub use introspect::Introspection;
+pub use observe::{ObservationFile, Observer, Sink};
 pub use tracer::{EmitFilter, Tracer};
 
 /// What to trace. With no filter: every traceable kernel function, from GO to the end.
@@ -176,11 +180,11 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
     p[pi..].iter().all(|&c| c == '*')
 }
 
-/// A replay with the trace pass: the replayer decides everything about the run; the tracer
-/// handles the debug exits its probes cause.
+/// A replay with the trace pass: the replayer decides everything about the run; the observer
+/// handles the exits its probes cause and drains its stubs' records at every exit.
 pub struct TracedReplay {
     pub replayer: Replayer,
-    pub tracer: Tracer,
+    pub observer: Observer,
 }
 
 impl ExecMode for TracedReplay {
@@ -193,22 +197,16 @@ impl ExecMode for TracedReplay {
         now: VirtualTime,
         what: ExitWhat,
     ) -> Result<(), RrError> {
-        self.tracer.exit_seen(vmm, exits, now)?;
+        self.observer.exit_seen(vmm, exits, now)?;
         self.replayer.after_exit(vmm, exits, now, what)
     }
 
     fn probe_hit(&mut self, vmm: &mut Vmm, exits: u64, now: VirtualTime) -> Result<bool, RrError> {
-        if !self.tracer.planted() {
-            return Ok(false);
-        }
-        self.tracer.hit(vmm, exits, now)
+        self.observer.hit(vmm, exits, now)
     }
 
     fn func_probe(&mut self, vmm: &mut Vmm, exits: u64, now: VirtualTime) -> Result<bool, RrError> {
-        if !self.tracer.planted() {
-            return Ok(false);
-        }
-        self.tracer.func_hit(vmm, exits, now)
+        self.observer.func_hit(vmm, exits, now)
     }
 
     fn landmark_due(&mut self, vmm: &mut Vmm, exits: u64) -> Result<bool, RrError> {
@@ -218,13 +216,13 @@ impl ExecMode for TracedReplay {
         // The replayer finds the landmark with its own debug exits and compares registers and
         // written memory: the probes step aside meanwhile (calls in those few instructions are
         // not in the trace).
-        let planted = self.tracer.planted();
+        let planted = self.observer.planted();
         if planted {
-            self.tracer.lift(vmm)?;
+            self.observer.lift(vmm)?;
         }
         let due = self.replayer.landmark_due(vmm, exits);
         if planted {
-            self.tracer.replant(vmm)?;
+            self.observer.replant(vmm)?;
         }
         due
     }

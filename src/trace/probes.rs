@@ -24,7 +24,7 @@ use rrr_tracer::{Index, Location, Reg, ValueKind};
 use rrr_vmm::builder::Vmm;
 
 use super::guest::GuestReader;
-use super::stubs::{self, CurrentAt, Record, StubArea};
+use super::stubs::{self, CurrentAt, StubArea};
 
 /// `hlt`: privileged, one byte, and always a VM exit to the VMM.
 const PROBE: u8 = 0xf4;
@@ -42,7 +42,7 @@ const SYSCALL_PREFIXES: [&str; 2] = ["__x64_sys_", "__ia32_sys_"];
 
 /// What a breakpoint stands for, with the function it belongs to (an index into the index's
 /// functions).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Probe {
     Entry(u32),
     Return(u32),
@@ -118,6 +118,11 @@ impl ProbeSet {
 
     pub fn get(&self, addr: u64) -> Option<Probe> {
         self.probes.get(&addr).map(|s| s.probe)
+    }
+
+    /// Every planted site and what it stands for.
+    pub fn sites(&self) -> Vec<(u64, Probe)> {
+        self.probes.iter().map(|(&a, s)| (a, s.probe)).collect()
     }
 
     /// Writes the probes. A site whose bytes are not what the probe expects (code the kernel
@@ -203,8 +208,8 @@ impl ProbeSet {
         self.stubs.as_ref().is_some_and(|s| s.is_full_halt(addr))
     }
 
-    /// The stubs' records since the last drain, in order.
-    pub fn drain(&mut self, vmm: &Vmm, mem: &mut GuestReader, out: &mut Vec<Record>) -> Result<()> {
+    /// The stubs' records since the last drain, in order (raw, see [`super::stubs::Record`]).
+    pub fn drain(&mut self, vmm: &Vmm, mem: &mut GuestReader, out: &mut Vec<u8>) -> Result<()> {
         match &mut self.stubs {
             Some(area) if self.planted => area.drain(vmm, mem, out),
             _ => Ok(()),

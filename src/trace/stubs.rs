@@ -57,7 +57,8 @@ pub struct Record {
 }
 
 impl Record {
-    fn parse(bytes: &[u8]) -> Record {
+    /// One record as the stub wrote it (`RECORD_SIZE` bytes).
+    pub fn parse(bytes: &[u8]) -> Record {
         let word = |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap());
         Record {
             site: word(0),
@@ -65,6 +66,24 @@ impl Record {
             rsp: word(7),
             current: word(8),
         }
+    }
+
+    /// The current task of the record at the start of `bytes`.
+    pub fn current_of(bytes: &[u8]) -> u64 {
+        u64::from_le_bytes(bytes[64..72].try_into().unwrap())
+    }
+
+    /// The registers an entry or return record kept, in DWARF's numbering (the others zero).
+    pub fn regs(&self, is_return: bool) -> [u64; 16] {
+        let mut regs = [0; 16];
+        regs[7] = self.rsp;
+        if is_return {
+            (regs[0], regs[1]) = (self.regs[0], self.regs[1]);
+        } else {
+            let [rdi, rsi, rdx, rcx, r8, r9] = self.regs;
+            (regs[5], regs[4], regs[1], regs[2], regs[8], regs[9]) = (rdi, rsi, rdx, rcx, r8, r9);
+        }
+        regs
     }
 }
 
@@ -222,15 +241,17 @@ impl StubArea {
         self.written && self.full_halts.contains(&addr)
     }
 
-    /// The records written since the last drain, in order; the buffer is empty again after.
-    pub fn drain(&mut self, vmm: &Vmm, mem: &mut GuestReader, out: &mut Vec<Record>) -> Result<()> {
+    /// The records written since the last drain, in order, as the stubs wrote them (see
+    /// [`Record::parse`]); the buffer is empty again after.
+    pub fn drain(&mut self, vmm: &Vmm, mem: &mut GuestReader, out: &mut Vec<u8>) -> Result<()> {
         if !self.written {
             return Ok(());
         }
         let start = self.data + RECORDS;
-        let cursor = mem
-            .read_u64(vmm, self.data + CURSOR)
+        let mut word = [0u8; 8];
+        mem.read(vmm, self.data + CURSOR, &mut word)
             .context("cannot read the trace buffer's cursor")?;
+        let cursor = u64::from_le_bytes(word);
         if cursor == start {
             return Ok(());
         }
@@ -238,10 +259,10 @@ impl StubArea {
         if cursor < start || used % RECORD_SIZE != 0 || used / RECORD_SIZE > self.capacity {
             bail!("the trace buffer's cursor {cursor:#x} is outside its buffer: the guest wrote over it");
         }
-        let mut bytes = vec![0u8; used as usize];
-        mem.read(vmm, start, &mut bytes)
+        let from = out.len();
+        out.resize(from + used as usize, 0);
+        mem.read(vmm, start, &mut out[from..])
             .context("cannot read the trace buffer")?;
-        out.extend(bytes.chunks_exact(RECORD_SIZE as usize).map(Record::parse));
         self.high_water = self.high_water.max(used);
         self.rearm(vmm, mem)
     }
