@@ -348,6 +348,77 @@ fn a_traced_recording_shows_its_system_calls_and_kernel_calls_and_replays_unchan
     );
 }
 
+/// The in-guest probes: most calls are recorded by stubs without an exit, and a buffer so small
+/// that it fills at almost every call (each time an exit drains it) gives the same trace.
+#[test]
+fn calls_recorded_in_the_guest_give_the_same_trace_however_often_the_buffer_fills() {
+    let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = test_dir("stubs");
+    let rec = dir.join("sys.rrr");
+    let stimulus = root().join("examples/stimuli/open_write_close.c");
+    let out = rrr(&[
+        "record",
+        stimulus.to_str().unwrap(),
+        "-o",
+        rec.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let trace = |name: &str, capacity: Option<&str>| -> (Value, u64) {
+        let output = dir.join(format!("{name}.pftrace"));
+        let run_dir = dir.join(name);
+        let mut cmd = Command::new(RRR);
+        cmd.args(["replay", rec.to_str().unwrap(), "--quiet", "--trace"])
+            .args(["--trace-output", output.to_str().unwrap()])
+            .args(["--run-dir", run_dir.to_str().unwrap()]);
+        if let Some(capacity) = capacity {
+            cmd.env("RRR_TRACE_STUB_CAPACITY", capacity);
+        }
+        let out = cmd.output().expect("cannot start rrr");
+        let stdout = text(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("the replay matches the recording"),
+            "{stdout}\n{}",
+            text(&out.stderr)
+        );
+        let summary: Value =
+            serde_json::from_slice(&std::fs::read(run_dir.join("summary.json")).unwrap()).unwrap();
+        let size = std::fs::metadata(&output).unwrap().len();
+        (summary["rr"]["trace"].clone(), size)
+    };
+    let (roomy, roomy_size) = trace("roomy", None);
+    let (tiny, tiny_size) = trace("tiny", Some("4"));
+    let n = |t: &Value, k: &str| t[k].as_u64().unwrap_or_else(|| panic!("no {k} in {t}"));
+    assert!(
+        n(&roomy, "stub_sites") > 10 * n(&roomy, "halt_sites"),
+        "most probes are stubs: {roomy}"
+    );
+    assert!(
+        n(&roomy, "stub_records") > n(&roomy, "entries") / 2,
+        "most calls were recorded in the guest: {roomy}"
+    );
+    assert_eq!(n(&roomy, "full_drains"), 0, "{roomy}");
+    assert!(
+        n(&tiny, "full_drains") > n(&tiny, "stub_records") / 8,
+        "a 4-record buffer fills all the time: {tiny}"
+    );
+    for k in [
+        "stub_records",
+        "entries",
+        "returns",
+        "syscalls",
+        "events",
+        "tasks",
+        "switches",
+    ] {
+        assert_eq!(n(&roomy, k), n(&tiny, k), "{k}: {roomy} {tiny}");
+    }
+    assert_eq!(
+        roomy_size, tiny_size,
+        "the same trace, byte for byte in size"
+    );
+}
+
 #[test]
 fn filters_choose_what_is_traced_and_one_that_matches_nothing_says_so() {
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());

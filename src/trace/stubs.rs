@@ -44,6 +44,9 @@ const STUB_SIZE: u64 = 16;
 const COMMON_SIZE: u64 = 0x200;
 
 const INT3: u8 = 0xcc;
+/// Caps the buffer at this many records (tests: a tiny buffer fills at almost every call, and
+/// must give the same trace).
+pub const CAPACITY_ENV: &str = "RRR_TRACE_STUB_CAPACITY";
 
 /// One call or return, as its stub recorded it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,11 +121,16 @@ impl StubArea {
     pub fn find(index: &Index) -> Option<StubArea> {
         let text = index.symbol(TRACE_TEXT_SYMBOL)?.address;
         let data = index.symbol(TRACE_DATA_SYMBOL)?.address;
+        let room = (TRACE_DATA_SIZE - RECORDS) / RECORD_SIZE;
+        let capped = std::env::var(CAPACITY_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|&n| n > 0);
         Some(StubArea {
             text,
             text_size: TRACE_TEXT_SIZE,
             data,
-            capacity: (TRACE_DATA_SIZE - RECORDS) / RECORD_SIZE,
+            capacity: capped.map_or(room, |n| n.min(room)),
             entry_common: 0,
             return_common: 0,
             full_halts: [0; 2],
