@@ -39,6 +39,32 @@ fn runs_commands_with_kvm_separate_streams_exit_status_and_shared_cwd() {
 }
 
 #[test]
+fn a_carrier_that_never_boots_is_started_again_then_given_up_on() {
+    // `init=/bin/cat` on the carrier's kernel command line: PID 1 is cat on the console, so
+    // rrr's script never runs and never says the carrier is up, as when the emulated CPU stalls.
+    let dir = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_rrr"))
+        .args(["carrier", "run", "--", "true"])
+        .current_dir(dir.path())
+        .env("RRR_CARRIER_CMDLINE", "init=/bin/cat")
+        .env("RRR_CARRIER_BOOT_LIMIT_SECS", "8")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(
+        stderr
+            .matches("the carrier's kernel did not boot within 8 s")
+            .count(),
+        2,
+        "one restart, then the error: {stderr}"
+    );
+    assert!(stderr.contains("starting the carrier again"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(120), "{stderr}");
+}
+
+#[test]
 fn false_exits_one() {
     let dir = tempfile::tempdir().unwrap();
     let out = carrier_run(dir.path(), &["false"]);

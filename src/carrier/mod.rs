@@ -16,9 +16,10 @@ use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
@@ -72,13 +73,95 @@ pub fn run_in_carrier(cmd: &[OsString], opts: &CarrierOptions) -> Result<i32> {
     which_qemu()?;
     let kernel = crate::commands::kernel::ensure_carrier_kernel()?;
     let cache = crate::cache::cache_dir()?;
-    let run = RunDir::create(&cache)?;
-    let result = run_with(cmd, opts, &kernel.vmlinux(), &cache, &run);
-    match &result {
-        Ok(_) => run.remove(),
-        Err(_) => tracing::info!(dir = %run.path.display(), "kept the failed carrier run"),
+    for attempt in 1.. {
+        let run = RunDir::create(&cache)?;
+        let result = run_with(cmd, opts, &kernel.vmlinux(), &cache, &run);
+        match &result {
+            Ok(_) => run.remove(),
+            Err(_) => tracing::info!(dir = %run.path.display(), "kept the failed carrier run"),
+        }
+        // Nothing ran inside a carrier that never booted: it is safe to start another.
+        match result {
+            Err(err) if attempt < BOOT_ATTEMPTS && err.is::<BootStalled>() => {
+                eprintln!("rrr: {err:#}; starting the carrier again");
+            }
+            other => return other,
+        }
     }
-    result
+    unreachable!("the loop returns")
+}
+
+/// How long the carrier's kernel may take to boot and mount its file systems (a few seconds
+/// normally, tens under load; `RRR_CARRIER_BOOT_LIMIT_SECS` sets another), and how many
+/// carriers are started before giving up.
+const BOOT_LIMIT: Duration = Duration::from_secs(180);
+const BOOT_LIMIT_ENV: &str = "RRR_CARRIER_BOOT_LIMIT_SECS";
+const BOOT_ATTEMPTS: u32 = 2;
+
+fn boot_limit() -> Duration {
+    std::env::var(BOOT_LIMIT_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(BOOT_LIMIT, Duration::from_secs)
+}
+
+/// The carrier's kernel did not get as far as running rrr's script. Seen once on the 2-core
+/// machine with two carriers loading it: QEMU 7.2's emulated CPU 1 stopped taking timer
+/// interrupts early in boot, and the kernel reported RCU stalls on it for good.
+#[derive(Debug, thiserror::Error)]
+#[error("the carrier's kernel did not boot within {} s (last lines of its console, {console}:\n{tail})", boot_limit().as_secs())]
+struct BootStalled {
+    console: String,
+    tail: String,
+}
+
+/// Watches a carrier's boot: stops QEMU (`pid`) if the console shows no start marker within
+/// [`boot_limit`], unless `done` (QEMU was waited for) comes first.
+struct BootWatchdog {
+    thread: JoinHandle<()>,
+    done: Arc<AtomicBool>,
+    stalled: Arc<AtomicBool>,
+}
+
+impl BootWatchdog {
+    fn start(console: PathBuf, nonce: String, pid: i32) -> BootWatchdog {
+        let limit = boot_limit();
+        let done = Arc::new(AtomicBool::new(false));
+        let stalled = Arc::new(AtomicBool::new(false));
+        let (stop, flag) = (done.clone(), stalled.clone());
+        let thread = std::thread::spawn(move || {
+            let started = Instant::now();
+            loop {
+                std::thread::sleep(Duration::from_millis(500));
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let text = std::fs::read_to_string(&console).unwrap_or_default();
+                if script::started(&text, &nonce) || script::exit_status(&text, &nonce).is_some() {
+                    return;
+                }
+                if started.elapsed() >= limit {
+                    flag.store(true, Ordering::SeqCst);
+                    // SAFETY: QEMU is our child and not yet waited for (`done` is not set), so
+                    // the pid is still its.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    return;
+                }
+            }
+        });
+        BootWatchdog {
+            thread,
+            done,
+            stalled,
+        }
+    }
+
+    /// QEMU has been waited for. Returns whether the watchdog stopped it.
+    fn finish(self) -> bool {
+        self.done.store(true, Ordering::SeqCst);
+        let _ = self.thread.join();
+        self.stalled.load(Ordering::SeqCst)
+    }
 }
 
 /// Looks QEMU up in PATH before a carrier kernel build can start. (A search, not a trial run of
@@ -203,11 +286,14 @@ fn run_with(
         _ => anyhow::Error::new(err).context(format!("cannot start {}", qemu::QEMU)),
     })?;
     signals.watch(child.id() as i32);
+    let watchdog = BootWatchdog::start(console_log.clone(), run.nonce.clone(), child.id() as i32);
     let mut qemu_stderr = String::new();
     if let Some(mut pipe) = child.stderr.take() {
         let _ = pipe.read_to_string(&mut qemu_stderr);
     }
-    let status = child.wait().context("cannot wait for QEMU")?;
+    let status = child.wait().context("cannot wait for QEMU");
+    let stalled = watchdog.finish();
+    let status = status?;
     // Only now may our end of the stdin socket close (see `stdin`). The copying thread is not
     // joined: it may sit in a read of a terminal that never ends.
     drop(input);
@@ -225,6 +311,13 @@ fn run_with(
     }
     drop(signals);
     let console = std::fs::read_to_string(&console_log).unwrap_or_default();
+    if stalled {
+        return Err(BootStalled {
+            console: console_log.display().to_string(),
+            tail: tail(&console, 8),
+        }
+        .into());
+    }
     if let Some(code) = script::exit_status(&console, &run.nonce) {
         return Ok(code);
     }

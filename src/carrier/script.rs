@@ -42,6 +42,9 @@ pub struct Script<'a> {
 pub const EXIT_MARKER: &str = "rrr-carrier-exit";
 /// The line the script prints when setting up failed: `<prefix> <nonce> <what>`.
 pub const ERROR_MARKER: &str = "rrr-carrier-error";
+/// The line the script prints once the carrier's kernel has booted and its file systems are
+/// mounted: `<prefix> <nonce> up`.
+pub const START_MARKER: &str = "rrr-carrier-start";
 
 /// The carrier's file systems in mount order, for `mount -a -T`: what a host program expects
 /// (/dev, /proc, /sys, ptys, tmpfs for /dev/shm, /tmp and /run), then the writable shares,
@@ -113,6 +116,7 @@ mount -a -T "
             format!(
                 " \\(mount says why above\\)
 exec </dev/null >/dev/console 2>&1
+report \"{START_MARKER} {nonce} up\"
 in= out= err=
 for d in /sys/class/virtio-ports/*; do
   read -r name <\"$d/name\" || continue
@@ -177,6 +181,11 @@ pub fn exit_status(console: &str, nonce: &str) -> Option<i32> {
 }
 
 /// What the script said went wrong while setting up, if it did.
+/// Whether the carrier's kernel booted and ran the script (the start marker is on the console).
+pub fn started(console: &str, nonce: &str) -> bool {
+    marker_value(console, START_MARKER, nonce).is_some()
+}
+
 pub fn setup_error(console: &str, nonce: &str) -> Option<String> {
     marker_value(console, ERROR_MARKER, nonce).map(str::to_owned)
 }

@@ -35,6 +35,8 @@ const RET: u8 = 0xc3;
 const JMP32: u8 = 0xe9;
 /// A return thunk's `jmp` as the kernel rewrites it at boot without the mitigation.
 const RET_INT3: [u8; 5] = [RET, 0xcc, 0xcc, 0xcc, 0xcc];
+/// `sti`: the instruction after it runs in its interrupt shadow.
+const STI: u8 = 0xfb;
 /// Functions whose entry changes which task a `task_struct` is: the buffer is drained there, so
 /// records are told apart by the identity they were made under.
 const IDENTITY_CHANGES: [&str; 2] = ["copy_process", "free_task"];
@@ -166,7 +168,7 @@ impl ProbeSet {
             let stubbable = match site.probe {
                 Probe::Entry(_) => bytes == NOP5,
                 Probe::Return(_) => bytes == RET_INT3,
-            };
+            } && !after_sti(vmm, mem, addr);
             let jump = match &mut stubs {
                 Some(area) if site.stub_ok && stubbable && area.room() > 0 => {
                     let is_return = matches!(site.probe, Probe::Return(_));
@@ -240,6 +242,15 @@ impl ProbeSet {
     pub fn planted(&self) -> bool {
         self.planted
     }
+}
+
+/// Whether the site may follow an `sti` (its byte before is `sti`'s opcode). A `jmp` there would
+/// run in the interrupt shadow, and an interrupt window the recording took after the site's
+/// instruction (a `ret`) would open at the stub instead: such a site keeps its `hlt`, which the
+/// run loop already takes apart from the shadow.
+fn after_sti(vmm: &Vmm, mem: &mut GuestReader, addr: u64) -> bool {
+    let mut before = [0u8; 1];
+    mem.read(vmm, addr.wrapping_sub(1), &mut before).is_none() || before[0] == STI
 }
 
 /// Whether a function's entry can be traced from its argument registers alone: no argument is
