@@ -349,7 +349,10 @@ fn a_traced_recording_shows_its_system_calls_and_kernel_calls_and_replays_unchan
 }
 
 /// The in-guest probes: most calls are recorded by stubs without an exit, and a buffer so small
-/// that it fills at almost every call (each time an exit drains it) gives the same trace.
+/// that it fills at almost every call (each time an exit drains it) gives the same trace. The
+/// trace is the same written natively after a replay in the carrier (what `rrr replay` does
+/// here) and written by the replaying process itself (what it does on a VT-x/AMD-V host, run
+/// here as `rrr carrier run -- rrr replay`).
 #[test]
 fn calls_recorded_in_the_guest_give_the_same_trace_however_often_the_buffer_fills() {
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
@@ -364,10 +367,13 @@ fn calls_recorded_in_the_guest_give_the_same_trace_however_often_the_buffer_fill
         "--quiet",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let trace = |name: &str, capacity: Option<&str>| -> (Value, u64) {
+    let trace = |name: &str, capacity: Option<&str>, in_process: bool| -> (Value, u64) {
         let output = dir.join(format!("{name}.pftrace"));
         let run_dir = dir.join(name);
         let mut cmd = Command::new(RRR);
+        if in_process {
+            cmd.args(["carrier", "run", "--", RRR]).current_dir(&dir);
+        }
         cmd.args(["replay", rec.to_str().unwrap(), "--quiet", "--trace"])
             .args(["--trace-output", output.to_str().unwrap()])
             .args(["--run-dir", run_dir.to_str().unwrap()]);
@@ -386,8 +392,9 @@ fn calls_recorded_in_the_guest_give_the_same_trace_however_often_the_buffer_fill
         let size = std::fs::metadata(&output).unwrap().len();
         (summary["rr"]["trace"].clone(), size)
     };
-    let (roomy, roomy_size) = trace("roomy", None);
-    let (tiny, tiny_size) = trace("tiny", Some("4"));
+    let (roomy, roomy_size) = trace("roomy", None, false);
+    let (tiny, tiny_size) = trace("tiny", Some("4"), false);
+    let (direct, direct_size) = trace("in-process", None, true);
     let n = |t: &Value, k: &str| t[k].as_u64().unwrap_or_else(|| panic!("no {k} in {t}"));
     assert!(
         n(&roomy, "stub_sites") > 10 * n(&roomy, "halt_sites"),
@@ -412,10 +419,13 @@ fn calls_recorded_in_the_guest_give_the_same_trace_however_often_the_buffer_fill
         "switches",
     ] {
         assert_eq!(n(&roomy, k), n(&tiny, k), "{k}: {roomy} {tiny}");
+        assert_eq!(n(&roomy, k), n(&direct, k), "{k}: {roomy} {direct}");
     }
-    assert_eq!(
-        roomy_size, tiny_size,
-        "the same trace, byte for byte in size"
+    assert_eq!(roomy_size, tiny_size, "the same trace size");
+    assert_eq!(roomy_size, direct_size, "the same trace size");
+    assert!(
+        roomy.get("write_ns").is_some() && direct.get("write_ns").is_none(),
+        "written after the carrier, and by the replay: {roomy} {direct}"
     );
 }
 
