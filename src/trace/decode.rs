@@ -50,7 +50,16 @@ fn truncate(raw: u64, size: u8) -> u64 {
     }
 }
 
-/// `raw` as a value of type `ty`.
+/// `raw` as an argument of type `ty`, at the call: a `char *` (not `const`) is a buffer the
+/// callee is to write, shown as its address.
+pub fn show_arg(index: &Index, ty: TypeId, raw: u64, mem: &mut dyn Memory) -> Shown {
+    match index.value_kind(ty) {
+        ValueKind::CharBuffer => Shown::Pointer(raw),
+        _ => show(index, ty, raw, mem),
+    }
+}
+
+/// `raw` as a value of type `ty` (a return value: strings are read, `char *` ones too).
 pub fn show(index: &Index, ty: TypeId, raw: u64, mem: &mut dyn Memory) -> Shown {
     match index.value_kind(ty) {
         ValueKind::Int { size, signed: true } => Shown::Int(sign_extend(raw, size)),
@@ -69,7 +78,7 @@ pub fn show(index: &Index, ty: TypeId, raw: u64, mem: &mut dyn Memory) -> Shown 
             };
             Shown::Str(format_enum(enumerators, flags, value))
         }
-        ValueKind::Str => match raw {
+        ValueKind::Str | ValueKind::CharBuffer => match raw {
             0 => Shown::Str("NULL".into()),
             _ => match mem.read_c_string(raw, MAX_STRING) {
                 Some((s, cut)) => Shown::Str(format!("{s:?}{}", if cut { "..." } else { "" })),

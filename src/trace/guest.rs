@@ -23,6 +23,8 @@ pub struct GuestReader {
     /// (without page-table isolation), so kernel addresses need no fresh root.
     kernel_paging: Option<PagingMode>,
     stable_pages: HashMap<u64, u64>,
+    /// Other pages walked since the last [`refresh`](Self::refresh) (the same tables since).
+    recent_pages: HashMap<u64, u64>,
 }
 
 impl GuestReader {
@@ -31,6 +33,7 @@ impl GuestReader {
             paging: None,
             kernel_paging: None,
             stable_pages: HashMap::new(),
+            recent_pages: HashMap::new(),
         }
     }
 
@@ -38,6 +41,7 @@ impl GuestReader {
     /// current root (the task, and so the address space, may have changed).
     pub fn refresh(&mut self) {
         self.paging = None;
+        self.recent_pages.clear();
     }
 
     fn paging(&mut self, vmm: &Vmm) -> Option<PagingMode> {
@@ -67,10 +71,13 @@ impl GuestReader {
     pub fn translate(&mut self, vmm: &Vmm, gva: u64) -> Option<u64> {
         let stable = DIRECT_MAP.contains(&gva) || gva >= KERNEL_IMAGE;
         let page = gva & !0xfff;
-        if stable {
-            if let Some(gpa) = self.stable_pages.get(&page) {
-                return Some(gpa | (gva & 0xfff));
-            }
+        let known = if stable {
+            &self.stable_pages
+        } else {
+            &self.recent_pages
+        };
+        if let Some(gpa) = known.get(&page) {
+            return Some(gpa | (gva & 0xfff));
         }
         let gpa = if gva >> 63 == 1 {
             self.kernel_translate(vmm, gva)?
@@ -79,6 +86,8 @@ impl GuestReader {
         };
         if stable {
             self.stable_pages.insert(page, gpa & !0xfff);
+        } else {
+            self.recent_pages.insert(page, gpa & !0xfff);
         }
         Some(gpa)
     }
@@ -99,11 +108,18 @@ impl GuestReader {
         Some(())
     }
 
-    /// Writes guest memory at `gva` (the probes' breakpoint bytes).
+    /// Writes guest memory at `gva` (the probes' bytes), page by page.
     pub fn write(&mut self, vmm: &Vmm, gva: u64, bytes: &[u8]) -> Option<()> {
-        for (i, b) in bytes.iter().enumerate() {
-            let gpa = self.translate(vmm, gva + i as u64)?;
-            vmm.mem.write_obj(*b, GuestAddress(gpa)).ok()?;
+        let mut done = 0usize;
+        while done < bytes.len() {
+            let at = gva.checked_add(done as u64)?;
+            let in_page = (0x1000 - (at & 0xfff)) as usize;
+            let n = in_page.min(bytes.len() - done);
+            let gpa = self.translate(vmm, at)?;
+            vmm.mem
+                .write_slice(&bytes[done..done + n], GuestAddress(gpa))
+                .ok()?;
+            done += n;
         }
         Some(())
     }
@@ -187,6 +203,24 @@ impl Memory for Captured {
             .find(|(at, bytes)| *at <= gva && end <= at + bytes.len() as u64)?;
         let from = (gva - at) as usize;
         out.copy_from_slice(&bytes[from..from + out.len()]);
+        Some(())
+    }
+}
+
+/// The two stack words above a call's return address (`base` is `rsp + 8`), as an entry stub
+/// recorded them: the memory a function's stack arguments are read from.
+pub struct StackWords {
+    pub base: u64,
+    pub words: [u64; 2],
+}
+
+impl Memory for StackWords {
+    fn read(&mut self, gva: u64, out: &mut [u8]) -> Option<()> {
+        let from = usize::try_from(gva.checked_sub(self.base)?).ok()?;
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(&self.words[0].to_le_bytes());
+        bytes[8..].copy_from_slice(&self.words[1].to_le_bytes());
+        out.copy_from_slice(bytes.get(from..from.checked_add(out.len())?)?);
         Some(())
     }
 }

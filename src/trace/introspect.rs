@@ -172,7 +172,7 @@ impl Introspection {
                     rrr_tracer::Location::Expr(_) | rrr_tracer::Location::Unavailable => None,
                 };
                 match raw {
-                    Some(raw) => decode::show(&self.index, p.ty, raw, mem),
+                    Some(raw) => decode::show_arg(&self.index, p.ty, raw, mem),
                     None => Shown::Str("<optimized out>".into()),
                 }
             })
@@ -198,7 +198,7 @@ impl Introspection {
                 let name = p.name.as_deref().unwrap_or(ARG_NAMES[i]);
                 let name = decode::arg_name(&self.index, name, p.ty);
                 let value = match mem.read_u64(regs_ptr + layout.args[i]) {
-                    Some(raw) => decode::show(&self.index, p.ty, raw, mem),
+                    Some(raw) => decode::show_arg(&self.index, p.ty, raw, mem),
                     None => Shown::Str("<unreadable>".into()),
                 };
                 shown.push((name, value));

@@ -269,7 +269,7 @@ impl Observer {
         let mut records = std::mem::take(&mut self.records);
         records.clear();
         self.probes
-            .drain(vmm, &mut self.mem, &mut records)
+            .drain(vmm, &mut records)
             .map_err(|e| RrError::Probe(format!("{e:#}")))?;
         let result = self.observe_records(vmm, &records, exits, now);
         self.records = records;
@@ -288,6 +288,8 @@ impl Observer {
         if records.is_empty() {
             return Ok(());
         }
+        // The guest ran since the last event: other page tables may be in use.
+        self.mem.refresh();
         let size = RECORD_SIZE as usize;
         self.stats.stub_records += (records.len() / size) as u64;
         let mut run_start = 0;

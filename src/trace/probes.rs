@@ -24,7 +24,7 @@ use rrr_tracer::{Index, Location, Reg, ValueKind};
 use rrr_vmm::builder::Vmm;
 
 use super::guest::GuestReader;
-use super::stubs::{self, CurrentAt, StubArea};
+use super::stubs::{self, CurrentAt, StubArea, StubKind};
 
 /// `hlt`: privileged, one byte, and always a VM exit to the VMM.
 const PROBE: u8 = 0xf4;
@@ -62,8 +62,8 @@ enum Via {
 #[derive(Debug, Clone, Copy)]
 struct Site {
     probe: Probe,
-    /// Whether a stub may stand here (the call's trace needs no memory read at the time).
-    stub_ok: bool,
+    /// The stub that may stand here, if the call's trace needs no other memory read at the time.
+    stub: Option<StubKind>,
     via: Via,
     original: [u8; 5],
 }
@@ -83,21 +83,21 @@ impl ProbeSet {
     pub fn new(index: &Index, functions: &[u32]) -> ProbeSet {
         let mut probes = HashMap::new();
         let chosen: HashSet<u32> = functions.iter().copied().collect();
-        let site = |probe, stub_ok| Site {
+        let site = |probe, stub| Site {
             probe,
-            stub_ok,
+            stub,
             via: Via::Halt,
             original: [0; 5],
         };
         for &f in functions {
             if let Some(at) = index.functions[f as usize].fentry {
-                probes.insert(at, site(Probe::Entry(f), entry_reads_nothing(index, f)));
+                probes.insert(at, site(Probe::Entry(f), entry_stub(index, f)));
             }
         }
         for ret in &index.return_sites {
             if chosen.contains(&ret.function) {
-                let stub_ok = return_reads_nothing(index, ret.function);
-                probes.insert(ret.address, site(Probe::Return(ret.function), stub_ok));
+                let stub = return_reads_nothing(index, ret.function).then_some(StubKind::Return);
+                probes.insert(ret.address, site(Probe::Return(ret.function), stub));
             }
         }
         ProbeSet {
@@ -169,10 +169,9 @@ impl ProbeSet {
                 Probe::Entry(_) => bytes == NOP5,
                 Probe::Return(_) => bytes == RET_INT3,
             } && !after_sti(vmm, mem, addr);
-            let jump = match &mut stubs {
-                Some(area) if site.stub_ok && stubbable && area.room() > 0 => {
-                    let is_return = matches!(site.probe, Probe::Return(_));
-                    let stub = area.add_stub(vmm, mem, addr, is_return)?;
+            let jump = match (&mut stubs, site.stub) {
+                (Some(area), Some(kind)) if stubbable && area.room() > 0 => {
+                    let stub = area.add_stub(vmm, mem, addr, kind)?;
                     stubs::jump(addr, stub)
                 }
                 _ => None,
@@ -211,9 +210,9 @@ impl ProbeSet {
     }
 
     /// The stubs' records since the last drain, in order (raw, see [`super::stubs::Record`]).
-    pub fn drain(&mut self, vmm: &Vmm, mem: &mut GuestReader, out: &mut Vec<u8>) -> Result<()> {
+    pub fn drain(&mut self, vmm: &Vmm, out: &mut Vec<u8>) -> Result<()> {
         match &mut self.stubs {
-            Some(area) if self.planted => area.drain(vmm, mem, out),
+            Some(area) if self.planted => area.drain(vmm, out),
             _ => Ok(()),
         }
     }
@@ -253,36 +252,44 @@ fn after_sti(vmm: &Vmm, mem: &mut GuestReader, addr: u64) -> bool {
     mem.read(vmm, addr.wrapping_sub(1), &mut before).is_none() || before[0] == STI
 }
 
-/// Whether a function's entry can be traced from its argument registers alone: no argument is
-/// a string to read, on the stack, or somewhere a stub does not record; not a system call
-/// (whose arguments are read from its `pt_regs`); not a change of a task's identity.
-fn entry_reads_nothing(index: &Index, f: u32) -> bool {
+/// The stub a function's entry can be traced with: one that records the argument registers,
+/// and the two stack words above the return address if arguments are there. `None` if an
+/// argument is a string to read or somewhere else, for a system call (whose arguments are read
+/// from its `pt_regs`), and for a change of a task's identity.
+fn entry_stub(index: &Index, f: u32) -> Option<StubKind> {
     let function = &index.functions[f as usize];
     if SYSCALL_PREFIXES
         .iter()
         .any(|p| function.name.starts_with(p))
         || IDENTITY_CHANGES.contains(&function.name.as_str())
     {
-        return false;
+        return None;
     }
-    function.params.iter().all(|p| {
-        let in_recorded_register = match p.location {
+    let mut kind = StubKind::Entry;
+    for p in &function.params {
+        match p.location {
             Location::Reg(r) | Location::Abi(r) | Location::RegPair(r, _) => {
-                matches!(
+                if !matches!(
                     r,
                     Reg::Rdi | Reg::Rsi | Reg::Rdx | Reg::Rcx | Reg::R8 | Reg::R9
-                )
+                ) {
+                    return None;
+                }
             }
-            Location::Const(_) | Location::Expr(_) | Location::Unavailable => true,
-            Location::Stack(_) => false,
-        };
-        in_recorded_register && !matches!(index.value_kind(p.ty), ValueKind::Str)
-    })
+            Location::Const(_) | Location::Expr(_) | Location::Unavailable => {}
+            Location::Stack(8 | 16) => kind = StubKind::EntryWithStack,
+            Location::Stack(_) => return None,
+        }
+        if matches!(index.value_kind(p.ty), ValueKind::Str) {
+            return None;
+        }
+    }
+    Some(kind)
 }
 
 /// Whether a function's return can be traced from `rax` alone (it does not return a string).
 fn return_reads_nothing(index: &Index, f: u32) -> bool {
-    index.functions[f as usize]
-        .ret
-        .map_or(true, |ty| !matches!(index.value_kind(ty), ValueKind::Str))
+    index.functions[f as usize].ret.map_or(true, |ty| {
+        !matches!(index.value_kind(ty), ValueKind::Str | ValueKind::CharBuffer)
+    })
 }

@@ -25,6 +25,7 @@ use anyhow::{bail, Context, Result};
 use rrr_guest::protocol::{TRACE_DATA_SIZE, TRACE_DATA_SYMBOL, TRACE_TEXT_SIZE, TRACE_TEXT_SYMBOL};
 use rrr_tracer::Index;
 use rrr_vmm::builder::Vmm;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::guest::GuestReader;
 
@@ -36,12 +37,13 @@ const SAVED_RAX: u64 = 0x18;
 const SITE: u64 = 0x20;
 /// The records, after the header's page.
 const RECORDS: u64 = 0x1000;
-/// One record: the site, six registers, `rsp`, the current task.
-pub const RECORD_SIZE: u64 = 72;
+/// One record: the site, six registers, `rsp`, the current task, and (entries of functions with
+/// arguments on the stack) the two stack words above the return address.
+pub const RECORD_SIZE: u64 = 88;
 /// A site's stub.
 const STUB_SIZE: u64 = 16;
 /// The common code's share of the text area.
-const COMMON_SIZE: u64 = 0x200;
+const COMMON_SIZE: u64 = 0x400;
 
 const INT3: u8 = 0xcc;
 /// Caps the buffer at this many records (tests: a tiny buffer fills at almost every call, and
@@ -57,6 +59,18 @@ pub struct Record {
     pub regs: [u64; 6],
     pub rsp: u64,
     pub current: u64,
+    /// `[rsp + 8]` and `[rsp + 16]` at an entry of a function with arguments on the stack.
+    pub stack: [u64; 2],
+}
+
+/// Which common code a site's stub goes on to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StubKind {
+    Entry = 0,
+    /// An entry whose function has arguments on the stack (at most two words, at `rsp + 8` and
+    /// `rsp + 16`): they are in its caller's frame, so reading them cannot fault.
+    EntryWithStack = 1,
+    Return = 2,
 }
 
 impl Record {
@@ -68,6 +82,7 @@ impl Record {
             regs: [word(1), word(2), word(3), word(4), word(5), word(6)],
             rsp: word(7),
             current: word(8),
+            stack: [word(9), word(10)],
         }
     }
 
@@ -104,11 +119,14 @@ pub struct StubArea {
     text: u64,
     text_size: u64,
     data: u64,
+    /// Where the data area is in guest-physical memory (the kernel image is contiguous there),
+    /// so that a drain is one copy.
+    data_gpa: u64,
     capacity: u64,
-    entry_common: u64,
-    return_common: u64,
+    /// The common code each kind of stub goes on to (by [`StubKind`]).
+    commons: [u64; 3],
     /// The `hlt`s the stubs stop at when the buffer is full (addresses of the `hlt`s).
-    full_halts: [u64; 2],
+    full_halts: [u64; 3],
     /// Where the next site's stub goes.
     next_stub: u64,
     /// How far records have ever been written (zeroed again when the room is put back).
@@ -130,10 +148,10 @@ impl StubArea {
             text,
             text_size: TRACE_TEXT_SIZE,
             data,
+            data_gpa: 0,
             capacity: capped.map_or(room, |n| n.min(room)),
-            entry_common: 0,
-            return_common: 0,
-            full_halts: [0; 2],
+            commons: [0; 3],
+            full_halts: [0; 3],
             next_stub: text + COMMON_SIZE,
             high_water: 0,
             written: false,
@@ -148,47 +166,23 @@ impl StubArea {
     /// Writes the common code and an empty buffer. Site stubs come after, one per site.
     pub fn prepare(&mut self, vmm: &Vmm, mem: &mut GuestReader, current: CurrentAt) -> Result<()> {
         let data = self.data;
+        let first = mem.translate(vmm, data);
+        let last = mem.translate(vmm, data + TRACE_DATA_SIZE - 1);
+        self.data_gpa = match (first, last) {
+            (Some(first), Some(last)) if last.wrapping_sub(first) == TRACE_DATA_SIZE - 1 => first,
+            _ => bail!("the trace buffer at {data:#x} is not mapped to one physical range: this kernel's image is not what rrr built"),
+        };
         let mut asm = Asm::new(self.text);
-
-        // Entry: the site's stub put the site in data.site.
-        let entry_full = asm.here();
-        asm.hlt();
-        let entry_retry_jump = asm.here();
-        asm.jmp8(0); // patched below
-        self.entry_common = asm.here();
-        asm.store_rip(RCX, data + SAVED_RCX);
-        let entry_retry = asm.here();
-        asm.load_rip(RCX, data + REMAINING);
-        asm.jrcxz(entry_full);
-        asm.lea_rcx_rcx(-1);
-        asm.store_rip(RCX, data + REMAINING);
-        asm.load_rip(RCX, data + CURSOR);
-        for (reg, slot) in [(RDI, 1), (RSI, 2), (RDX, 3), (R8, 5), (R9, 6), (RSP, 7)] {
-            asm.store_rcx(reg, slot * 8);
-        }
-        asm.store_rip(RAX, data + SAVED_RAX);
-        asm.load_rip(RAX, data + SITE);
-        asm.store_rcx(RAX, 0);
-        // The way back: the instruction after the 5-byte site (`lea` leaves the flags alone).
-        asm.lea_rax_rax(5);
-        asm.store_rip(RAX, data + SITE);
-        asm.load_rip(RAX, data + SAVED_RCX);
-        asm.store_rcx(RAX, 4 * 8);
-        asm.load_current(current);
-        asm.store_rcx(RAX, 8 * 8);
-        asm.lea_rcx_rcx(RECORD_SIZE as i8);
-        asm.store_rip(RCX, data + CURSOR);
-        asm.load_rip(RAX, data + SAVED_RAX);
-        asm.load_rip(RCX, data + SAVED_RCX);
-        asm.jmp_indirect_rip(data + SITE);
-        asm.patch_jmp8(entry_retry_jump, entry_retry);
+        let (entry_full, entry) = entry_common(&mut asm, data, current, false);
+        let (stack_full, entry_with_stack) = entry_common(&mut asm, data, current, true);
+        self.commons = [entry, entry_with_stack, 0];
 
         // Return: the same, with the return value.
         let return_full = asm.here();
         asm.hlt();
         let return_retry_jump = asm.here();
         asm.jmp8(0);
-        self.return_common = asm.here();
+        self.commons[2] = asm.here();
         asm.store_rip(RCX, data + SAVED_RCX);
         let return_retry = asm.here();
         asm.load_rip(RCX, data + REMAINING);
@@ -214,19 +208,19 @@ impl StubArea {
         if asm.code.len() as u64 > COMMON_SIZE {
             bail!("the stubs' common code outgrew its room");
         }
-        self.full_halts = [entry_full, return_full];
+        self.full_halts = [entry_full, stack_full, return_full];
         self.written = true;
         self.write(vmm, mem, self.text, &asm.code)?;
-        self.rearm(vmm, mem)
+        self.rearm(vmm)
     }
 
-    /// The 16-byte stub for one site: `is_return` picks the common code it goes on to.
+    /// The 16-byte stub for one site, going on to the common code of its kind.
     pub fn add_stub(
         &mut self,
         vmm: &Vmm,
         mem: &mut GuestReader,
         site: u64,
-        is_return: bool,
+        kind: StubKind,
     ) -> Result<u64> {
         if self.room() == 0 {
             bail!("the stub room is full");
@@ -234,11 +228,7 @@ impl StubArea {
         let at = self.next_stub;
         let mut asm = Asm::new(at);
         asm.movq_imm_rip(sign_extended(site)?, self.data + SITE);
-        asm.jmp32(if is_return {
-            self.return_common
-        } else {
-            self.entry_common
-        });
+        asm.jmp32(self.commons[kind as usize]);
         self.write(vmm, mem, at, &asm.code)?;
         self.next_stub += STUB_SIZE;
         Ok(at)
@@ -251,15 +241,15 @@ impl StubArea {
 
     /// The records written since the last drain, in order, as the stubs wrote them (see
     /// [`Record::parse`]); the buffer is empty again after.
-    pub fn drain(&mut self, vmm: &Vmm, mem: &mut GuestReader, out: &mut Vec<u8>) -> Result<()> {
+    pub fn drain(&mut self, vmm: &Vmm, out: &mut Vec<u8>) -> Result<()> {
         if !self.written {
             return Ok(());
         }
         let start = self.data + RECORDS;
-        let mut word = [0u8; 8];
-        mem.read(vmm, self.data + CURSOR, &mut word)
+        let cursor: u64 = vmm
+            .mem
+            .read_obj(GuestAddress(self.data_gpa + CURSOR))
             .context("cannot read the trace buffer's cursor")?;
-        let cursor = u64::from_le_bytes(word);
         if cursor == start {
             return Ok(());
         }
@@ -269,17 +259,20 @@ impl StubArea {
         }
         let from = out.len();
         out.resize(from + used as usize, 0);
-        mem.read(vmm, start, &mut out[from..])
+        vmm.mem
+            .read_slice(&mut out[from..], GuestAddress(self.data_gpa + RECORDS))
             .context("cannot read the trace buffer")?;
         self.high_water = self.high_water.max(used);
-        self.rearm(vmm, mem)
+        self.rearm(vmm)
     }
 
-    fn rearm(&mut self, vmm: &Vmm, mem: &mut GuestReader) -> Result<()> {
+    fn rearm(&mut self, vmm: &Vmm) -> Result<()> {
         let mut header = [0u8; 16];
         header[..8].copy_from_slice(&(self.data + RECORDS).to_le_bytes());
         header[8..].copy_from_slice(&self.capacity.to_le_bytes());
-        self.write(vmm, mem, self.data + CURSOR, &header)
+        vmm.mem
+            .write_slice(&header, GuestAddress(self.data_gpa + CURSOR))
+            .context("cannot reset the trace buffer")
     }
 
     /// Puts back the `int3`s and zeroes the room held (records drained first).
@@ -290,7 +283,9 @@ impl StubArea {
         let text = vec![INT3; (self.next_stub - self.text) as usize];
         self.write(vmm, mem, self.text, &text)?;
         let data = vec![0u8; (RECORDS + self.high_water) as usize];
-        self.write(vmm, mem, self.data, &data)?;
+        vmm.mem
+            .write_slice(&data, GuestAddress(self.data_gpa))
+            .context("cannot clear the trace buffer")?;
         self.next_stub = self.text + COMMON_SIZE;
         self.high_water = 0;
         self.written = false;
@@ -301,6 +296,49 @@ impl StubArea {
         mem.write(vmm, at, bytes)
             .with_context(|| format!("cannot write the trace stubs' room at {at:#x}"))
     }
+}
+
+/// The common code of an entry stub: returns where its full-buffer `hlt` is and where it starts.
+fn entry_common(asm: &mut Asm, data: u64, current: CurrentAt, stack: bool) -> (u64, u64) {
+    // The site's stub put the site in data.site.
+    let full = asm.here();
+    asm.hlt();
+    let retry_jump = asm.here();
+    asm.jmp8(0); // patched below
+    let common = asm.here();
+    asm.store_rip(RCX, data + SAVED_RCX);
+    let retry = asm.here();
+    asm.load_rip(RCX, data + REMAINING);
+    asm.jrcxz(full);
+    asm.lea_rcx_rcx(-1);
+    asm.store_rip(RCX, data + REMAINING);
+    asm.load_rip(RCX, data + CURSOR);
+    for (reg, slot) in [(RDI, 1), (RSI, 2), (RDX, 3), (R8, 5), (R9, 6), (RSP, 7)] {
+        asm.store_rcx(reg, slot * 8);
+    }
+    asm.store_rip(RAX, data + SAVED_RAX);
+    if stack {
+        asm.load_rsp(RAX, 8);
+        asm.store_rcx(RAX, 9 * 8);
+        asm.load_rsp(RAX, 16);
+        asm.store_rcx(RAX, 10 * 8);
+    }
+    asm.load_rip(RAX, data + SITE);
+    asm.store_rcx(RAX, 0);
+    // The way back: the instruction after the 5-byte site (`lea` leaves the flags alone).
+    asm.lea_rax_rax(5);
+    asm.store_rip(RAX, data + SITE);
+    asm.load_rip(RAX, data + SAVED_RCX);
+    asm.store_rcx(RAX, 4 * 8);
+    asm.load_current(current);
+    asm.store_rcx(RAX, 8 * 8);
+    asm.lea_rcx_rcx(RECORD_SIZE as i8);
+    asm.store_rip(RCX, data + CURSOR);
+    asm.load_rip(RAX, data + SAVED_RAX);
+    asm.load_rip(RCX, data + SAVED_RCX);
+    asm.jmp_indirect_rip(data + SITE);
+    asm.patch_jmp8(retry_jump, retry);
+    (full, common)
 }
 
 /// A kernel address as the sign-extended 32-bit immediate `movq` takes.
@@ -381,6 +419,12 @@ impl Asm {
             0x40 | ((reg & 7) << 3) | RCX,
             disp as u8,
         ]);
+    }
+
+    /// `mov disp8(%rsp), %reg`
+    fn load_rsp(&mut self, reg: u8, disp: u8) {
+        self.code
+            .extend_from_slice(&[Self::rex_w(reg), 0x8b, 0x44 | ((reg & 7) << 3), 0x24, disp]);
     }
 
     /// `lea disp8(%rcx), %rcx`
@@ -475,6 +519,7 @@ mod tests {
         asm.lea_rax_rax(5);
         asm.movq_imm_rip(-0x7eff_0000, 0xffff_ffff_8100_1020);
         asm.load_current(CurrentAt::PerCpu(0x2c000));
+        asm.load_rsp(RAX, 16);
         asm.jmp_indirect_rip(0xffff_ffff_8100_1020);
         let text = disassemble(0xffff_ffff_8100_0000, &asm.code);
         assert_eq!(
@@ -488,6 +533,7 @@ mod tests {
                 "lea rax,[rax+5]",
                 "mov qword [rel 0FFFFFFFF81001020h],0FFFFFFFF81010000h",
                 "mov rax,[gs:2C000h]",
+                "mov rax,[rsp+10h]",
                 "jmp qword [rel 0FFFFFFFF81001020h]",
             ]
         );
@@ -504,10 +550,12 @@ mod tests {
 
     #[test]
     fn a_record_reads_back_in_its_field_order() {
-        let words: Vec<u8> = (1..=9u64).flat_map(|w| w.to_le_bytes()).collect();
+        let words: Vec<u8> = (1..=11u64).flat_map(|w| w.to_le_bytes()).collect();
+        assert_eq!(words.len() as u64, RECORD_SIZE);
         let r = Record::parse(&words);
         assert_eq!(r.site, 1);
         assert_eq!(r.regs, [2, 3, 4, 5, 6, 7]);
         assert_eq!((r.rsp, r.current), (8, 9));
+        assert_eq!(r.stack, [10, 11]);
     }
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use rrr_perfetto::{Arg, Event, Kind, TraceWriter, TrackId, Value, MAX_DEPTH};
 
 use super::decode::{self, Shown};
-use super::guest::Captured;
+use super::guest::{Memory, StackWords};
 use super::introspect::Introspection;
 use super::observe::{Observation, Regs, Sink};
 use super::probes::Probe;
@@ -153,8 +153,11 @@ impl Sink for Tracer {
                         );
                     };
                     let regs = record.regs(matches!(probe, Probe::Return(_)));
-                    let mut nothing = Captured::default();
-                    self.kernel_event(probe, record.site, exits, now_ns, &regs, &mut nothing)?;
+                    let mut stack = StackWords {
+                        base: record.rsp.wrapping_add(8),
+                        words: record.stack,
+                    };
+                    self.kernel_event(probe, record.site, exits, now_ns, &regs, &mut stack)?;
                 }
                 Ok(())
             }
@@ -200,7 +203,7 @@ impl Tracer {
         exits: u64,
         now_ns: u64,
         regs: &Regs,
-        memory: &mut Captured,
+        memory: &mut dyn Memory,
     ) -> anyhow::Result<()> {
         let ts = self.timestamp(now_ns);
         let ptr = self.current()?;
@@ -353,7 +356,7 @@ impl Tracer {
         ptr: u64,
         function: u32,
         regs: &Regs,
-        memory: &mut Captured,
+        memory: &mut dyn Memory,
         ts: u64,
         at: Position,
     ) -> anyhow::Result<()> {
@@ -387,7 +390,7 @@ impl Tracer {
         ptr: u64,
         function: u32,
         regs: &Regs,
-        memory: &mut Captured,
+        memory: &mut dyn Memory,
         ts: u64,
         at: Position,
     ) -> anyhow::Result<()> {
@@ -436,7 +439,7 @@ impl Tracer {
         ptr: u64,
         call: &str,
         regs_ptr: u64,
-        memory: &mut Captured,
+        memory: &mut dyn Memory,
         ts: u64,
         at: Position,
     ) -> anyhow::Result<()> {
@@ -470,7 +473,7 @@ impl Tracer {
         ptr: u64,
         function: u32,
         regs: &Regs,
-        memory: &mut Captured,
+        memory: &mut dyn Memory,
         ts: u64,
     ) -> anyhow::Result<()> {
         self.stats.returns += 1;

@@ -111,8 +111,12 @@ pub enum ValueKind<'a> {
         enumerators: &'a [(String, i64)],
         flags: bool,
     },
-    /// `char *` or `const char *`: a NUL-terminated string in guest memory.
+    /// `const char *`: a NUL-terminated string in guest memory.
     Str,
+    /// `char *`: a string the function may write. As an argument it is a buffer whose contents
+    /// at the call are what the callee will overwrite (`vfs_read`'s `buf`, `snprintf`'s `buf`);
+    /// as a return value, a string like [`ValueKind::Str`].
+    CharBuffer,
     /// A pointer to a struct or union: show the address and the type name.
     StructPtr {
         name: Option<&'a str>,
@@ -166,7 +170,8 @@ impl TypeTable {
                 flags: looks_like_flags(enumerators),
             },
             Type::Pointer(target) => match self.get(self.strip(*target)) {
-                Type::Int { char: true, .. } => ValueKind::Str,
+                Type::Int { char: true, .. } if self.is_const(*target) => ValueKind::Str,
+                Type::Int { char: true, .. } => ValueKind::CharBuffer,
                 Type::Struct { union, name, .. } => ValueKind::StructPtr {
                     name: name.as_deref(),
                     union: *union,
@@ -177,6 +182,17 @@ impl TypeTable {
             Type::Array { .. } | Type::Function => ValueKind::Pointer,
             Type::Typedef { .. } | Type::Const(_) | Type::Volatile(_) | Type::Unknown => {
                 ValueKind::Unknown
+            }
+        }
+    }
+
+    /// Whether `id` is `const`-qualified (through typedefs and `volatile`).
+    fn is_const(&self, mut id: TypeId) -> bool {
+        loop {
+            match self.get(id) {
+                Type::Const(_) => return true,
+                Type::Typedef { target, .. } | Type::Volatile(target) => id = *target,
+                _ => return false,
             }
         }
     }
@@ -298,6 +314,16 @@ mod tests {
         assert_eq!(a.value_kind(map[s.0 as usize]), ValueKind::Str);
         assert_eq!(a.name(map[s.0 as usize]), "const char *");
         assert_eq!(a.len(), 5);
+        let mut c = TypeTable::default();
+        let ch = c.intern(Type::Int {
+            name: "char".into(),
+            size: 1,
+            signed: false,
+            char: true,
+        });
+        let buf = c.intern(Type::Pointer(ch));
+        let map = a.absorb(c);
+        assert_eq!(a.value_kind(map[buf.0 as usize]), ValueKind::CharBuffer);
     }
 
     #[test]
