@@ -355,8 +355,13 @@ impl Observer {
     fn hit_inner(&mut self, vmm: &mut Vmm, exits: u64, now: VirtualTime) -> Result<bool, RrError> {
         let regs = vmm.vcpu.exit_regs().map_err(RrError::Vcpu)?;
         // KVM completed the `hlt` before it exited: RIP is past it.
-        let at = regs.rip.wrapping_sub(1);
-        let full = self.probes.is_full_halt(at);
+        let halted = regs.rip.wrapping_sub(1);
+        let full = self.probes.is_full_halt(halted);
+        // A string-returning function's stub stops here for a string: the site's `hlt` probe.
+        let at = self
+            .probes
+            .string_return_site(vmm, halted)
+            .unwrap_or(halted);
         let probe = self.probes.get(at);
         if !full && probe.is_none() {
             return Ok(false);

@@ -96,7 +96,11 @@ impl ProbeSet {
         }
         for ret in &index.return_sites {
             if chosen.contains(&ret.function) {
-                let stub = return_reads_nothing(index, ret.function).then_some(StubKind::Return);
+                let stub = Some(if returns_string(index, ret.function) {
+                    StubKind::StringReturn
+                } else {
+                    StubKind::Return
+                });
                 probes.insert(ret.address, site(Probe::Return(ret.function), stub));
             }
         }
@@ -204,6 +208,13 @@ impl ProbeSet {
         Ok(dropped)
     }
 
+    /// If `addr` is the `hlt` a string-returning function's stub stops at: its return site.
+    pub fn string_return_site(&self, vmm: &Vmm, addr: u64) -> Option<u64> {
+        self.stubs
+            .as_ref()
+            .and_then(|s| s.string_return_site(vmm, addr))
+    }
+
     /// Whether `addr` is the `hlt` of a stub whose buffer is full.
     pub fn is_full_halt(&self, addr: u64) -> bool {
         self.stubs.as_ref().is_some_and(|s| s.is_full_halt(addr))
@@ -287,9 +298,9 @@ fn entry_stub(index: &Index, f: u32) -> Option<StubKind> {
     Some(kind)
 }
 
-/// Whether a function's return can be traced from `rax` alone (it does not return a string).
-fn return_reads_nothing(index: &Index, f: u32) -> bool {
-    index.functions[f as usize].ret.map_or(true, |ty| {
-        !matches!(index.value_kind(ty), ValueKind::Str | ValueKind::CharBuffer)
-    })
+/// Whether a function returns a string (read where it is not NULL, see [`StubKind`]).
+fn returns_string(index: &Index, f: u32) -> bool {
+    index.functions[f as usize]
+        .ret
+        .is_some_and(|ty| matches!(index.value_kind(ty), ValueKind::Str | ValueKind::CharBuffer))
 }

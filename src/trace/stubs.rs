@@ -71,6 +71,8 @@ pub enum StubKind {
     /// `rsp + 16`): they are in its caller's frame, so reading them cannot fault.
     EntryWithStack = 1,
     Return = 2,
+    /// The return of a function that returns a string (see [`StubArea::string_return_site`]).
+    StringReturn = 3,
 }
 
 impl Record {
@@ -124,7 +126,9 @@ pub struct StubArea {
     data_gpa: u64,
     capacity: u64,
     /// The common code each kind of stub goes on to (by [`StubKind`]).
-    commons: [u64; 3],
+    commons: [u64; 4],
+    /// Where a string-returning function's stub stops when the string is not NULL.
+    string_halt: u64,
     /// The `hlt`s the stubs stop at when the buffer is full (addresses of the `hlt`s).
     full_halts: [u64; 3],
     /// Where the next site's stub goes.
@@ -150,7 +154,8 @@ impl StubArea {
             data,
             data_gpa: 0,
             capacity: capped.map_or(room, |n| n.min(room)),
-            commons: [0; 3],
+            commons: [0; 4],
+            string_halt: 0,
             full_halts: [0; 3],
             next_stub: text + COMMON_SIZE,
             high_water: 0,
@@ -175,7 +180,7 @@ impl StubArea {
         let mut asm = Asm::new(self.text);
         let (entry_full, entry) = entry_common(&mut asm, data, current, false);
         let (stack_full, entry_with_stack) = entry_common(&mut asm, data, current, true);
-        self.commons = [entry, entry_with_stack, 0];
+        self.commons = [entry, entry_with_stack, 0, 0];
 
         // Return: the same, with the return value.
         let return_full = asm.here();
@@ -204,6 +209,22 @@ impl StubArea {
         asm.load_rip(RCX, data + SAVED_RCX);
         asm.ret();
         asm.patch_jmp8(return_retry_jump, return_retry);
+
+        // A function that returns a string: a NULL one (most of `step_into`'s and
+        // `path_init`'s) is recorded as any return; another stops at a `hlt`, where the VMM
+        // reads the string now and performs the `ret`, as at a `hlt` probe on the site.
+        self.commons[3] = asm.here();
+        asm.store_rip(RCX, data + SAVED_RCX);
+        asm.mov_rcx_rax();
+        let null_jump = asm.here();
+        asm.jrcxz(null_jump); // patched below
+        asm.load_rip(RCX, data + SAVED_RCX);
+        self.string_halt = asm.here();
+        asm.hlt();
+        asm.int3();
+        let null = asm.here();
+        asm.jmp32(return_retry);
+        asm.patch_jrcxz(null_jump, null);
 
         if asm.code.len() as u64 > COMMON_SIZE {
             bail!("the stubs' common code outgrew its room");
@@ -237,6 +258,15 @@ impl StubArea {
     /// Whether `addr` is one of the stubs' `hlt`s (the buffer is full).
     pub fn is_full_halt(&self, addr: u64) -> bool {
         self.written && self.full_halts.contains(&addr)
+    }
+
+    /// If `addr` is the `hlt` of a string-returning function's stub: the return site it stands
+    /// for (its stub left it in the header).
+    pub fn string_return_site(&self, vmm: &Vmm, addr: u64) -> Option<u64> {
+        if !self.written || addr != self.string_halt {
+            return None;
+        }
+        vmm.mem.read_obj(GuestAddress(self.data_gpa + SITE)).ok()
     }
 
     /// The records written since the last drain, in order, as the stubs wrote them (see
@@ -484,6 +514,21 @@ impl Asm {
 
     fn hlt(&mut self) {
         self.code.push(0xf4);
+    }
+
+    fn int3(&mut self) {
+        self.code.push(INT3);
+    }
+
+    /// `mov %rax, %rcx`
+    fn mov_rcx_rax(&mut self) {
+        self.code.extend_from_slice(&[0x48, 0x89, 0xc1]);
+    }
+
+    fn patch_jrcxz(&mut self, at: u64, target: u64) {
+        let rel = target.wrapping_sub(at + 2) as i64;
+        let rel = i8::try_from(rel).expect("jrcxz within 127 bytes");
+        self.code[(at - self.base) as usize + 1] = rel as u8;
     }
 
     fn ret(&mut self) {
