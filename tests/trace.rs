@@ -405,6 +405,13 @@ fn calls_recorded_in_the_guest_give_the_same_trace_however_often_the_buffer_fill
         "most calls were recorded in the guest: {roomy}"
     );
     assert_eq!(n(&roomy, "full_drains"), 0, "{roomy}");
+    for t in [&roomy, &tiny, &direct] {
+        assert_eq!(
+            n(t, "uncaptured_reads"),
+            0,
+            "the trace read only what the observer read at each event: {t}"
+        );
+    }
     assert!(
         n(&tiny, "full_drains") > n(&tiny, "stub_records") / 8,
         "a 4-record buffer fills all the time: {tiny}"

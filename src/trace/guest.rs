@@ -179,28 +179,45 @@ pub struct Live<'a> {
 
 impl Memory for Live<'_> {
     fn read(&mut self, gva: u64, out: &mut [u8]) -> Option<()> {
-        self.reader.read(self.vmm, gva, out)?;
+        let read = self.reader.read(self.vmm, gva, out);
         if let Some(captured) = &mut self.capture {
-            captured.blocks.push((gva, out.to_vec()));
+            match read {
+                Some(()) => captured.blocks.push((gva, out.to_vec())),
+                None => captured.unreadable.push((gva, out.len() as u64)),
+            }
         }
-        Some(())
+        read
     }
 }
 
-/// Guest memory read at one event, kept with it: reading it again gives the same answers,
-/// and anything else was not readable.
+/// Guest memory read at one event, kept with it: reading it again gives the same answers.
+/// Reads that failed then are kept too, so a read that was never made (something the trace
+/// reads that the observer did not: a bug) is told apart and counted.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Captured {
     blocks: Vec<(u64, Vec<u8>)>,
+    unreadable: Vec<(u64, u64)>,
+    #[serde(skip)]
+    pub uncaptured: u64,
 }
 
 impl Memory for Captured {
     fn read(&mut self, gva: u64, out: &mut [u8]) -> Option<()> {
         let end = gva.checked_add(out.len() as u64)?;
-        let (at, bytes) = self
+        let found = self
             .blocks
             .iter()
-            .find(|(at, bytes)| *at <= gva && end <= at + bytes.len() as u64)?;
+            .find(|(at, bytes)| *at <= gva && end <= at + bytes.len() as u64);
+        let Some((at, bytes)) = found else {
+            let failed_then = self
+                .unreadable
+                .iter()
+                .any(|&(at, len)| at <= gva && gva < at + len.max(1));
+            if !failed_then {
+                self.uncaptured += 1;
+            }
+            return None;
+        };
         let from = (gva - at) as usize;
         out.copy_from_slice(&bytes[from..from + out.len()]);
         Some(())
@@ -241,5 +258,12 @@ mod tests {
         assert_eq!(captured.read(0x1001, &mut out), Some(()));
         assert_eq!(&out, b"bc");
         assert_eq!(captured.read_u64(0x3000), None);
+        assert_eq!(captured.uncaptured, 2, "two reads no one made before");
+        captured.unreadable.push((0x3000, 8));
+        assert_eq!(captured.read_u64(0x3000), None);
+        assert_eq!(
+            captured.uncaptured, 2,
+            "a read that failed then fails again"
+        );
     }
 }

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use rrr_tracer::{Index, TaskLayout, UserImage};
+use rrr_tracer::{Index, TaskLayout, UserImage, ValueKind};
 
 use super::decode::{self, Shown};
 use super::guest::Memory;
@@ -223,21 +223,89 @@ impl Introspection {
     }
 
     /// Everything the trace may read for a `hlt` probe's event, read now (so that a capturing
-    /// reader keeps it): what [`super::tracer::Tracer`] reads when it writes the event.
+    /// reader keeps it): what [`super::tracer::Tracer`] reads when it writes the event, or more.
+    /// Only the reads: the values are decoded (and the call site named) when the trace is
+    /// written, which inside the carrier is natively, after the replay.
     pub fn read_for(&self, mem: &mut dyn Memory, probe: Probe, task_ptr: u64, regs: &Regs) {
         match probe {
             Probe::Entry(f) => match self.syscall_of(f) {
                 Some(call) => {
-                    self.syscall_args(mem, task_ptr, call, regs[5]);
+                    self.read_syscall(mem, task_ptr, call, regs[5]);
                     self.read_comm(mem, task_ptr);
                 }
                 None => {
-                    self.entry_args(mem, f, regs);
+                    for p in &self.index.functions[f as usize].params {
+                        let raw = match &p.location {
+                            rrr_tracer::Location::Stack(off) => {
+                                mem.read_u64(regs[7].wrapping_add(*off as u64))
+                            }
+                            rrr_tracer::Location::Reg(r)
+                            | rrr_tracer::Location::Abi(r)
+                            | rrr_tracer::Location::RegPair(r, _) => Some(regs[*r as usize]),
+                            // A constant string (`__func__` in a clone) is read as well.
+                            rrr_tracer::Location::Const(v) => Some(*v),
+                            _ => None,
+                        };
+                        if let Some(raw) = raw {
+                            self.read_arg(mem, p.ty, raw);
+                        }
+                    }
                 }
             },
             Probe::Return(f) => {
-                self.return_value(mem, f, regs[0]);
+                if let Some(ty) = self.index.functions[f as usize].ret {
+                    if matches!(
+                        self.index.value_kind(ty),
+                        ValueKind::Str | ValueKind::CharBuffer
+                    ) {
+                        read_string(mem, regs[0]);
+                    }
+                }
             }
+        }
+    }
+
+    /// What showing an argument of type `ty` reads ([`decode::show_arg`]): a `const char *`'s
+    /// string.
+    fn read_arg(&self, mem: &mut dyn Memory, ty: rrr_tracer::TypeId, raw: u64) {
+        if matches!(self.index.value_kind(ty), ValueKind::Str) {
+            read_string(mem, raw);
+        }
+    }
+
+    /// What [`Introspection::syscall_args`] reads: the `pt_regs`, the strings its arguments
+    /// point to, and for the call site the task's code range, the user `ip` and `sp`, and the
+    /// user stack above `sp` (all of the words the search may look at).
+    fn read_syscall(&self, mem: &mut dyn Memory, task_ptr: u64, call: &str, regs_ptr: u64) {
+        let Some(layout) = &self.pt_regs else {
+            return;
+        };
+        mem.read_u64(regs_ptr + layout.orig_ax);
+        if let Some(params) = self.index.syscalls.get(call) {
+            for (i, p) in params.iter().enumerate().take(6) {
+                if let Some(raw) = mem.read_u64(regs_ptr + layout.args[i]) {
+                    self.read_arg(mem, p.ty, raw);
+                }
+            }
+        }
+        if self.stimulus_bias(mem, task_ptr).is_none() {
+            return;
+        }
+        mem.read_u64(regs_ptr + layout.ip);
+        let Some(sp) = mem.read_u64(regs_ptr + layout.sp) else {
+            return;
+        };
+        // Page by page, as far as it is mapped: the search reads word by word and stops at the
+        // first word it cannot read.
+        let end = sp.wrapping_add(STACK_SCAN_WORDS * 8);
+        let mut at = sp;
+        while at < end {
+            let n = (0x1000 - (at & 0xfff)).min(end - at) as usize;
+            let mut chunk = vec![0u8; n];
+            if mem.read(at, &mut chunk).is_none() {
+                break;
+            }
+            at += n as u64;
         }
     }
 
@@ -245,5 +313,12 @@ impl Introspection {
         let p = &self.index.functions[function as usize].params[i];
         let name = p.name.as_deref().unwrap_or(ARG_NAMES[i.min(5)]);
         decode::arg_name(&self.index, name, p.ty)
+    }
+}
+
+/// What showing a string at `raw` reads (NULL is shown without a read).
+fn read_string(mem: &mut dyn Memory, raw: u64) {
+    if raw != 0 {
+        mem.read_c_string(raw, decode::MAX_STRING);
     }
 }

@@ -49,6 +49,9 @@ pub struct TraceStats {
     pub events: u64,
     pub tasks: usize,
     pub switches: u64,
+    /// Reads of guest memory the trace made that the observer had not made at the event (0
+    /// unless the two halves disagree on what an event reads).
+    pub uncaptured_reads: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,7 +171,11 @@ impl Sink for Tracer {
                 now_ns,
                 regs,
                 mut memory,
-            } => self.kernel_event(probe, site, exits, now_ns, &regs, &mut memory),
+            } => {
+                let written = self.kernel_event(probe, site, exits, now_ns, &regs, &mut memory);
+                self.stats.uncaptured_reads += memory.uncaptured;
+                written
+            }
             Observation::User {
                 enter,
                 function,
