@@ -183,32 +183,17 @@ impl StubArea {
         self.commons = [entry, entry_with_stack, 0, 0];
 
         // Return: the same, with the return value.
-        let return_full = asm.here();
-        asm.hlt();
-        let return_retry_jump = asm.here();
-        asm.jmp8(0);
-        self.commons[2] = asm.here();
-        asm.store_rip(RCX, data + SAVED_RCX);
-        let return_retry = asm.here();
-        asm.load_rip(RCX, data + REMAINING);
-        asm.jrcxz(return_full);
-        asm.lea_rcx_rcx(-1);
-        asm.store_rip(RCX, data + REMAINING);
-        asm.load_rip(RCX, data + CURSOR);
+        let ret = RecordStart::emit(&mut asm, data);
+        self.commons[2] = ret.common;
         asm.store_rcx(RAX, 8);
         asm.store_rcx(RDX, 2 * 8);
         asm.store_rcx(RSP, 7 * 8);
         asm.store_rip(RAX, data + SAVED_RAX);
         asm.load_rip(RAX, data + SITE);
         asm.store_rcx(RAX, 0);
-        asm.load_current(current);
-        asm.store_rcx(RAX, 8 * 8);
-        asm.lea_rcx_rcx(RECORD_SIZE as i8);
-        asm.store_rip(RCX, data + CURSOR);
-        asm.load_rip(RAX, data + SAVED_RAX);
-        asm.load_rip(RCX, data + SAVED_RCX);
+        finish_record(&mut asm, data, current);
         asm.ret();
-        asm.patch_jmp8(return_retry_jump, return_retry);
+        let (return_full, return_retry) = (ret.full, ret.retry);
 
         // A function that returns a string: a NULL one (most of `step_into`'s and
         // `path_init`'s) is recorded as any return; another stops at a `hlt`, where the VMM
@@ -328,21 +313,52 @@ impl StubArea {
     }
 }
 
+/// The start every common code shares: the full-buffer `hlt` (and the jump back to try again
+/// after the drain), `rcx` saved, one record taken from `remaining`, `rcx` at the record.
+struct RecordStart {
+    full: u64,
+    common: u64,
+    retry: u64,
+}
+
+impl RecordStart {
+    fn emit(asm: &mut Asm, data: u64) -> RecordStart {
+        let full = asm.here();
+        asm.hlt();
+        let retry_jump = asm.here();
+        asm.jmp8(0); // patched below
+        let common = asm.here();
+        asm.store_rip(RCX, data + SAVED_RCX);
+        let retry = asm.here();
+        asm.load_rip(RCX, data + REMAINING);
+        asm.jrcxz(full);
+        asm.lea_rcx_rcx(-1);
+        asm.store_rip(RCX, data + REMAINING);
+        asm.load_rip(RCX, data + CURSOR);
+        asm.patch_jmp8(retry_jump, retry);
+        RecordStart {
+            full,
+            common,
+            retry,
+        }
+    }
+}
+
+/// The end every common code shares: `current` into the record, the cursor past it, `rax` and
+/// `rcx` back.
+fn finish_record(asm: &mut Asm, data: u64, current: CurrentAt) {
+    asm.load_current(current);
+    asm.store_rcx(RAX, 8 * 8);
+    asm.lea_rcx_rcx(RECORD_SIZE as i8);
+    asm.store_rip(RCX, data + CURSOR);
+    asm.load_rip(RAX, data + SAVED_RAX);
+    asm.load_rip(RCX, data + SAVED_RCX);
+}
+
 /// The common code of an entry stub: returns where its full-buffer `hlt` is and where it starts.
 fn entry_common(asm: &mut Asm, data: u64, current: CurrentAt, stack: bool) -> (u64, u64) {
     // The site's stub put the site in data.site.
-    let full = asm.here();
-    asm.hlt();
-    let retry_jump = asm.here();
-    asm.jmp8(0); // patched below
-    let common = asm.here();
-    asm.store_rip(RCX, data + SAVED_RCX);
-    let retry = asm.here();
-    asm.load_rip(RCX, data + REMAINING);
-    asm.jrcxz(full);
-    asm.lea_rcx_rcx(-1);
-    asm.store_rip(RCX, data + REMAINING);
-    asm.load_rip(RCX, data + CURSOR);
+    let RecordStart { full, common, .. } = RecordStart::emit(asm, data);
     for (reg, slot) in [(RDI, 1), (RSI, 2), (RDX, 3), (R8, 5), (R9, 6), (RSP, 7)] {
         asm.store_rcx(reg, slot * 8);
     }
@@ -360,14 +376,8 @@ fn entry_common(asm: &mut Asm, data: u64, current: CurrentAt, stack: bool) -> (u
     asm.store_rip(RAX, data + SITE);
     asm.load_rip(RAX, data + SAVED_RCX);
     asm.store_rcx(RAX, 4 * 8);
-    asm.load_current(current);
-    asm.store_rcx(RAX, 8 * 8);
-    asm.lea_rcx_rcx(RECORD_SIZE as i8);
-    asm.store_rip(RCX, data + CURSOR);
-    asm.load_rip(RAX, data + SAVED_RAX);
-    asm.load_rip(RCX, data + SAVED_RCX);
+    finish_record(asm, data, current);
     asm.jmp_indirect_rip(data + SITE);
-    asm.patch_jmp8(retry_jump, retry);
     (full, common)
 }
 
