@@ -16,7 +16,7 @@ use rrr_vmm::rr::RrError;
 use serde::{Deserialize, Serialize};
 
 use super::func_probes::{FuncProbe, FuncProbes};
-use super::guest::{Captured, GuestReader, Live};
+use super::guest::{Captured, GuestReader, Live, Memory as _};
 use super::introspect::Introspection;
 use super::probes::{Probe, ProbeSet};
 use super::stubs::{CurrentAt, Record, RECORD_SIZE};
@@ -517,8 +517,6 @@ impl Observer {
         }
     }
 }
-
-use super::guest::Memory as _;
 
 /// The registers KVM gave at an exit, in DWARF's numbering.
 fn regs_of(r: &kvm_bindings::kvm_regs) -> Regs {

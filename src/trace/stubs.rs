@@ -8,18 +8,21 @@
 //! ```text
 //! site stub (16 bytes):  movq $SITE, data.site(%rip); jmp common
 //! common (entry):        save rcx; rcx = data.remaining; jrcxz full; remaining -= 1;
-//!                        rcx = data.cursor; store rdi rsi rdx rcx r8 r9 rsp site current there;
+//!                        rcx = data.cursor; store rdi rsi rdx rcx r8 r9 rsp site current there
+//!                        (and [rsp+8], [rsp+16] for stack arguments);
 //!                        cursor += RECORD_SIZE; restore rax rcx; jmp *(site + 5)
 //! common (return):       the same with rax and rdx, then ret
+//! common (string return): rcx = rax; jrcxz return (NULL); else hlt (the VMM reads the string
+//!                        and performs the ret)
 //! full:                  hlt (the VMM drains the buffer), then try again
 //! ```
 //!
 //! The stubs change no register, no flag (only `mov`, `lea` and `jrcxz`) and no byte of the
 //! guest's own memory; interrupts are injected at exits only, so none lands inside one. The
 //! VMM drains the records at every exit, so each is handled in order with the `hlt` probes
-//! (kept for functions whose arguments must be read from memory at the call: strings, stack
-//! arguments, system calls) and stamped with the exit it followed. The room is put back to the
-//! `int3`s and zeroes it held before the final state is compared.
+//! (kept for functions whose arguments must be read from memory at the call: strings, deeper
+//! stack arguments, system calls) and stamped with the exit it followed. The room is put back
+//! to the `int3`s and zeroes it held before the final state is compared.
 
 use anyhow::{bail, Context, Result};
 use rrr_guest::protocol::{TRACE_DATA_SIZE, TRACE_DATA_SYMBOL, TRACE_TEXT_SIZE, TRACE_TEXT_SYMBOL};
