@@ -32,7 +32,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::guest::GuestReader;
 
-/// The header at the start of the data area (offsets).
+/// The header at the start of the data area (offsets). Its scratch slots are shared by every
+/// stub: rrr's guests have one vCPU, and no interrupt lands inside a stub.
 const CURSOR: u64 = 0x00;
 const REMAINING: u64 = 0x08;
 const SAVED_RCX: u64 = 0x10;
