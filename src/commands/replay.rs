@@ -651,37 +651,50 @@ fn write_observed_trace(
     output: &Path,
 ) -> Result<()> {
     let started = Instant::now();
+    // A replay stopped early (Ctrl-C stops the carrier) left no summary: the trace is written
+    // all the same, up to the last observation.
     let summary_path = run_dir.join("summary.json");
-    let mut summary: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(&summary_path)
-            .with_context(|| format!("cannot read {}", summary_path.display()))?,
-    )
-    .with_context(|| format!("{} is not a run summary", summary_path.display()))?;
+    let summary: Option<serde_json::Value> = match std::fs::read(&summary_path) {
+        Ok(bytes) => Some(
+            serde_json::from_slice(&bytes)
+                .with_context(|| format!("{} is not a run summary", summary_path.display()))?,
+        ),
+        Err(_) => None,
+    };
     let mut intro = Introspection::new(index)?;
     intro.know_stimulus(&header.stimulus_name, &header.stimulus);
     let mut tracer = Tracer::new(std::sync::Arc::new(intro), output, filter)?;
     let spinner = crate::progress::spinner(format!("writing the trace {}", output.display()));
-    ObservationFile::replay_into(observations, &mut tracer)?;
+    let whole = ObservationFile::replay_into(observations, &mut tracer)?;
     // Open slices end where the replay did (or at the last event, if it stopped early).
-    let end_ns = summary["virtual_time_ns"].as_u64().unwrap_or(0);
+    let end_ns = summary
+        .as_ref()
+        .and_then(|s| s["virtual_time_ns"].as_u64())
+        .unwrap_or(0);
     let stats = tracer.finish(end_ns)?;
     spinner.finish_and_clear();
     let _ = std::fs::remove_file(observations);
-    let trace = &mut summary["rr"]["trace"];
-    if !trace.is_object() {
-        *trace = json!({});
+    if !whole {
+        eprintln!("rrr: the replay stopped before its end: the trace shows it up to there");
     }
-    if let (Some(map), serde_json::Value::Object(more)) =
-        (trace.as_object_mut(), serde_json::to_value(stats)?)
-    {
-        map.extend(more);
+    let mut shown = serde_json::to_value(stats)?;
+    if let Some(map) = shown.as_object_mut() {
         map.insert(
             "write_ns".into(),
             json!(started.elapsed().as_nanos() as u64),
         );
     }
-    std::fs::write(&summary_path, serde_json::to_vec_pretty(&summary)?)
-        .with_context(|| format!("cannot write {}", summary_path.display()))?;
-    print_trace(output, &summary["rr"]["trace"]);
+    if let Some(mut summary) = summary {
+        let trace = &mut summary["rr"]["trace"];
+        if let (Some(map), serde_json::Value::Object(more)) = (trace.as_object_mut(), &shown) {
+            map.extend(more.clone());
+        } else {
+            *trace = shown.clone();
+        }
+        shown = trace.clone();
+        std::fs::write(&summary_path, serde_json::to_vec_pretty(&summary)?)
+            .with_context(|| format!("cannot write {}", summary_path.display()))?;
+    }
+    print_trace(output, &shown);
     Ok(())
 }

@@ -57,6 +57,8 @@ pub enum Observation {
         regs: Box<Regs>,
         memory: Captured,
     },
+    /// The replay ended (the last observation of a whole file).
+    End,
     /// One of the stimulus's own functions entered or left (its hook's port write).
     User {
         enter: bool,
@@ -78,7 +80,16 @@ pub trait Sink {
     /// The replay ended at virtual time `now_ns`. Returns the trace's counts if the trace was
     /// written here.
     fn finish(self: Box<Self>, now_ns: u64) -> Result<Option<TraceStats>>;
+
+    /// Makes what was observed so far durable (a replay stopped by Ctrl-C keeps it).
+    fn flush(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
+
+/// How often observations written to a file are flushed: a replay stopped early (Ctrl-C stops
+/// the carrier at once) loses at most this much of them.
+const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Counts of the observing half.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
@@ -117,6 +128,7 @@ pub struct Observer {
     stats: ObserveStats,
     /// `hlt` probe hits per function: the ones that cost exits (logged at the end, at debug).
     halts_by_function: std::collections::HashMap<u32, u64>,
+    last_flush: std::time::Instant,
 }
 
 impl Observer {
@@ -142,6 +154,7 @@ impl Observer {
             records: Vec::new(),
             sink,
             halts_by_function: Default::default(),
+            last_flush: std::time::Instant::now(),
         }
     }
 
@@ -258,6 +271,12 @@ impl Observer {
             let spent = started.elapsed().as_nanos() as u64;
             self.stats.handling_ns += spent;
             self.stats.drain_ns += spent;
+            if self.last_flush.elapsed() >= FLUSH_EVERY {
+                self.last_flush = std::time::Instant::now();
+                self.sink
+                    .flush()
+                    .map_err(|e| RrError::Probe(format!("{e:#}")))?;
+            }
         }
         self.since = (exits, now);
         Ok(())
@@ -543,15 +562,20 @@ impl ObservationFile {
         Ok(ObservationFile { out })
     }
 
-    /// Every observation in `path`, in order, to `sink`.
-    pub fn replay_into(path: &Path, sink: &mut dyn Sink) -> Result<()> {
+    /// Every observation in `path`, in order, to `sink`. Returns false if the file stops before
+    /// the replay's end (a replay stopped by Ctrl-C, or that failed): `sink` has had everything
+    /// up to there.
+    pub fn replay_into(path: &Path, sink: &mut dyn Sink) -> Result<bool> {
         let file =
             std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let mut input = BufReader::with_capacity(1 << 20, file);
         let mut magic = [0u8; 8];
-        input
-            .read_exact(&mut magic)
-            .with_context(|| format!("{} is empty", path.display()))?;
+        match input.read_exact(&mut magic) {
+            Ok(()) => {}
+            // Stopped before its first write reached the file.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
         if &magic != MAGIC {
             bail!("{} is not an rrr observation file", path.display());
         }
@@ -560,15 +584,20 @@ impl ObservationFile {
             let mut len = [0u8; 4];
             match input.read_exact(&mut len) {
                 Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
                 Err(e) => return Err(e).context("cannot read the observations"),
             }
             buf.resize(u32::from_le_bytes(len) as usize, 0);
-            input.read_exact(&mut buf).with_context(|| {
-                format!("{} ends inside an observation (cut short?)", path.display())
-            })?;
+            match input.read_exact(&mut buf) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
+                Err(e) => return Err(e).context("cannot read the observations"),
+            }
             let observation: Observation = postcard::from_bytes(&buf)
                 .with_context(|| format!("{} holds a damaged observation", path.display()))?;
+            if observation == Observation::End {
+                return Ok(true);
+            }
             sink.observe(observation)?;
         }
     }
@@ -582,7 +611,17 @@ impl Sink for ObservationFile {
         Ok(())
     }
 
+    fn flush(&mut self) -> Result<()> {
+        // Synced: the carrier's shares cache writes, and a stopped carrier drops its cache.
+        self.out.flush().context("cannot write the observations")?;
+        self.out
+            .get_ref()
+            .sync_data()
+            .context("cannot write the observations")
+    }
+
     fn finish(mut self: Box<Self>, _now_ns: u64) -> Result<Option<TraceStats>> {
+        self.observe(Observation::End)?;
         self.out.flush().context("cannot write the observations")?;
         Ok(None)
     }
@@ -631,15 +670,25 @@ mod tests {
         }
         Box::new(file).finish(0).unwrap();
         let mut read = Collect(Vec::new());
-        ObservationFile::replay_into(&path, &mut read).unwrap();
+        assert!(
+            ObservationFile::replay_into(&path, &mut read).unwrap(),
+            "whole"
+        );
         assert_eq!(read.0, written);
 
-        // Cut short: what was whole is read, then a clear error.
+        // Cut short (the end, and part of the last observation, missing): what was whole is
+        // read, and the file says it stopped early.
         let bytes = std::fs::read(&path).unwrap();
-        std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 8]).unwrap();
         let mut read = Collect(Vec::new());
-        let err = ObservationFile::replay_into(&path, &mut read).unwrap_err();
-        assert!(format!("{err:#}").contains("cut short"), "{err:#}");
+        assert!(!ObservationFile::replay_into(&path, &mut read).unwrap());
         assert_eq!(read.0.len(), 1);
+
+        // Damaged: a clear error.
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[12] = 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = ObservationFile::replay_into(&path, &mut Collect(Vec::new())).unwrap_err();
+        assert!(format!("{err:#}").contains("damaged"), "{err:#}");
     }
 }

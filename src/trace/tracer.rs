@@ -142,6 +142,7 @@ impl Sink for Tracer {
                 });
                 Ok(())
             }
+            Observation::End => Ok(()),
             Observation::Probes { sites } => {
                 self.probes = sites.into_iter().collect();
                 Ok(())
