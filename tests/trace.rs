@@ -372,7 +372,11 @@ fn calls_recorded_in_the_guest_give_the_same_trace_however_often_the_buffer_fill
         let run_dir = dir.join(name);
         let mut cmd = Command::new(RRR);
         if in_process {
-            cmd.args(["carrier", "run", "--", RRR]).current_dir(&dir);
+            // The carrier shares the working directory (cargo runs tests in the package root,
+            // which holds the rrr binary and the test directory) and sees the host's `/tmp` as
+            // its own: a clone under `/tmp` works too.
+            cmd.args(["carrier", "run", "--", RRR])
+                .current_dir(env!("CARGO_MANIFEST_DIR"));
         }
         cmd.args(["replay", rec.to_str().unwrap(), "--quiet", "--trace"])
             .args(["--trace-output", output.to_str().unwrap()])
