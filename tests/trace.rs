@@ -375,8 +375,15 @@ fn calls_recorded_in_the_guest_give_the_same_trace_however_often_the_buffer_fill
             // The carrier shares the working directory (cargo runs tests in the package root,
             // which holds the rrr binary and the test directory) and sees the host's `/tmp` as
             // its own: a clone under `/tmp` works too.
-            cmd.args(["carrier", "run", "--", RRR])
-                .current_dir(env!("CARGO_MANIFEST_DIR"));
+            cmd.args([
+                "carrier",
+                "run",
+                "--share",
+                dir.to_str().unwrap(),
+                "--",
+                RRR,
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
         }
         cmd.args(["replay", rec.to_str().unwrap(), "--quiet", "--trace"])
             .args(["--trace-output", output.to_str().unwrap()])
