@@ -94,31 +94,32 @@ impl GuestReader {
 
     /// Reads `out.len()` bytes at `gva`, page by page.
     pub fn read(&mut self, vmm: &Vmm, gva: u64, out: &mut [u8]) -> Option<()> {
-        let mut done = 0usize;
-        while done < out.len() {
-            let at = gva.checked_add(done as u64)?;
-            let in_page = (0x1000 - (at & 0xfff)) as usize;
-            let n = in_page.min(out.len() - done);
-            let gpa = self.translate(vmm, at)?;
-            vmm.mem
-                .read_slice(&mut out[done..done + n], GuestAddress(gpa))
-                .ok()?;
-            done += n;
-        }
-        Some(())
+        self.each_page(vmm, gva, out.len(), |span, gpa| {
+            vmm.mem.read_slice(&mut out[span], GuestAddress(gpa)).ok()
+        })
     }
 
     /// Writes guest memory at `gva` (the probes' bytes), page by page.
     pub fn write(&mut self, vmm: &Vmm, gva: u64, bytes: &[u8]) -> Option<()> {
+        self.each_page(vmm, gva, bytes.len(), |span, gpa| {
+            vmm.mem.write_slice(&bytes[span], GuestAddress(gpa)).ok()
+        })
+    }
+
+    /// `len` bytes at `gva` split at page boundaries, each part (its range in the buffer, its
+    /// guest-physical address) to `part`; `None` at the first page not mapped.
+    fn each_page(
+        &mut self,
+        vmm: &Vmm,
+        gva: u64,
+        len: usize,
+        mut part: impl FnMut(std::ops::Range<usize>, u64) -> Option<()>,
+    ) -> Option<()> {
         let mut done = 0usize;
-        while done < bytes.len() {
+        while done < len {
             let at = gva.checked_add(done as u64)?;
-            let in_page = (0x1000 - (at & 0xfff)) as usize;
-            let n = in_page.min(bytes.len() - done);
-            let gpa = self.translate(vmm, at)?;
-            vmm.mem
-                .write_slice(&bytes[done..done + n], GuestAddress(gpa))
-                .ok()?;
+            let n = ((0x1000 - (at & 0xfff)) as usize).min(len - done);
+            part(done..done + n, self.translate(vmm, at)?)?;
             done += n;
         }
         Some(())

@@ -160,21 +160,9 @@ impl Introspection {
         let f = &self.index.functions[function as usize];
         f.params
             .iter()
-            .map(|p| {
-                let raw = match &p.location {
-                    rrr_tracer::Location::Reg(r)
-                    | rrr_tracer::Location::Abi(r)
-                    | rrr_tracer::Location::RegPair(r, _) => Some(regs[*r as usize]),
-                    rrr_tracer::Location::Stack(off) => {
-                        mem.read_u64(regs[7].wrapping_add(*off as u64))
-                    }
-                    rrr_tracer::Location::Const(v) => Some(*v),
-                    rrr_tracer::Location::Expr(_) | rrr_tracer::Location::Unavailable => None,
-                };
-                match raw {
-                    Some(raw) => decode::show_arg(&self.index, p.ty, raw, mem),
-                    None => Shown::Str("<optimized out>".into()),
-                }
+            .map(|p| match arg_value(p, regs, mem) {
+                Some(raw) => decode::show_arg(&self.index, p.ty, raw, mem),
+                None => Shown::Str("<optimized out>".into()),
             })
             .collect()
     }
@@ -235,18 +223,7 @@ impl Introspection {
                 }
                 None => {
                     for p in &self.index.functions[f as usize].params {
-                        let raw = match &p.location {
-                            rrr_tracer::Location::Stack(off) => {
-                                mem.read_u64(regs[7].wrapping_add(*off as u64))
-                            }
-                            rrr_tracer::Location::Reg(r)
-                            | rrr_tracer::Location::Abi(r)
-                            | rrr_tracer::Location::RegPair(r, _) => Some(regs[*r as usize]),
-                            // A constant string (`__func__` in a clone) is read as well.
-                            rrr_tracer::Location::Const(v) => Some(*v),
-                            _ => None,
-                        };
-                        if let Some(raw) = raw {
+                        if let Some(raw) = arg_value(p, regs, mem) {
                             self.read_arg(mem, p.ty, raw);
                         }
                     }
@@ -313,6 +290,19 @@ impl Introspection {
         let p = &self.index.functions[function as usize].params[i];
         let name = p.name.as_deref().unwrap_or(ARG_NAMES[i.min(5)]);
         decode::arg_name(&self.index, name, p.ty)
+    }
+}
+
+/// A parameter's value at its function's entry, where DWARF places it (a constant included:
+/// `__func__` passed to a clone is a string to read). `None` where it cannot be had.
+fn arg_value(p: &rrr_tracer::Param, regs: &Regs, mem: &mut dyn Memory) -> Option<u64> {
+    match &p.location {
+        rrr_tracer::Location::Reg(r)
+        | rrr_tracer::Location::Abi(r)
+        | rrr_tracer::Location::RegPair(r, _) => Some(regs[*r as usize]),
+        rrr_tracer::Location::Stack(off) => mem.read_u64(regs[7].wrapping_add(*off as u64)),
+        rrr_tracer::Location::Const(v) => Some(*v),
+        rrr_tracer::Location::Expr(_) | rrr_tracer::Location::Unavailable => None,
     }
 }
 

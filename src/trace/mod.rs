@@ -130,7 +130,9 @@ pub fn choose_functions(index: &Index, args: &TraceArgs) -> Result<Vec<u32>> {
         if !text.contains(&site) {
             continue;
         }
-        let syscall = f.name.starts_with("__x64_sys_") || f.name.starts_with("__ia32_sys_");
+        let syscall = introspect::SYSCALL_PREFIXES
+            .iter()
+            .any(|p| f.name.starts_with(p));
         let by_name =
             args.functions.is_empty() || args.functions.iter().any(|g| glob_match(g, &f.name));
         let by_source = args.sources.is_empty() || {

@@ -24,6 +24,7 @@ use rrr_tracer::{Index, Location, Reg, ValueKind};
 use rrr_vmm::builder::Vmm;
 
 use super::guest::GuestReader;
+use super::introspect::SYSCALL_PREFIXES;
 use super::stubs::{self, CurrentAt, StubArea, StubKind};
 
 /// `hlt`: privileged, one byte, and always a VM exit to the VMM.
@@ -40,7 +41,6 @@ const STI: u8 = 0xfb;
 /// Functions whose entry changes which task a `task_struct` is: the buffer is drained there, so
 /// records are told apart by the identity they were made under.
 const IDENTITY_CHANGES: [&str; 2] = ["copy_process", "free_task"];
-const SYSCALL_PREFIXES: [&str; 2] = ["__x64_sys_", "__ia32_sys_"];
 
 /// What a breakpoint stands for, with the function it belongs to (an index into the index's
 /// functions).
