@@ -99,10 +99,16 @@ const BOOT_LIMIT_ENV: &str = "RRR_CARRIER_BOOT_LIMIT_SECS";
 const BOOT_ATTEMPTS: u32 = 2;
 
 fn boot_limit() -> Duration {
-    std::env::var(BOOT_LIMIT_ENV)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map_or(BOOT_LIMIT, Duration::from_secs)
+    let Ok(value) = std::env::var(BOOT_LIMIT_ENV) else {
+        return BOOT_LIMIT;
+    };
+    match value.parse() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => {
+            tracing::warn!("{BOOT_LIMIT_ENV}={value:?} is not a number of seconds; ignored");
+            BOOT_LIMIT
+        }
+    }
 }
 
 /// The carrier's kernel did not get as far as running rrr's script. Seen once on the 2-core

@@ -417,10 +417,21 @@ fn check_usable(recording: &Recording, args: &Args) -> Result<()> {
 }
 
 /// Where the trace is, what is in it, and how to open it.
+/// Where the trace is and how to open it. A closed stdout (`rrr trace REC | head`) cuts the
+/// lines short, not the command: the trace is written by then.
 fn print_trace(output: &Path, stats: &serde_json::Value) {
+    let _ = write_trace_lines(&mut std::io::stdout().lock(), output, stats);
+}
+
+fn write_trace_lines(
+    out: &mut impl std::io::Write,
+    output: &Path,
+    stats: &serde_json::Value,
+) -> std::io::Result<()> {
     let n = |k: &str| stats[k].as_u64().unwrap_or(0);
     let size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
-    println!(
+    writeln!(
+        out,
         "rrr: trace: {} events ({} kernel calls, {} system calls, {} calls in the stimulus, {} tasks, {} switches; {} probes, {} of them in-guest), {:.1} MiB",
         n("events"),
         n("entries"),
@@ -431,16 +442,17 @@ fn print_trace(output: &Path, stats: &serde_json::Value) {
         n("probes"),
         n("stub_sites"),
         size as f64 / (1024.0 * 1024.0)
-    );
-    println!("rrr: the trace is {}", output.display());
-    println!(
+    )?;
+    writeln!(out, "rrr: the trace is {}", output.display())?;
+    writeln!(
+        out,
         "rrr: open it in Perfetto: rrr serve {}   (then {})",
         output.display(),
         rrr_perfetto::ui_link(
             rrr_perfetto::DEFAULT_PORT,
             &output.file_name().unwrap_or_default().to_string_lossy()
         )
-    );
+    )
 }
 
 /// The replay's mode: plain, or with the trace pass.

@@ -148,10 +148,13 @@ impl StubArea {
         let text = index.symbol(TRACE_TEXT_SYMBOL)?.address;
         let data = index.symbol(TRACE_DATA_SYMBOL)?.address;
         let room = (TRACE_DATA_SIZE - RECORDS) / RECORD_SIZE;
-        let capped = std::env::var(CAPACITY_ENV)
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-            .filter(|&n| n > 0);
+        let capped = std::env::var(CAPACITY_ENV).ok().and_then(|v| {
+            let n = v.parse::<u64>().ok().filter(|&n| n > 0);
+            if n.is_none() {
+                tracing::warn!("{CAPACITY_ENV}={v:?} is not a number of records above 0; ignored");
+            }
+            n
+        });
         Some(StubArea {
             text,
             text_size: TRACE_TEXT_SIZE,

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufWriter;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rrr_perfetto::{Arg, Event, Kind, TraceWriter, TrackId, Value, MAX_DEPTH};
@@ -91,6 +91,10 @@ struct PendingSwitch {
 pub struct Tracer {
     intro: Arc<Introspection>,
     writer: TraceWriter<BufWriter<File>>,
+    /// The trace is written beside its place and renamed into it when it is whole: a killed
+    /// run leaves `FILE.pftrace.partial`, never a cut `FILE.pftrace`.
+    partial: PathBuf,
+    output: PathBuf,
     filter: EmitFilter,
     tasks: HashMap<u64, Task>,
     last_task: Option<u64>,
@@ -232,11 +236,16 @@ impl Tracer {
         filter: EmitFilter,
     ) -> anyhow::Result<Tracer> {
         use anyhow::Context;
-        let writer = TraceWriter::create(output)
-            .with_context(|| format!("cannot create the trace {}", output.display()))?;
+        let mut partial = output.as_os_str().to_owned();
+        partial.push(".partial");
+        let partial = PathBuf::from(partial);
+        let writer = TraceWriter::create(&partial)
+            .with_context(|| format!("cannot create the trace {}", partial.display()))?;
         Ok(Tracer {
             intro,
             writer,
+            partial,
+            output: output.to_owned(),
             filter,
             tasks: HashMap::new(),
             last_task: None,
@@ -265,6 +274,13 @@ impl Tracer {
             self.end_all(task, ts)?;
         }
         self.writer.finish()?;
+        std::fs::rename(&self.partial, &self.output).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot move the trace {} to {}: {e}",
+                self.partial.display(),
+                self.output.display()
+            )
+        })?;
         Ok(stats)
     }
 
