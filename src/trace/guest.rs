@@ -243,6 +243,53 @@ impl Memory for StackWords {
     }
 }
 
+impl Captured {
+    /// The NUL-terminated string of at most `max` bytes at `gva`, if the bytes up to its end
+    /// (or to `max`) were all read: what [`Memory::read_c_string`] gave then. It counts no
+    /// uncaptured read: a caller asks for memory captured at another event, which may not have
+    /// it.
+    pub fn c_string(&self, gva: u64, max: usize) -> Option<(String, bool)> {
+        let mut bytes = Vec::new();
+        let mut at = gva;
+        while bytes.len() < max {
+            let (start, block) = self
+                .blocks
+                .iter()
+                .find(|(start, block)| *start <= at && at - start < block.len() as u64)?;
+            let rest = &block[(at - start) as usize..];
+            let rest = &rest[..rest.len().min(max - bytes.len())];
+            if let Some(end) = rest.iter().position(|&b| b == 0) {
+                bytes.extend_from_slice(&rest[..end]);
+                return Some((String::from_utf8_lossy(&bytes).into_owned(), false));
+            }
+            bytes.extend_from_slice(rest);
+            at += rest.len() as u64;
+        }
+        Some((String::from_utf8_lossy(&bytes).into_owned(), true))
+    }
+}
+
+/// What the trace has to read for a stub's record: its stack words, and for the user strings
+/// an entry stub passes on (never a kernel one, see `stubs::StubKind::EntryUserStrings`), the
+/// memory its task's system call captured at its start.
+pub struct RecordMemory<'a> {
+    pub stack: StackWords,
+    pub user: Option<&'a Captured>,
+}
+
+impl Memory for RecordMemory<'_> {
+    fn read(&mut self, gva: u64, out: &mut [u8]) -> Option<()> {
+        self.stack.read(gva, out)
+    }
+
+    fn read_c_string(&mut self, gva: u64, max: usize) -> Option<(String, bool)> {
+        if gva >> 63 != 0 {
+            return None;
+        }
+        self.user?.c_string(gva, max)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,6 +312,45 @@ mod tests {
         assert_eq!(
             captured.uncaptured, 2,
             "a read that failed then fails again"
+        );
+    }
+
+    #[test]
+    fn a_string_is_taken_from_captured_memory_only_as_far_as_it_was_read() {
+        let mut captured = Captured::default();
+        // A string read across a page boundary: two reads.
+        captured.blocks.push((0x1ffc, b"/tmp".to_vec()));
+        captured.blocks.push((0x2000, b"/f\0garbage".to_vec()));
+        captured.blocks.push((0x3000, b"abcdefgh".to_vec()));
+        assert_eq!(
+            captured.c_string(0x1ffc, 96),
+            Some(("/tmp/f".into(), false))
+        );
+        assert_eq!(captured.c_string(0x1fff, 96), Some(("p/f".into(), false)));
+        assert_eq!(captured.c_string(0x3000, 4), Some(("abcd".into(), true)));
+        assert_eq!(
+            captured.c_string(0x3000, 96),
+            None,
+            "the bytes after the read are unknown"
+        );
+        assert_eq!(captured.c_string(0x4000, 96), None);
+        assert_eq!(captured.uncaptured, 0);
+        let mut record = RecordMemory {
+            stack: StackWords {
+                base: 0x9000,
+                words: [1, 2],
+            },
+            user: Some(&captured),
+        };
+        assert_eq!(record.read_u64(0x9008), Some(2));
+        assert_eq!(
+            record.read_c_string(0x1ffc, 96),
+            Some(("/tmp/f".into(), false))
+        );
+        assert_eq!(
+            record.read_c_string(0xffff_8880_0000_1ffc, 96),
+            None,
+            "kernel memory is never taken from a capture"
         );
     }
 }

@@ -376,11 +376,8 @@ impl Observer {
         // KVM completed the `hlt` before it exited: RIP is past it.
         let halted = regs.rip.wrapping_sub(1);
         let full = self.probes.is_full_halt(halted);
-        // A string-returning function's stub stops here for a string: the site's `hlt` probe.
-        let at = self
-            .probes
-            .string_return_site(vmm, halted)
-            .unwrap_or(halted);
+        // A stub stops here for a string to read now: then it is its site's `hlt` probe.
+        let at = self.probes.stub_halt_site(vmm, halted).unwrap_or(halted);
         let probe = self.probes.get(at);
         if !full && probe.is_none() {
             return Ok(false);

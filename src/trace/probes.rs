@@ -25,7 +25,7 @@ use rrr_vmm::builder::Vmm;
 
 use super::guest::GuestReader;
 use super::introspect::SYSCALL_PREFIXES;
-use super::stubs::{self, CurrentAt, StubArea, StubKind};
+use super::stubs::{self, ArgRegisters, CurrentAt, StubArea, StubKind};
 
 /// `hlt`: privileged, one byte, and always a VM exit to the VMM.
 const PROBE: u8 = 0xf4;
@@ -41,6 +41,10 @@ const STI: u8 = 0xfb;
 /// Functions whose entry changes which task a `task_struct` is: the buffer is drained there, so
 /// records are told apart by the identity they were made under.
 const IDENTITY_CHANGES: [&str; 2] = ["copy_process", "free_task"];
+/// The functions a task returns from when it runs again after a switch (`schedule`) and when it
+/// runs for the first time (`schedule_tail`). With both traced, every task that runs records
+/// something, and a switch between tasks is seen before the next task can run user code.
+const SWITCHED_IN: [&str; 2] = ["schedule", "schedule_tail"];
 
 /// What a breakpoint stands for, with the function it belongs to (an index into the index's
 /// functions).
@@ -83,6 +87,7 @@ impl ProbeSet {
     pub fn new(index: &Index, functions: &[u32]) -> ProbeSet {
         let mut probes = HashMap::new();
         let chosen: HashSet<u32> = functions.iter().copied().collect();
+        let user_strings = switches_are_seen(index, &chosen);
         let site = |probe, stub| Site {
             probe,
             stub,
@@ -91,7 +96,10 @@ impl ProbeSet {
         };
         for &f in functions {
             if let Some(at) = index.functions[f as usize].fentry {
-                probes.insert(at, site(Probe::Entry(f), entry_stub(index, f)));
+                probes.insert(
+                    at,
+                    site(Probe::Entry(f), entry_stub(index, f, user_strings)),
+                );
             }
         }
         for ret in &index.return_sites {
@@ -208,11 +216,11 @@ impl ProbeSet {
         Ok(dropped)
     }
 
-    /// If `addr` is the `hlt` a string-returning function's stub stops at: its return site.
-    pub fn string_return_site(&self, vmm: &Vmm, addr: u64) -> Option<u64> {
+    /// If `addr` is a `hlt` a stub stops at to be handled as a `hlt` probe: the probe's site.
+    pub fn stub_halt_site(&self, vmm: &Vmm, addr: u64) -> Option<u64> {
         self.stubs
             .as_ref()
-            .and_then(|s| s.string_return_site(vmm, addr))
+            .and_then(|s| s.stub_halt_site(vmm, addr))
     }
 
     /// Whether `addr` is the `hlt` of a stub whose buffer is full.
@@ -265,9 +273,12 @@ fn after_sti(vmm: &Vmm, mem: &mut GuestReader, addr: u64) -> bool {
 
 /// The stub a function's entry can be traced with: one that records the argument registers,
 /// and the two stack words above the return address if arguments are there. `None` if an
-/// argument is a string to read or somewhere else, for a system call (whose arguments are read
-/// from its `pt_regs`), and for a change of a task's identity.
-fn entry_stub(index: &Index, f: u32) -> Option<StubKind> {
+/// argument is somewhere else, for a system call (whose arguments are read from its `pt_regs`),
+/// and for a change of a task's identity. A function taking strings in registers gets a stub
+/// that checks them (a kernel string stops at a `hlt`) when `user_strings` says that a user
+/// string can be taken from its system call's capture (see [`switches_are_seen`]); otherwise
+/// `None`.
+fn entry_stub(index: &Index, f: u32, user_strings: bool) -> Option<StubKind> {
     let function = &index.functions[f as usize];
     if SYSCALL_PREFIXES
         .iter()
@@ -276,26 +287,50 @@ fn entry_stub(index: &Index, f: u32) -> Option<StubKind> {
     {
         return None;
     }
-    let mut kind = StubKind::Entry;
+    let mut stack = false;
+    let mut strings = ArgRegisters::default();
     for p in &function.params {
+        let string = matches!(index.value_kind(p.ty), ValueKind::Str);
         match p.location {
             Location::Reg(r) | Location::Abi(r) | Location::RegPair(r, _) => {
-                if !matches!(
-                    r,
-                    Reg::Rdi | Reg::Rsi | Reg::Rdx | Reg::Rcx | Reg::R8 | Reg::R9
-                ) {
-                    return None;
+                let n = Reg::ARGS.iter().position(|&a| a == r)?;
+                if string {
+                    strings = strings.with_argument(n);
                 }
             }
-            Location::Const(_) | Location::Expr(_) | Location::Unavailable => {}
-            Location::Stack(8 | 16) => kind = StubKind::EntryWithStack,
+            // Nothing to read: the trace shows it as optimized out.
+            Location::Expr(_) | Location::Unavailable => {}
+            // A constant string (`__func__` passed to a clone) is kernel memory to read.
+            Location::Const(_) if string => return None,
+            Location::Const(_) => {}
+            Location::Stack(8 | 16) if !string => stack = true,
             Location::Stack(_) => return None,
         }
-        if matches!(index.value_kind(p.ty), ValueKind::Str) {
-            return None;
-        }
     }
-    Some(kind)
+    Some(match (strings.is_empty(), stack) {
+        (true, false) => StubKind::Entry,
+        (true, true) => StubKind::EntryWithStack,
+        (false, _) if user_strings => StubKind::EntryUserStrings {
+            stack,
+            registers: strings,
+        },
+        (false, _) => return None,
+    })
+}
+
+/// Whether every switch between tasks shows in the trace before the task switched to can run
+/// (the functions of [`SWITCHED_IN`] are traced). A user string an entry stub passes on is
+/// shown from what its system call's `hlt` captured (`super::tracer`), which stays true while
+/// the task making the call is the only one that ran: only another task could change the
+/// memory of a call's `const` buffer in the meantime.
+fn switches_are_seen(index: &Index, chosen: &HashSet<u32>) -> bool {
+    SWITCHED_IN.iter().all(|name| {
+        index
+            .functions
+            .iter()
+            .enumerate()
+            .any(|(i, f)| f.name == *name && f.fentry.is_some() && chosen.contains(&(i as u32)))
+    })
 }
 
 /// Whether a function returns a string (read where it is not NULL, see [`StubKind`]).

@@ -68,15 +68,47 @@ pub struct Record {
 }
 
 /// Which common code a site's stub goes on to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StubKind {
-    Entry = 0,
+    Entry,
     /// An entry whose function has arguments on the stack (at most two words, at `rsp + 8` and
     /// `rsp + 16`): they are in its caller's frame, so reading them cannot fault.
-    EntryWithStack = 1,
-    Return = 2,
-    /// The return of a function that returns a string (see [`StubArea::string_return_site`]).
-    StringReturn = 3,
+    EntryWithStack,
+    /// An entry whose function takes strings, in `registers`. A user address or NULL in each is
+    /// recorded like any entry: a stub cannot read user memory (it could fault, and would touch
+    /// the page tables' accessed bits), and the trace finds the string in what the system call's
+    /// own `hlt` captured of it. A kernel address in any stops at a `hlt`, where the VMM reads
+    /// the string now (see [`StubArea::stub_halt_site`]).
+    EntryUserStrings {
+        stack: bool,
+        registers: ArgRegisters,
+    },
+    Return,
+    /// The return of a function that returns a string (see [`StubArea::stub_halt_site`]).
+    StringReturn,
+}
+
+/// A set of argument registers (`rdi rsi rdx rcx r8 r9`), one bit each by x86 register number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct ArgRegisters(u16);
+
+impl ArgRegisters {
+    const ORDER: [u8; 6] = [RDI, RSI, RDX, RCX, R8, R9];
+
+    /// Adds argument register `n` (0 for `rdi` to 5 for `r9`).
+    pub fn with_argument(self, n: usize) -> ArgRegisters {
+        ArgRegisters(self.0 | 1 << Self::ORDER[n])
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    fn registers(self) -> impl Iterator<Item = u8> {
+        Self::ORDER
+            .into_iter()
+            .filter(move |r| self.0 & 1 << r != 0)
+    }
 }
 
 impl Record {
@@ -129,10 +161,16 @@ pub struct StubArea {
     /// so that a drain is one copy.
     data_gpa: u64,
     capacity: u64,
-    /// The common code each kind of stub goes on to (by [`StubKind`]).
-    commons: [u64; 4],
+    /// The common code each kind of stub goes on to.
+    commons: Commons,
+    /// The checks of [`StubKind::EntryUserStrings`] stubs, one per set of registers (made when
+    /// a site first needs them, in the site stubs' room).
+    checks: std::collections::HashMap<(bool, ArgRegisters), u64>,
     /// Where a string-returning function's stub stops when the string is not NULL.
     string_halt: u64,
+    /// Where an entry's string check jumps for a kernel string, and its `hlt`.
+    kernel_string: u64,
+    kernel_string_halt: u64,
     /// The `hlt`s the stubs stop at when the buffer is full (addresses of the `hlt`s).
     full_halts: [u64; 3],
     /// Where the next site's stub goes.
@@ -161,8 +199,11 @@ impl StubArea {
             data,
             data_gpa: 0,
             capacity: capped.map_or(room, |n| n.min(room)),
-            commons: [0; 4],
+            commons: Commons::default(),
+            checks: std::collections::HashMap::new(),
             string_halt: 0,
+            kernel_string: 0,
+            kernel_string_halt: 0,
             full_halts: [0; 3],
             next_stub: text + COMMON_SIZE,
             high_water: 0,
@@ -185,13 +226,11 @@ impl StubArea {
             _ => bail!("the trace buffer at {data:#x} is not mapped to one physical range: this kernel's image is not what rrr built"),
         };
         let mut asm = Asm::new(self.text);
-        let (entry_full, entry) = entry_common(&mut asm, data, current, false);
-        let (stack_full, entry_with_stack) = entry_common(&mut asm, data, current, true);
-        self.commons = [entry, entry_with_stack, 0, 0];
+        let entry = entry_common(&mut asm, data, current, false);
+        let entry_with_stack = entry_common(&mut asm, data, current, true);
 
         // Return: the same, with the return value.
         let ret = RecordStart::emit(&mut asm, data);
-        self.commons[2] = ret.common;
         asm.store_rcx(RAX, 8);
         asm.store_rcx(RDX, 2 * 8);
         asm.store_rcx(RSP, 7 * 8);
@@ -205,7 +244,7 @@ impl StubArea {
         // A function that returns a string: a NULL one (most of `step_into`'s and
         // `path_init`'s) is recorded as any return; another stops at a `hlt`, where the VMM
         // reads the string now and performs the `ret`, as at a `hlt` probe on the site.
-        self.commons[3] = asm.here();
+        let string_return = asm.here();
         asm.store_rip(RCX, data + SAVED_RCX);
         asm.mov_rcx_rax();
         let null_jump = asm.here();
@@ -218,10 +257,26 @@ impl StubArea {
         asm.jmp32(return_retry);
         asm.patch_jrcxz(null_jump, null);
 
+        // An entry with a kernel string: `rcx` back as it was, and a `hlt`, where the VMM reads
+        // the string and moves the vCPU past the site, as at a `hlt` probe on it.
+        self.kernel_string = asm.here();
+        asm.load_rip(RCX, data + SAVED_RCX);
+        self.kernel_string_halt = asm.here();
+        asm.hlt();
+        asm.int3();
+
         if asm.code.len() as u64 > COMMON_SIZE {
             bail!("the stubs' common code outgrew its room");
         }
-        self.full_halts = [entry_full, stack_full, return_full];
+        self.commons = Commons {
+            entry: entry.common,
+            entry_retry: entry.retry,
+            entry_with_stack: entry_with_stack.common,
+            entry_with_stack_retry: entry_with_stack.retry,
+            ret: ret.common,
+            string_return,
+        };
+        self.full_halts = [entry.full, entry_with_stack.full, return_full];
         self.written = true;
         self.write(vmm, mem, self.text, &asm.code)?;
         self.rearm(vmm)
@@ -235,15 +290,70 @@ impl StubArea {
         site: u64,
         kind: StubKind,
     ) -> Result<u64> {
+        let common = match kind {
+            StubKind::Entry => self.commons.entry,
+            StubKind::EntryWithStack => self.commons.entry_with_stack,
+            StubKind::EntryUserStrings { stack, registers } => {
+                self.string_check(vmm, mem, stack, registers)?
+            }
+            StubKind::Return => self.commons.ret,
+            StubKind::StringReturn => self.commons.string_return,
+        };
         if self.room() == 0 {
             bail!("the stub room is full");
         }
         let at = self.next_stub;
         let mut asm = Asm::new(at);
         asm.movq_imm_rip(sign_extended(site)?, self.data + SITE);
-        asm.jmp32(self.commons[kind as usize]);
+        asm.jmp32(common);
         self.write(vmm, mem, at, &asm.code)?;
         self.next_stub += STUB_SIZE;
+        Ok(at)
+    }
+
+    /// The check an entry with strings in `registers` goes through before its record: each
+    /// register's top byte, zero for NULL and for a user address, is tested with `jrcxz` (no
+    /// flag changes), and any other goes to the kernel-string `hlt`.
+    fn string_check(
+        &mut self,
+        vmm: &Vmm,
+        mem: &mut GuestReader,
+        stack: bool,
+        registers: ArgRegisters,
+    ) -> Result<u64> {
+        if let Some(&at) = self.checks.get(&(stack, registers)) {
+            return Ok(at);
+        }
+        let data = self.data;
+        let at = self.next_stub;
+        let mut asm = Asm::new(at);
+        asm.store_rip(RCX, data + SAVED_RCX);
+        for reg in registers.registers() {
+            if reg == RCX {
+                asm.load_rip(RCX, data + SAVED_RCX);
+            } else {
+                asm.mov_rcx_from(reg);
+            }
+            asm.bswap_rcx();
+            asm.movzx_ecx_cl();
+            let user = asm.here();
+            asm.jrcxz(user); // patched below
+            asm.jmp32(self.kernel_string);
+            asm.patch_jrcxz(user, asm.here());
+        }
+        // Into the entry's common code past its save of `rcx`, done above.
+        asm.jmp32(if stack {
+            self.commons.entry_with_stack_retry
+        } else {
+            self.commons.entry_retry
+        });
+        let size = (asm.code.len() as u64).next_multiple_of(STUB_SIZE);
+        if self.room() * STUB_SIZE < size + STUB_SIZE {
+            bail!("the stub room is full");
+        }
+        self.write(vmm, mem, at, &asm.code)?;
+        self.next_stub += size;
+        self.checks.insert((stack, registers), at);
         Ok(at)
     }
 
@@ -252,10 +362,11 @@ impl StubArea {
         self.written && self.full_halts.contains(&addr)
     }
 
-    /// If `addr` is the `hlt` of a string-returning function's stub: the return site it stands
-    /// for (its stub left it in the header).
-    pub fn string_return_site(&self, vmm: &Vmm, addr: u64) -> Option<u64> {
-        if !self.written || addr != self.string_halt {
+    /// If `addr` is the `hlt` a stub stops at to have its site handled as a `hlt` probe (a
+    /// string-returning function's non-NULL string, an entry's kernel string): that site (its
+    /// stub left it in the header).
+    pub fn stub_halt_site(&self, vmm: &Vmm, addr: u64) -> Option<u64> {
+        if !self.written || (addr != self.string_halt && addr != self.kernel_string_halt) {
             return None;
         }
         vmm.mem.read_obj(GuestAddress(self.data_gpa + SITE)).ok()
@@ -309,6 +420,7 @@ impl StubArea {
             .write_slice(&data, GuestAddress(self.data_gpa))
             .context("cannot clear the trace buffer")?;
         self.next_stub = self.text + COMMON_SIZE;
+        self.checks.clear();
         self.high_water = 0;
         self.written = false;
         Ok(())
@@ -318,6 +430,18 @@ impl StubArea {
         mem.write(vmm, at, bytes)
             .with_context(|| format!("cannot write the trace stubs' room at {at:#x}"))
     }
+}
+
+/// Where each kind of stub's common code starts (and, for entries, where it goes on after the
+/// save of `rcx`, which a string check has made already).
+#[derive(Debug, Clone, Copy, Default)]
+struct Commons {
+    entry: u64,
+    entry_retry: u64,
+    entry_with_stack: u64,
+    entry_with_stack_retry: u64,
+    ret: u64,
+    string_return: u64,
 }
 
 /// The start every common code shares: the full-buffer `hlt` (and the jump back to try again
@@ -362,10 +486,11 @@ fn finish_record(asm: &mut Asm, data: u64, current: CurrentAt) {
     asm.load_rip(RCX, data + SAVED_RCX);
 }
 
-/// The common code of an entry stub: returns where its full-buffer `hlt` is and where it starts.
-fn entry_common(asm: &mut Asm, data: u64, current: CurrentAt, stack: bool) -> (u64, u64) {
+/// The common code of an entry stub: where its full-buffer `hlt` is, where it starts, and where
+/// it goes on after saving `rcx`.
+fn entry_common(asm: &mut Asm, data: u64, current: CurrentAt, stack: bool) -> RecordStart {
     // The site's stub put the site in data.site.
-    let RecordStart { full, common, .. } = RecordStart::emit(asm, data);
+    let start = RecordStart::emit(asm, data);
     for (reg, slot) in [(RDI, 1), (RSI, 2), (RDX, 3), (R8, 5), (R9, 6), (RSP, 7)] {
         asm.store_rcx(reg, slot * 8);
     }
@@ -385,7 +510,7 @@ fn entry_common(asm: &mut Asm, data: u64, current: CurrentAt, stack: bool) -> (u
     asm.store_rcx(RAX, 4 * 8);
     finish_record(asm, data, current);
     asm.jmp_indirect_rip(data + SITE);
-    (full, common)
+    start
 }
 
 /// A kernel address as the sign-extended 32-bit immediate `movq` takes.
@@ -539,7 +664,23 @@ impl Asm {
 
     /// `mov %rax, %rcx`
     fn mov_rcx_rax(&mut self) {
-        self.code.extend_from_slice(&[0x48, 0x89, 0xc1]);
+        self.mov_rcx_from(RAX);
+    }
+
+    /// `mov %reg, %rcx`
+    fn mov_rcx_from(&mut self, reg: u8) {
+        self.code
+            .extend_from_slice(&[Self::rex_w(reg), 0x89, 0xc0 | ((reg & 7) << 3) | RCX]);
+    }
+
+    /// `bswap %rcx`
+    fn bswap_rcx(&mut self) {
+        self.code.extend_from_slice(&[0x48, 0x0f, 0xc9]);
+    }
+
+    /// `movzbl %cl, %ecx`
+    fn movzx_ecx_cl(&mut self) {
+        self.code.extend_from_slice(&[0x0f, 0xb6, 0xc9]);
     }
 
     fn patch_jrcxz(&mut self, at: u64, target: u64) {
@@ -583,6 +724,10 @@ mod tests {
         asm.load_current(CurrentAt::PerCpu(0x2c000));
         asm.load_rsp(RAX, 16);
         asm.jmp_indirect_rip(0xffff_ffff_8100_1020);
+        asm.mov_rcx_from(R9);
+        asm.mov_rcx_from(RSI);
+        asm.bswap_rcx();
+        asm.movzx_ecx_cl();
         let text = disassemble(0xffff_ffff_8100_0000, &asm.code);
         assert_eq!(
             text,
@@ -597,6 +742,10 @@ mod tests {
                 "mov rax,[gs:2C000h]",
                 "mov rax,[rsp+10h]",
                 "jmp qword [rel 0FFFFFFFF81001020h]",
+                "mov rcx,r9",
+                "mov rcx,rsi",
+                "bswap rcx",
+                "movzx ecx,cl",
             ]
         );
     }

@@ -16,7 +16,8 @@ use std::sync::Arc;
 use rrr_perfetto::{Arg, Event, Kind, TraceWriter, TrackId, Value, MAX_DEPTH};
 
 use super::decode::{self, Shown};
-use super::guest::{Memory, StackWords};
+use super::guest::Memory;
+use super::guest::{Captured, RecordMemory, StackWords};
 use super::introspect::Introspection;
 use super::observe::{Observation, Regs, Sink};
 use super::probes::Probe;
@@ -107,6 +108,11 @@ pub struct Tracer {
     /// Probe hits per address since the last exit: with the exit count they name the moment of
     /// an event in the replay (its position).
     hits: HitCounter,
+    /// What the system call the current task is in captured at its start (its string
+    /// arguments, its user stack): the user strings its kernel functions' stubs pass on are
+    /// read from it. Dropped at the call's return and at any switch, after which another task
+    /// may have changed that memory (see `probes::switches_are_seen`).
+    syscall_memory: Option<(u64, Arc<Captured>)>,
     stats: TraceStats,
 }
 
@@ -161,11 +167,19 @@ impl Sink for Tracer {
                         );
                     };
                     let regs = record.regs(matches!(probe, Probe::Return(_)));
-                    let mut stack = StackWords {
-                        base: record.rsp.wrapping_add(8),
-                        words: record.stack,
+                    let user = self
+                        .syscall_memory
+                        .as_ref()
+                        .filter(|(task, _)| *task == record.current)
+                        .map(|(_, memory)| memory.clone());
+                    let mut memory = RecordMemory {
+                        stack: StackWords {
+                            base: record.rsp.wrapping_add(8),
+                            words: record.stack,
+                        },
+                        user: user.as_deref(),
                     };
-                    self.kernel_event(probe, record.site, exits, now_ns, &regs, &mut stack)?;
+                    self.kernel_event(probe, record.site, exits, now_ns, &regs, &mut memory)?;
                 }
                 Ok(())
             }
@@ -179,6 +193,12 @@ impl Sink for Tracer {
             } => {
                 let written = self.kernel_event(probe, site, exits, now_ns, &regs, &mut memory);
                 self.stats.uncaptured_reads += memory.uncaptured;
+                if let Probe::Entry(f) = probe {
+                    let keeps = self.intro.syscall_of(f).is_some_and(keeps_user_memory);
+                    if let (true, Some(task)) = (keeps, self.last_task) {
+                        self.syscall_memory = Some((task, Arc::new(memory)));
+                    }
+                }
                 written
             }
             Observation::User {
@@ -255,6 +275,7 @@ impl Tracer {
             next_flow: 1,
             arg_names: HashMap::new(),
             hits: HitCounter::default(),
+            syscall_memory: None,
             stats: TraceStats::default(),
         })
     }
@@ -370,6 +391,7 @@ impl Tracer {
                     .category("sched")
                     .terminating_flows(&id),
             )?;
+            self.syscall_memory = None;
         }
         self.last_task = Some(to);
         Ok(())
@@ -528,6 +550,10 @@ impl Tracer {
         let task = self.tasks.get_mut(&ptr).expect("current() inserted it");
         let closed: Vec<Frame> = task.frames.drain(first..).rev().collect();
         let track = task.track;
+        if closed.iter().any(|f| f.kind == FrameKind::Syscall) {
+            // The task goes back to user code, which may change its memory.
+            self.syscall_memory = None;
+        }
         for frame in closed {
             if !frame.emitted {
                 continue;
@@ -665,6 +691,12 @@ impl Tracer {
 }
 
 /// Named values as the writer's arguments (borrowing them).
+/// Whether a system call's user memory at its start still holds for its kernel functions'
+/// `const` strings until it returns: not across an `exec`, which replaces that memory.
+fn keeps_user_memory(call: &str) -> bool {
+    !call.starts_with("exec")
+}
+
 fn as_args<N: AsRef<str>>(shown: &[(N, Shown)]) -> Vec<Arg<'_>> {
     shown
         .iter()

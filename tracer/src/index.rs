@@ -17,8 +17,9 @@ use crate::returns::ReturnSite;
 use crate::types::{TypeTable, ValueKind};
 use crate::IndexError;
 
-/// Bumped whenever the serialized shape changes; a cache in another format is rebuilt.
-const FORMAT: u32 = 2;
+/// Bumped whenever the serialized shape or what the index holds changes; a cache in another
+/// format is rebuilt. (3: system calls whose body is out of line have their signature.)
+const FORMAT: u32 = 3;
 const MAGIC: &[u8; 8] = b"rrridx\0\0";
 
 /// Everything the trace pass needs to know about one kernel (or user binary).

@@ -133,6 +133,21 @@ pub(crate) fn merge(
             layouts.insert(name, (ordinal, layout));
         }
     }
+    // A system call whose body was not inlined (`__do_sys_newfstatat` has code of its own) has
+    // no abstract instance: its signature is its out-of-line body's.
+    for f in &functions {
+        if let Some(call) = f.name.strip_prefix("__do_sys_") {
+            syscalls.entry(call.to_owned()).or_insert_with(|| {
+                f.params
+                    .iter()
+                    .map(|p| SyscallParam {
+                        name: p.name.clone(),
+                        ty: p.ty,
+                    })
+                    .collect()
+            });
+        }
+    }
     // Sort functions by entry and carry the inlined instances' caller indices along.
     let mut order: Vec<u32> = (0..functions.len() as u32).collect();
     order.sort_by_key(|&i| (functions[i as usize].entry, i));
