@@ -44,6 +44,26 @@ impl GuestReader {
         self.recent_pages.clear();
     }
 
+    /// Takes the page tables for user addresses from the running task's `mm->pgd` (`pgd`, a
+    /// kernel address), which is what CR3 holds while it runs in the kernel: no ioctl for the
+    /// vCPU's registers, which inside the carrier costs about as much as an exit. `None` (a
+    /// kernel thread, on borrowed tables) leaves them to be asked of the vCPU.
+    pub fn use_user_tables(&mut self, vmm: &Vmm, pgd: Option<u64>) {
+        self.paging = None;
+        let Some(pgd) = pgd else {
+            return;
+        };
+        let Some(root) = self.translate(vmm, pgd) else {
+            return;
+        };
+        if let Some(kernel) = self.kernel_paging {
+            self.paging = Some(PagingMode {
+                cr3: root & !0xfff,
+                ..kernel
+            });
+        }
+    }
+
     fn paging(&mut self, vmm: &Vmm) -> Option<PagingMode> {
         if self.paging.is_none() {
             let s = vmm.vcpu.fd.get_sregs().ok()?;
@@ -183,7 +203,7 @@ impl Memory for Live<'_> {
         let read = self.reader.read(self.vmm, gva, out);
         if let Some(captured) = &mut self.capture {
             match read {
-                Some(()) => captured.blocks.push((gva, out.to_vec())),
+                Some(()) => captured.keep(gva, out),
                 None => captured.unreadable.push((gva, out.len() as u64)),
             }
         }
@@ -196,7 +216,11 @@ impl Memory for Live<'_> {
 /// reads that the observer did not: a bug) is told apart and counted.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Captured {
-    blocks: Vec<(u64, Vec<u8>)>,
+    /// Each read kept: where, and how many bytes (in order, their bytes one after another in
+    /// `bytes`: one buffer, written as one block, which inside the carrier is what costs).
+    reads: Vec<(u64, u32)>,
+    #[serde(with = "serde_bytes")]
+    bytes: Vec<u8>,
     unreadable: Vec<(u64, u64)>,
     #[serde(skip)]
     pub uncaptured: u64,
@@ -206,8 +230,7 @@ impl Memory for Captured {
     fn read(&mut self, gva: u64, out: &mut [u8]) -> Option<()> {
         let end = gva.checked_add(out.len() as u64)?;
         let found = self
-            .blocks
-            .iter()
+            .blocks()
             .find(|(at, bytes)| *at <= gva && end <= at + bytes.len() as u64);
         let Some((at, bytes)) = found else {
             let failed_then = self
@@ -222,6 +245,47 @@ impl Memory for Captured {
         let from = (gva - at) as usize;
         out.copy_from_slice(&bytes[from..from + out.len()]);
         Some(())
+    }
+}
+
+impl Captured {
+    /// Keeps the bytes a read at `gva` gave.
+    fn keep(&mut self, gva: u64, bytes: &[u8]) {
+        self.reads.push((gva, bytes.len() as u32));
+        self.bytes.extend_from_slice(bytes);
+    }
+
+    /// Each read kept, with its bytes.
+    fn blocks(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        let mut from = 0usize;
+        self.reads.iter().filter_map(move |&(at, len)| {
+            let bytes = self.bytes.get(from..from + len as usize)?;
+            from += len as usize;
+            Some((at, bytes))
+        })
+    }
+
+    /// The NUL-terminated string of at most `max` bytes at `gva`, if the bytes up to its end
+    /// (or to `max`) were all read: what [`Memory::read_c_string`] gave then. It counts no
+    /// uncaptured read: a caller asks for memory captured at another event, which may not have
+    /// it.
+    pub fn c_string(&self, gva: u64, max: usize) -> Option<(String, bool)> {
+        let mut bytes = Vec::new();
+        let mut at = gva;
+        while bytes.len() < max {
+            let (start, block) = self
+                .blocks()
+                .find(|(start, block)| *start <= at && at - start < block.len() as u64)?;
+            let rest = &block[(at - start) as usize..];
+            let rest = &rest[..rest.len().min(max - bytes.len())];
+            if let Some(end) = rest.iter().position(|&b| b == 0) {
+                bytes.extend_from_slice(&rest[..end]);
+                return Some((String::from_utf8_lossy(&bytes).into_owned(), false));
+            }
+            bytes.extend_from_slice(rest);
+            at += rest.len() as u64;
+        }
+        Some((String::from_utf8_lossy(&bytes).into_owned(), true))
     }
 }
 
@@ -240,32 +304,6 @@ impl Memory for StackWords {
         bytes[8..].copy_from_slice(&self.words[1].to_le_bytes());
         out.copy_from_slice(bytes.get(from..from.checked_add(out.len())?)?);
         Some(())
-    }
-}
-
-impl Captured {
-    /// The NUL-terminated string of at most `max` bytes at `gva`, if the bytes up to its end
-    /// (or to `max`) were all read: what [`Memory::read_c_string`] gave then. It counts no
-    /// uncaptured read: a caller asks for memory captured at another event, which may not have
-    /// it.
-    pub fn c_string(&self, gva: u64, max: usize) -> Option<(String, bool)> {
-        let mut bytes = Vec::new();
-        let mut at = gva;
-        while bytes.len() < max {
-            let (start, block) = self
-                .blocks
-                .iter()
-                .find(|(start, block)| *start <= at && at - start < block.len() as u64)?;
-            let rest = &block[(at - start) as usize..];
-            let rest = &rest[..rest.len().min(max - bytes.len())];
-            if let Some(end) = rest.iter().position(|&b| b == 0) {
-                bytes.extend_from_slice(&rest[..end]);
-                return Some((String::from_utf8_lossy(&bytes).into_owned(), false));
-            }
-            bytes.extend_from_slice(rest);
-            at += rest.len() as u64;
-        }
-        Some((String::from_utf8_lossy(&bytes).into_owned(), true))
     }
 }
 
@@ -297,8 +335,8 @@ mod tests {
     #[test]
     fn captured_memory_answers_the_reads_it_kept_and_no_others() {
         let mut captured = Captured::default();
-        captured.blocks.push((0x1000, b"abc\0".to_vec()));
-        captured.blocks.push((0x2000, 7u64.to_le_bytes().to_vec()));
+        captured.keep(0x1000, b"abc\0");
+        captured.keep(0x2000, &7u64.to_le_bytes());
         assert_eq!(captured.read_u64(0x2000), Some(7));
         assert_eq!(captured.read_u32(0x2004), Some(0));
         assert_eq!(captured.read_u64(0x2004), None);
@@ -319,9 +357,9 @@ mod tests {
     fn a_string_is_taken_from_captured_memory_only_as_far_as_it_was_read() {
         let mut captured = Captured::default();
         // A string read across a page boundary: two reads.
-        captured.blocks.push((0x1ffc, b"/tmp".to_vec()));
-        captured.blocks.push((0x2000, b"/f\0garbage".to_vec()));
-        captured.blocks.push((0x3000, b"abcdefgh".to_vec()));
+        captured.keep(0x1ffc, b"/tmp");
+        captured.keep(0x2000, b"/f\0garbage");
+        captured.keep(0x3000, b"abcdefgh");
         assert_eq!(
             captured.c_string(0x1ffc, 96),
             Some(("/tmp/f".into(), false))

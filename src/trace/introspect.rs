@@ -38,6 +38,8 @@ pub struct Introspection {
     task_layout: TaskLayout,
     pt_regs: Option<PtRegs>,
     caller: Option<Caller>,
+    /// `mm_struct.pgd`: the root of a task's page tables.
+    mm_pgd: Option<u64>,
 }
 
 impl Introspection {
@@ -62,11 +64,13 @@ impl Introspection {
                 sp: off("sp")?,
             })
         })();
+        let mm_pgd = index.member_offset("mm_struct", "pgd");
         Ok(Introspection {
             index,
             task_layout,
             pt_regs,
             caller: None,
+            mm_pgd,
         })
     }
 
@@ -100,6 +104,16 @@ impl Introspection {
         let pid = mem.read_u32(ptr + l.pid).unwrap_or(0) as i32;
         let tgid = mem.read_u32(ptr + l.tgid).unwrap_or(0) as i32;
         (pid, tgid)
+    }
+
+    /// Where the page tables of the task at `ptr` are (`mm->pgd`, a kernel address); `None` for
+    /// a kernel thread, which runs on whichever tables were loaded before it.
+    pub fn page_table_root(&self, mem: &mut dyn Memory, ptr: u64) -> Option<u64> {
+        let mm = mem.read_u64(ptr + self.task_layout.mm)?;
+        if mm == 0 {
+            return None;
+        }
+        mem.read_u64(mm + self.mm_pgd?)
     }
 
     pub fn read_comm(&self, mem: &mut dyn Memory, ptr: u64) -> String {

@@ -77,6 +77,16 @@ pub enum Observation {
 pub trait Sink {
     fn observe(&mut self, observation: Observation) -> Result<()>;
 
+    /// An [`Observation::Records`], from the drained buffer as it is (a file writes it without
+    /// another copy: inside the carrier, copies of every record are much of a drain's cost).
+    fn observe_records(&mut self, exits: u64, now_ns: u64, raw: &[u8]) -> Result<()> {
+        self.observe(Observation::Records {
+            exits,
+            now_ns,
+            raw: raw.to_vec(),
+        })
+    }
+
     /// The replay ended at virtual time `now_ns`. Returns the trace's counts if the trace was
     /// written here.
     fn finish(self: Box<Self>, now_ns: u64) -> Result<Option<TraceStats>>;
@@ -319,11 +329,8 @@ impl Observer {
                 run_end += size;
             }
             self.switch_to(vmm, current)?;
-            self.sink.observe(Observation::Records {
-                exits,
-                now_ns: now.as_nanos(),
-                raw: records[run_start..run_end].to_vec(),
-            })?;
+            self.sink
+                .observe_records(exits, now.as_nanos(), &records[run_start..run_end])?;
             run_start = run_end;
         }
         self.plant_func_probes(vmm);
@@ -422,6 +429,8 @@ impl Observer {
             let ptr = self.read_current(vmm)?;
             let regs = regs_of(&regs);
             let intro = self.intro.clone();
+            let tables = intro.page_table_root(&mut self.live(vmm), ptr);
+            self.mem.use_user_tables(vmm, tables);
             let mut memory = Captured::default();
             let mut mem = Live {
                 vmm,
@@ -548,7 +557,9 @@ pub struct ObservationFile {
 }
 
 /// Written first in an observation file.
-const MAGIC: &[u8; 8] = b"RRROBS01";
+const MAGIC: &[u8; 8] = b"RRROBS02";
+/// `Observation::Records`'s index among the variants (postcard encodes a variant by it).
+const RECORDS_VARIANT: u32 = 2;
 
 impl ObservationFile {
     pub fn create(path: &Path) -> Result<ObservationFile> {
@@ -608,6 +619,19 @@ impl Sink for ObservationFile {
         Ok(())
     }
 
+    fn observe_records(&mut self, exits: u64, now_ns: u64, raw: &[u8]) -> Result<()> {
+        // Postcard's encoding of `Observation::Records`, made by hand around the borrowed
+        // bytes: the variant's index, the two numbers, the bytes' length, the bytes.
+        let head = (RECORDS_VARIANT, exits, now_ns, raw.len() as u64);
+        let mut buf = [0u8; 40];
+        let head = postcard::to_slice(&head, &mut buf).context("cannot encode an observation")?;
+        let len = u32::try_from(head.len() + raw.len()).context("a drain of over 4 GiB")?;
+        self.out.write_all(&len.to_le_bytes())?;
+        self.out.write_all(head)?;
+        self.out.write_all(raw)?;
+        Ok(())
+    }
+
     fn flush(&mut self) -> Result<()> {
         // Synced: the carrier's shares cache writes, and a stopped carrier drops its cache.
         self.out.flush().context("cannot write the observations")?;
@@ -661,7 +685,16 @@ mod tests {
                 memory: Captured::default(),
             },
         ];
+        let raw: Vec<u8> = (0..=255u8).cycle().take(3 * RECORD_SIZE as usize).collect();
+        let records = Observation::Records {
+            exits: u64::MAX,
+            now_ns: 300,
+            raw: raw.clone(),
+        };
         let mut file = ObservationFile::create(&path).unwrap();
+        // Records as a drain writes them (encoded by hand), then as any other observation.
+        file.observe_records(u64::MAX, 300, &raw).unwrap();
+        file.observe(records.clone()).unwrap();
         for o in &written {
             file.observe(o.clone()).unwrap();
         }
@@ -671,7 +704,9 @@ mod tests {
             ObservationFile::replay_into(&path, &mut read).unwrap(),
             "whole"
         );
-        assert_eq!(read.0, written);
+        let mut expected = vec![records.clone(), records];
+        expected.extend(written);
+        assert_eq!(read.0, expected);
 
         // Cut short (the end, and part of the last observation, missing): what was whole is
         // read, and the file says it stopped early.
@@ -679,7 +714,7 @@ mod tests {
         std::fs::write(&path, &bytes[..bytes.len() - 8]).unwrap();
         let mut read = Collect(Vec::new());
         assert!(!ObservationFile::replay_into(&path, &mut read).unwrap());
-        assert_eq!(read.0.len(), 1);
+        assert_eq!(read.0.len(), 3);
 
         // Damaged: a clear error.
         let mut bytes = std::fs::read(&path).unwrap();
