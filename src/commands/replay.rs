@@ -249,30 +249,56 @@ pub fn run(args: Args) -> Result<i32> {
             .flatten()
             .map(Path::to_path_buf),
         );
-        let code = crate::carrier::run_in_carrier(&cmd, &opts)?;
+        // The trace is written here while the carrier replays, from the observations as they
+        // arrive (a file left by an earlier run in this directory is not one of them).
+        let _ = std::fs::remove_file(&observations);
+        let carrier_stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = match traced {
+            Some((index, _)) => {
+                let job = TraceJob {
+                    index,
+                    header: recording.header.clone(),
+                    filter: EmitFilter {
+                        pids: args.trace_args.pids.clone(),
+                        depth: args.trace_args.depth,
+                    },
+                    observations: observations.clone(),
+                    run_dir: run_dir.clone(),
+                    output: trace_output.clone(),
+                    carrier_stopped: carrier_stopped.clone(),
+                };
+                Some(
+                    std::thread::Builder::new()
+                        .name("trace-writer".into())
+                        .spawn(move || job.follow())
+                        .context("cannot start the trace writer")?,
+                )
+            }
+            None => None,
+        };
+        let code = crate::carrier::run_in_carrier(&cmd, &opts);
+        carrier_stopped.store(true, std::sync::atomic::Ordering::Release);
+        let stopped_at = Instant::now();
+        let written = writer.map(|w| {
+            let spinner =
+                crate::progress::spinner(format!("writing the trace {}", trace_output.display()));
+            let written = w
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("the trace writer panicked")));
+            spinner.finish_and_clear();
+            written
+        });
+        let code = code?;
         eprintln!(
             "rrr: total wall time {:.1} s (carrier and VM)",
             started.elapsed().as_secs_f64()
         );
-        if let Some((index, _)) = traced.filter(|_| observations.exists()) {
-            let filter = EmitFilter {
-                pids: args.trace_args.pids.clone(),
-                depth: args.trace_args.depth,
-            };
-            let written = write_observed_trace(
-                index,
-                &recording.header,
-                filter,
-                &observations,
-                &run_dir,
-                &trace_output,
-            );
-            match written {
-                Err(err) if code != 0 => eprintln!(
-                    "rrr: the replay did not end well, and its trace could not be written either: {err:#}"
-                ),
-                other => other?,
-            }
+        match written.map(|w| w.and_then(|w| w.report(&run_dir, &trace_output, stopped_at))) {
+            Some(Err(err)) if code != 0 => eprintln!(
+                "rrr: the replay did not end well, and its trace could not be written either: {err:#}"
+            ),
+            Some(other) => other?,
+            None => {}
         }
         return Ok(code);
     }
@@ -654,59 +680,113 @@ impl ReplaySession {
 
 /// Writes the trace from the observations a replay in the carrier made, and adds its counts
 /// (and the time writing it took) to the run's summary.
-fn write_observed_trace(
+/// The trace of a replay in the carrier, written here (natively) from the observations the
+/// replay makes there.
+struct TraceJob {
     index: rrr_tracer::Index,
-    header: &rrr_vmm::rr::log::Header,
+    header: Header,
     filter: EmitFilter,
-    observations: &Path,
-    run_dir: &Path,
-    output: &Path,
-) -> Result<()> {
-    let started = Instant::now();
-    // A replay stopped early (Ctrl-C stops the carrier) left no summary: the trace is written
-    // all the same, up to the last observation.
-    let summary_path = run_dir.join("summary.json");
-    let summary: Option<serde_json::Value> = match std::fs::read(&summary_path) {
-        Ok(bytes) => Some(
-            serde_json::from_slice(&bytes)
-                .with_context(|| format!("{} is not a run summary", summary_path.display()))?,
-        ),
-        Err(_) => None,
-    };
-    let mut intro = Introspection::new(index)?;
-    intro.know_stimulus(&header.stimulus_name, &header.stimulus);
-    let mut tracer = Tracer::new(std::sync::Arc::new(intro), output, filter)?;
-    let spinner = crate::progress::spinner(format!("writing the trace {}", output.display()));
-    let whole = ObservationFile::replay_into(observations, &mut tracer)?;
-    // Open slices end where the replay did (or at the last event, if it stopped early).
-    let end_ns = summary
-        .as_ref()
-        .and_then(|s| s["virtual_time_ns"].as_u64())
-        .unwrap_or(0);
-    let stats = tracer.finish(end_ns)?;
-    spinner.finish_and_clear();
-    let _ = std::fs::remove_file(observations);
-    if !whole {
-        eprintln!("rrr: the replay stopped before its end: the trace shows it up to there");
+    observations: PathBuf,
+    run_dir: PathBuf,
+    output: PathBuf,
+    /// Set when the carrier has stopped: no more observations come.
+    carrier_stopped: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A trace written from observations.
+struct WrittenTrace {
+    /// `None` if the replay never started observing (it failed before).
+    stats: Option<crate::trace::tracer::TraceStats>,
+    whole: bool,
+    /// Time the writer worked (not waiting for observations).
+    busy: std::time::Duration,
+    finished: Instant,
+}
+
+impl TraceJob {
+    fn follow(self) -> Result<WrittenTrace> {
+        let started = Instant::now();
+        let mut intro = Introspection::new(self.index)?;
+        intro.know_stimulus(&self.header.stimulus_name, &self.header.stimulus);
+        let mut tracer = Tracer::new(std::sync::Arc::new(intro), &self.output, self.filter)?;
+        let followed =
+            ObservationFile::follow_into(&self.observations, &mut tracer, &self.carrier_stopped);
+        let followed = match followed {
+            Ok(followed) => followed,
+            // The replay failed before it observed anything.
+            Err(_) if !self.observations.exists() => {
+                tracer.abandon();
+                return Ok(WrittenTrace {
+                    stats: None,
+                    whole: false,
+                    busy: started.elapsed(),
+                    finished: Instant::now(),
+                });
+            }
+            Err(err) => return Err(err),
+        };
+        // Open slices end where the replay did (or at the last event, if it stopped early). A
+        // replay stopped early (Ctrl-C stops the carrier) left no summary: the trace is written
+        // all the same, up to the last observation.
+        let end_ns = read_summary(&self.run_dir)?
+            .and_then(|s| s["virtual_time_ns"].as_u64())
+            .unwrap_or(0);
+        let stats = tracer.finish(end_ns)?;
+        let _ = std::fs::remove_file(&self.observations);
+        Ok(WrittenTrace {
+            stats: Some(stats),
+            whole: followed.whole,
+            busy: started.elapsed().saturating_sub(followed.waited),
+            finished: Instant::now(),
+        })
     }
-    let mut shown = serde_json::to_value(stats)?;
-    if let Some(map) = shown.as_object_mut() {
-        map.insert(
-            "write_ns".into(),
-            json!(started.elapsed().as_nanos() as u64),
-        );
-    }
-    if let Some(mut summary) = summary {
-        let trace = &mut summary["rr"]["trace"];
-        if let (Some(map), serde_json::Value::Object(more)) = (trace.as_object_mut(), &shown) {
-            map.extend(more.clone());
-        } else {
-            *trace = shown.clone();
+}
+
+fn read_summary(run_dir: &Path) -> Result<Option<serde_json::Value>> {
+    let path = run_dir.join("summary.json");
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
+                format!("{} is not a run summary", path.display())
+            })?))
         }
-        shown = trace.clone();
-        std::fs::write(&summary_path, serde_json::to_vec_pretty(&summary)?)
-            .with_context(|| format!("cannot write {}", summary_path.display()))?;
+        Err(_) => Ok(None),
     }
-    print_trace(output, &shown);
-    Ok(())
+}
+
+impl WrittenTrace {
+    /// Adds the trace's counts and the writer's times to the run summary, and says where the
+    /// trace is. `stopped_at`: when the carrier stopped (the writer's time after it is what
+    /// writing the trace added to the replay).
+    fn report(self, run_dir: &Path, output: &Path, stopped_at: Instant) -> Result<()> {
+        let Some(stats) = self.stats else {
+            return Ok(());
+        };
+        if !self.whole {
+            eprintln!("rrr: the replay stopped before its end: the trace shows it up to there");
+        }
+        let mut shown = serde_json::to_value(stats)?;
+        if let Some(map) = shown.as_object_mut() {
+            map.insert("write_ns".into(), json!(self.busy.as_nanos() as u64));
+            let after = self.finished.saturating_duration_since(stopped_at);
+            map.insert(
+                "write_after_replay_ns".into(),
+                json!(after.as_nanos() as u64),
+            );
+        }
+        if let Some(mut summary) = read_summary(run_dir)? {
+            let trace = &mut summary["rr"]["trace"];
+            if let (Some(map), serde_json::Value::Object(more)) = (trace.as_object_mut(), &shown) {
+                map.extend(more.clone());
+            } else {
+                *trace = shown.clone();
+            }
+            shown = trace.clone();
+            let path = run_dir.join("summary.json");
+            std::fs::write(&path, serde_json::to_vec_pretty(&summary)?)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        print_trace(output, &shown);
+        Ok(())
+    }
 }

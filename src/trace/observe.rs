@@ -5,7 +5,7 @@
 //! ([`Captured`]), so the trace itself can be written anywhere later ([`super::tracer`]): in
 //! this process, or, when the replay runs inside the carrier, natively after it.
 
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufWriter, Read, Write};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -570,45 +570,90 @@ impl ObservationFile {
         Ok(ObservationFile { out })
     }
 
-    /// Every observation in `path`, in order, to `sink`. Returns false if the file stops before
-    /// the replay's end (a replay stopped by Ctrl-C, or that failed): `sink` has had everything
-    /// up to there.
-    pub fn replay_into(path: &Path, sink: &mut dyn Sink) -> Result<bool> {
-        let file =
-            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        let mut input = BufReader::with_capacity(1 << 20, file);
-        let mut magic = [0u8; 8];
-        match input.read_exact(&mut magic) {
-            Ok(()) => {}
-            // Stopped before its first write reached the file.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-        }
-        if &magic != MAGIC {
-            bail!("{} is not an rrr observation file", path.display());
-        }
-        let mut buf = Vec::new();
+    /// Every observation in `path`, in order, to `sink`, as they arrive: the file is waited for
+    /// (made, then grown) until `written` says its writer has stopped, so that the trace is
+    /// written while the carrier replays, not after. It ends whole, or short of the replay's
+    /// end (a replay stopped by Ctrl-C, or that failed): `sink` has had everything up to there.
+    pub fn follow_into(
+        path: &Path,
+        sink: &mut dyn Sink,
+        written: &std::sync::atomic::AtomicBool,
+    ) -> Result<Followed> {
+        const POLL: std::time::Duration = std::time::Duration::from_millis(20);
+        let mut waited = std::time::Duration::ZERO;
+        let mut file: Option<std::fs::File> = None;
+        let mut pending: Vec<u8> = Vec::new();
+        let mut at = 0usize;
+        let mut magic_seen = false;
         loop {
-            let mut len = [0u8; 4];
-            match input.read_exact(&mut len) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
-                Err(e) => return Err(e).context("cannot read the observations"),
+            // Read before the file: what was written before the writer stopped is read below.
+            let stopped = written.load(std::sync::atomic::Ordering::Acquire);
+            if file.is_none() {
+                file = match std::fs::File::open(path) {
+                    Ok(f) => Some(f),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && !stopped => None,
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("cannot open {}", path.display()))
+                    }
+                };
             }
-            buf.resize(u32::from_le_bytes(len) as usize, 0);
-            match input.read_exact(&mut buf) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
-                Err(e) => return Err(e).context("cannot read the observations"),
+            let mut grew = false;
+            if let Some(f) = &mut file {
+                grew = f
+                    .read_to_end(&mut pending)
+                    .with_context(|| format!("cannot read {}", path.display()))?
+                    > 0;
             }
-            let observation: Observation = postcard::from_bytes(&buf)
-                .with_context(|| format!("{} holds a damaged observation", path.display()))?;
-            if observation == Observation::End {
-                return Ok(true);
+            if !magic_seen && pending.len() >= MAGIC.len() {
+                if &pending[..MAGIC.len()] != MAGIC {
+                    bail!("{} is not an rrr observation file", path.display());
+                }
+                at = MAGIC.len();
+                magic_seen = true;
             }
-            sink.observe(observation)?;
+            while magic_seen && at < pending.len() {
+                let Some(len) = pending.get(at..at + 4) else {
+                    break;
+                };
+                let len = u32::from_le_bytes(len.try_into().expect("four bytes")) as usize;
+                let Some(frame) = pending.get(at + 4..at + 4 + len) else {
+                    break;
+                };
+                let observation: Observation = postcard::from_bytes(frame)
+                    .with_context(|| format!("{} holds a damaged observation", path.display()))?;
+                at += 4 + len;
+                if observation == Observation::End {
+                    return Ok(Followed {
+                        whole: true,
+                        waited,
+                    });
+                }
+                sink.observe(observation)?;
+            }
+            if at > 1 << 20 {
+                pending.drain(..at);
+                at = 0;
+            }
+            if !grew {
+                if stopped {
+                    return Ok(Followed {
+                        whole: false,
+                        waited,
+                    });
+                }
+                std::thread::sleep(POLL);
+                waited += POLL;
+            }
         }
     }
+}
+
+/// How following an observation file ended.
+pub struct Followed {
+    /// The file ended with the replay's end (not cut short).
+    pub whole: bool,
+    /// Time spent waiting for the file to grow.
+    pub waited: std::time::Duration,
 }
 
 impl Sink for ObservationFile {
@@ -653,6 +698,12 @@ mod tests {
     use super::*;
 
     struct Collect(Vec<Observation>);
+
+    /// A whole file, its writer gone.
+    fn replay_into(path: &Path, sink: &mut dyn Sink) -> Result<bool> {
+        let written = std::sync::atomic::AtomicBool::new(true);
+        Ok(ObservationFile::follow_into(path, sink, &written)?.whole)
+    }
 
     impl Sink for Collect {
         fn observe(&mut self, observation: Observation) -> Result<()> {
@@ -700,10 +751,7 @@ mod tests {
         }
         Box::new(file).finish(0).unwrap();
         let mut read = Collect(Vec::new());
-        assert!(
-            ObservationFile::replay_into(&path, &mut read).unwrap(),
-            "whole"
-        );
+        assert!(replay_into(&path, &mut read).unwrap(), "whole");
         let mut expected = vec![records.clone(), records];
         expected.extend(written);
         assert_eq!(read.0, expected);
@@ -713,14 +761,56 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 8]).unwrap();
         let mut read = Collect(Vec::new());
-        assert!(!ObservationFile::replay_into(&path, &mut read).unwrap());
+        assert!(!replay_into(&path, &mut read).unwrap());
         assert_eq!(read.0.len(), 3);
 
         // Damaged: a clear error.
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[12] = 0xff;
         std::fs::write(&path, &bytes).unwrap();
-        let err = ObservationFile::replay_into(&path, &mut Collect(Vec::new())).unwrap_err();
+        let err = replay_into(&path, &mut Collect(Vec::new())).unwrap_err();
         assert!(format!("{err:#}").contains("damaged"), "{err:#}");
+    }
+
+    #[test]
+    fn observations_are_read_while_their_file_is_still_being_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("obs");
+        let stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let switch = |pid| Observation::Switch {
+            ptr: 0xffff_8880_0100_0000,
+            pid,
+            tgid: pid,
+            comm: "repro".into(),
+        };
+        let writer = {
+            let (path, stopped) = (path.clone(), stopped.clone());
+            std::thread::spawn(move || {
+                // The reader starts before the file exists.
+                std::thread::sleep(std::time::Duration::from_millis(60));
+                let mut file = ObservationFile::create(&path).unwrap();
+                file.observe(switch(1)).unwrap();
+                file.flush().unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(60));
+                file.observe_records(5, 6, &[7; RECORD_SIZE as usize])
+                    .unwrap();
+                file.flush().unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(60));
+                // Stopped without its end (Ctrl-C in the carrier).
+                stopped.store(true, std::sync::atomic::Ordering::Release);
+            })
+        };
+        let mut read = Collect(Vec::new());
+        let followed = ObservationFile::follow_into(&path, &mut read, &stopped).unwrap();
+        writer.join().unwrap();
+        assert!(!followed.whole, "no end mark: cut short");
+        assert!(followed.waited > std::time::Duration::ZERO);
+        assert_eq!(read.0.len(), 2);
+        assert_eq!(read.0[0], switch(1));
+
+        // A writer that never made the file: a clear error once it has stopped.
+        let missing = dir.path().join("never");
+        let err = ObservationFile::follow_into(&missing, &mut read, &stopped).err();
+        assert!(format!("{err:?}").contains("cannot open"), "{err:?}");
     }
 }

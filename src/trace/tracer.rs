@@ -288,6 +288,12 @@ impl Tracer {
     }
 
     /// Ends every open slice (at virtual time `now_ns`) and writes the rest of the trace.
+    /// Drops a trace that was never written (its replay observed nothing): no partial file is
+    /// left.
+    pub fn abandon(self) {
+        let _ = std::fs::remove_file(&self.partial);
+    }
+
     pub fn finish(mut self, now_ns: u64) -> anyhow::Result<TraceStats> {
         let ts = self.timestamp(now_ns);
         let stats = self.stats();
