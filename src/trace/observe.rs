@@ -137,7 +137,7 @@ pub struct Observer {
     sink: Box<dyn Sink>,
     stats: ObserveStats,
     /// `hlt` probe hits per function: the ones that cost exits (logged at the end, at debug).
-    halts_by_function: std::collections::HashMap<u32, u64>,
+    halts_by_function: rustc_hash::FxHashMap<u32, u64>,
     last_flush: std::time::Instant,
 }
 
@@ -554,6 +554,8 @@ fn regs_of(r: &kvm_bindings::kvm_regs) -> Regs {
 /// Observations kept in a file, to be written into a trace later (outside the carrier).
 pub struct ObservationFile {
     out: BufWriter<std::fs::File>,
+    /// Where each observation is encoded (kept: no allocation per observation).
+    encoded: Vec<u8>,
 }
 
 /// Written first in an observation file.
@@ -567,7 +569,10 @@ impl ObservationFile {
             .with_context(|| format!("cannot create {}", path.display()))?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         out.write_all(MAGIC)?;
-        Ok(ObservationFile { out })
+        Ok(ObservationFile {
+            out,
+            encoded: Vec::new(),
+        })
     }
 
     /// Every observation in `path`, in order, to `sink`, as they arrive: the file is waited for
@@ -658,9 +663,13 @@ pub struct Followed {
 
 impl Sink for ObservationFile {
     fn observe(&mut self, observation: Observation) -> Result<()> {
-        let bytes = postcard::to_stdvec(&observation).context("cannot encode an observation")?;
-        self.out.write_all(&(bytes.len() as u32).to_le_bytes())?;
-        self.out.write_all(&bytes)?;
+        let mut encoded = std::mem::take(&mut self.encoded);
+        encoded.clear();
+        let encoded = postcard::to_extend(&observation, encoded)
+            .context("cannot encode an observation")?;
+        self.out.write_all(&(encoded.len() as u32).to_le_bytes())?;
+        self.out.write_all(&encoded)?;
+        self.encoded = encoded;
         Ok(())
     }
 

@@ -17,7 +17,9 @@
 //! (a landmark search, the final state hash), which is what makes a traced replay pass the same
 //! checks as a plain one.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+
+use rustc_hash::FxHashMap as HashMap;
 
 use anyhow::{bail, Result};
 use rrr_tracer::{Index, Location, Reg, ValueKind};
@@ -85,7 +87,7 @@ impl ProbeSet {
     /// The probes for `functions` (indices into `index.functions`): each one's fentry site and
     /// return sites.
     pub fn new(index: &Index, functions: &[u32]) -> ProbeSet {
-        let mut probes = HashMap::new();
+        let mut probes = HashMap::default();
         let chosen: HashSet<u32> = functions.iter().copied().collect();
         let user_strings = switches_are_seen(index, &chosen);
         let site = |probe, stub| Site {
@@ -148,7 +150,7 @@ impl ProbeSet {
         current: Option<CurrentAt>,
     ) -> Result<usize> {
         let mut dropped = 0usize;
-        let mut keep = HashMap::with_capacity(self.probes.len());
+        let mut keep = HashMap::with_capacity_and_hasher(self.probes.len(), Default::default());
         let mut stubs = match (self.stubs.take(), current) {
             (Some(mut area), Some(current)) => {
                 area.prepare(vmm, mem, current)?;

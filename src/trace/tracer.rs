@@ -7,7 +7,7 @@
 //! the same or a deeper stack pointer on the same stack: that also closes a function that
 //! tail-called the returning one, and frames whose return was never seen.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
@@ -267,13 +267,13 @@ impl Tracer {
             partial,
             output: output.to_owned(),
             filter,
-            tasks: HashMap::new(),
+            tasks: HashMap::default(),
             last_task: None,
             pending: None,
-            probes: HashMap::new(),
+            probes: HashMap::default(),
             last_ts: 0,
             next_flow: 1,
-            arg_names: HashMap::new(),
+            arg_names: HashMap::default(),
             hits: HitCounter::default(),
             syscall_memory: None,
             stats: TraceStats::default(),
