@@ -263,7 +263,6 @@ pub fn run(args: Args) -> Result<i32> {
                         depth: args.trace_args.depth,
                     },
                     observations: observations.clone(),
-                    run_dir: run_dir.clone(),
                     output: trace_output.clone(),
                     carrier_stopped: carrier_stopped.clone(),
                 };
@@ -687,7 +686,6 @@ struct TraceJob {
     header: Header,
     filter: EmitFilter,
     observations: PathBuf,
-    run_dir: PathBuf,
     output: PathBuf,
     /// Set when the carrier has stopped: no more observations come.
     carrier_stopped: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -725,17 +723,25 @@ impl TraceJob {
             }
             Err(err) => return Err(err),
         };
-        // Open slices end where the replay did (or at the last event, if it stopped early). A
-        // replay stopped early (Ctrl-C stops the carrier) left no summary: the trace is written
-        // all the same, up to the last observation.
-        let end_ns = read_summary(&self.run_dir)?
-            .and_then(|s| s["virtual_time_ns"].as_u64())
-            .unwrap_or(0);
+        if followed.end_ns.is_none() && tracer.stats().events == 0 {
+            // The replay stopped (an error, Ctrl-C) before anything was traced: no trace.
+            tracer.abandon();
+            let _ = std::fs::remove_file(&self.observations);
+            return Ok(WrittenTrace {
+                stats: None,
+                whole: false,
+                busy: started.elapsed(),
+                finished: Instant::now(),
+            });
+        }
+        // Open slices end where the replay did (or at the last event, if it stopped early: a
+        // replay stopped by Ctrl-C is written all the same, up to the last observation).
+        let end_ns = followed.end_ns.unwrap_or(0);
         let stats = tracer.finish(end_ns)?;
         let _ = std::fs::remove_file(&self.observations);
         Ok(WrittenTrace {
             stats: Some(stats),
-            whole: followed.whole,
+            whole: followed.end_ns.is_some(),
             busy: started.elapsed().saturating_sub(followed.waited),
             finished: Instant::now(),
         })

@@ -12,10 +12,12 @@ use rustc_hash::FxHashMap as HashMap;
 use rrr_vmm::arch::x86_64::walk::PagingMode;
 use rrr_vmm::builder::Vmm;
 use serde::{Deserialize, Serialize};
+
+use super::stubs::CopiedString;
 use vm_memory::{Bytes, GuestAddress};
 
 /// The direct map of a kernel without memory randomisation, and the kernel image mapping.
-const DIRECT_MAP: std::ops::Range<u64> = 0xffff_8880_0000_0000..0xffff_c880_0000_0000;
+pub const DIRECT_MAP: std::ops::Range<u64> = 0xffff_8880_0000_0000..0xffff_c880_0000_0000;
 const KERNEL_IMAGE: u64 = 0xffff_ffff_8000_0000;
 
 pub struct GuestReader {
@@ -315,6 +317,8 @@ impl Memory for StackWords {
 pub struct RecordMemory<'a> {
     pub stack: StackWords,
     pub user: Option<&'a Captured>,
+    /// The kernel string the stub copied with the record.
+    pub copied: Option<&'a CopiedString>,
 }
 
 impl Memory for RecordMemory<'_> {
@@ -323,6 +327,9 @@ impl Memory for RecordMemory<'_> {
     }
 
     fn read_c_string(&mut self, gva: u64, max: usize) -> Option<(String, bool)> {
+        if let Some(copied) = self.copied.filter(|c| c.at == gva) {
+            return Some(copied.shown(max));
+        }
         if gva >> 63 != 0 {
             return None;
         }
@@ -381,6 +388,7 @@ mod tests {
                 words: [1, 2],
             },
             user: Some(&captured),
+            copied: None,
         };
         assert_eq!(record.read_u64(0x9008), Some(2));
         assert_eq!(

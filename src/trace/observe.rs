@@ -57,8 +57,8 @@ pub enum Observation {
         regs: Box<Regs>,
         memory: Captured,
     },
-    /// The replay ended (the last observation of a whole file).
-    End,
+    /// The replay ended, at virtual time `now_ns` (the last observation of a whole file).
+    End { now_ns: u64 },
     /// One of the stimulus's own functions entered or left (its hook's port write).
     User {
         enter: bool,
@@ -320,13 +320,22 @@ impl Observer {
         // The guest ran since the last event: other page tables may be in use.
         self.mem.refresh();
         let size = RECORD_SIZE as usize;
-        self.stats.stub_records += (records.len() / size) as u64;
         let mut run_start = 0;
         while run_start < records.len() {
             let current = Record::current_of(&records[run_start..]);
+            self.stats.stub_records += 1;
             let mut run_end = run_start + size;
-            while run_end < records.len() && Record::current_of(&records[run_end..]) == current {
-                run_end += size;
+            // A copied string's slots go with the record before them.
+            while run_end < records.len() {
+                let slot = &records[run_end..];
+                if Record::is_extension(slot) {
+                    run_end += size;
+                } else if Record::current_of(slot) == current {
+                    self.stats.stub_records += 1;
+                    run_end += size;
+                } else {
+                    break;
+                }
             }
             self.switch_to(vmm, current)?;
             self.sink
@@ -627,9 +636,9 @@ impl ObservationFile {
                 let observation: Observation = postcard::from_bytes(frame)
                     .with_context(|| format!("{} holds a damaged observation", path.display()))?;
                 at += 4 + len;
-                if observation == Observation::End {
+                if let Observation::End { now_ns } = observation {
                     return Ok(Followed {
-                        whole: true,
+                        end_ns: Some(now_ns),
                         waited,
                     });
                 }
@@ -642,7 +651,7 @@ impl ObservationFile {
             if !grew {
                 if stopped {
                     return Ok(Followed {
-                        whole: false,
+                        end_ns: None,
                         waited,
                     });
                 }
@@ -655,8 +664,8 @@ impl ObservationFile {
 
 /// How following an observation file ended.
 pub struct Followed {
-    /// The file ended with the replay's end (not cut short).
-    pub whole: bool,
+    /// When the replay ended, if the file reached its end (`None`: it was cut short).
+    pub end_ns: Option<u64>,
     /// Time spent waiting for the file to grow.
     pub waited: std::time::Duration,
 }
@@ -665,8 +674,8 @@ impl Sink for ObservationFile {
     fn observe(&mut self, observation: Observation) -> Result<()> {
         let mut encoded = std::mem::take(&mut self.encoded);
         encoded.clear();
-        let encoded = postcard::to_extend(&observation, encoded)
-            .context("cannot encode an observation")?;
+        let encoded =
+            postcard::to_extend(&observation, encoded).context("cannot encode an observation")?;
         self.out.write_all(&(encoded.len() as u32).to_le_bytes())?;
         self.out.write_all(&encoded)?;
         self.encoded = encoded;
@@ -695,8 +704,8 @@ impl Sink for ObservationFile {
             .context("cannot write the observations")
     }
 
-    fn finish(mut self: Box<Self>, _now_ns: u64) -> Result<Option<TraceStats>> {
-        self.observe(Observation::End)?;
+    fn finish(mut self: Box<Self>, now_ns: u64) -> Result<Option<TraceStats>> {
+        self.observe(Observation::End { now_ns })?;
         self.out.flush().context("cannot write the observations")?;
         Ok(None)
     }
@@ -711,7 +720,9 @@ mod tests {
     /// A whole file, its writer gone.
     fn replay_into(path: &Path, sink: &mut dyn Sink) -> Result<bool> {
         let written = std::sync::atomic::AtomicBool::new(true);
-        Ok(ObservationFile::follow_into(path, sink, &written)?.whole)
+        Ok(ObservationFile::follow_into(path, sink, &written)?
+            .end_ns
+            .is_some())
     }
 
     impl Sink for Collect {
@@ -812,7 +823,7 @@ mod tests {
         let mut read = Collect(Vec::new());
         let followed = ObservationFile::follow_into(&path, &mut read, &stopped).unwrap();
         writer.join().unwrap();
-        assert!(!followed.whole, "no end mark: cut short");
+        assert!(followed.end_ns.is_none(), "no end mark: cut short");
         assert!(followed.waited > std::time::Duration::ZERO);
         assert_eq!(read.0.len(), 2);
         assert_eq!(read.0[0], switch(1));

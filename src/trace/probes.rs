@@ -26,8 +26,9 @@ use rrr_tracer::{Index, Location, Reg, ValueKind};
 use rrr_vmm::builder::Vmm;
 
 use super::guest::GuestReader;
+use super::guest::DIRECT_MAP;
 use super::introspect::SYSCALL_PREFIXES;
-use super::stubs::{self, ArgRegisters, CurrentAt, StubArea, StubKind};
+use super::stubs::{self, ArgRegisters, CopyRanges, CurrentAt, StubArea, StubKind};
 
 /// `hlt`: privileged, one byte, and always a VM exit to the VMM.
 const PROBE: u8 = 0xf4;
@@ -77,6 +78,8 @@ struct Site {
 pub struct ProbeSet {
     probes: HashMap<u64, Site>,
     stubs: Option<StubArea>,
+    /// Where the stubs may copy kernel strings from (the direct map joins at planting).
+    copy_ranges: CopyRanges,
     planted: bool,
     /// Sites planted with a stub and with a `hlt`, at the last planting.
     pub stubbed: usize,
@@ -117,6 +120,7 @@ impl ProbeSet {
         ProbeSet {
             probes,
             stubs: StubArea::find(index),
+            copy_ranges: CopyRanges::of(index),
             planted: false,
             stubbed: 0,
             halted: 0,
@@ -153,7 +157,14 @@ impl ProbeSet {
         let mut keep = HashMap::with_capacity_and_hasher(self.probes.len(), Default::default());
         let mut stubs = match (self.stubs.take(), current) {
             (Some(mut area), Some(current)) => {
-                area.prepare(vmm, mem, current)?;
+                let ranges = match low_ram(vmm, mem) {
+                    Some(len) => self
+                        .copy_ranges
+                        .clone()
+                        .with_direct_map(DIRECT_MAP.start, len),
+                    None => self.copy_ranges.clone(),
+                };
+                area.prepare(vmm, mem, current, ranges)?;
                 Some(area)
             }
             (area, _) => {
@@ -264,6 +275,15 @@ impl ProbeSet {
     }
 }
 
+/// How much of the guest's RAM the direct map maps without a hole from its start (the first
+/// memory region), if the kernel maps it where rrr expects (no memory randomisation).
+fn low_ram(vmm: &Vmm, mem: &mut GuestReader) -> Option<u64> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let first = vmm.mem.iter().find(|r| r.start_addr().0 == 0)?.len();
+    let probe = 0x10_0000u64;
+    (first > probe && mem.translate(vmm, DIRECT_MAP.start + probe) == Some(probe)).then_some(first)
+}
+
 /// Whether the site may follow an `sti` (its byte before is `sti`'s opcode). A `jmp` there would
 /// run in the interrupt shadow, and an interrupt window the recording took after the site's
 /// instruction (a `ret`) would open at the stub instead: such a site keeps its `hlt`, which the
@@ -291,6 +311,7 @@ fn entry_stub(index: &Index, f: u32, user_strings: bool) -> Option<StubKind> {
     }
     let mut stack = false;
     let mut strings = ArgRegisters::default();
+    let mut first_string = None;
     for p in &function.params {
         let string = matches!(index.value_kind(p.ty), ValueKind::Str);
         match p.location {
@@ -298,6 +319,7 @@ fn entry_stub(index: &Index, f: u32, user_strings: bool) -> Option<StubKind> {
                 let n = Reg::ARGS.iter().position(|&a| a == r)?;
                 if string {
                     strings = strings.with_argument(n);
+                    first_string = first_string.or(Some(n));
                 }
             }
             // Nothing to read: the trace shows it as optimized out.
@@ -315,6 +337,7 @@ fn entry_stub(index: &Index, f: u32, user_strings: bool) -> Option<StubKind> {
         (false, _) if user_strings => StubKind::EntryUserStrings {
             stack,
             registers: strings,
+            copy: first_string.map(ArgRegisters::argument),
         },
         (false, _) => return None,
     })

@@ -39,15 +39,35 @@ const REMAINING: u64 = 0x08;
 const SAVED_RCX: u64 = 0x10;
 const SAVED_RAX: u64 = 0x18;
 const SITE: u64 = 0x20;
+/// Registers a string copy uses, kept while it runs.
+const SAVED_RDX: u64 = 0x28;
+const SAVED_RSI: u64 = 0x30;
+const SAVED_RDI: u64 = 0x38;
+const SAVED_R8: u64 = 0x40;
+/// The kernel string a stub copies.
+const COPY_SOURCE: u64 = 0x48;
+/// The ranges a kernel string is copied from: each one's bounds, negated (`lea` adds them).
+const COPY_RANGES: u64 = 0x50;
+const MAX_COPY_RANGES: u64 = 2;
+/// Where a string is copied first, in one piece.
+const SCRATCH: u64 = 0x80;
 /// The records, after the header's page.
 const RECORDS: u64 = 0x1000;
 /// One record: the site, six registers, `rsp`, the current task, and (entries of functions with
 /// arguments on the stack) the two stack words above the return address.
 pub const RECORD_SIZE: u64 = 88;
+/// The bytes of a kernel string a stub copies: as many as the trace shows (`decode::MAX_STRING`).
+pub const STRING_BYTES: usize = 96;
+/// A record with a copied string is followed by two slots of the record's size that start with
+/// a zero word (never a site): the string's bytes (80 in the first, 16 in the second) and, in
+/// the second, the address they were read at.
+const EXTENSION_SLOTS: u64 = 2;
+const SECOND_EXTENSION: u64 = 2 * RECORD_SIZE;
+const COPIED_FROM: u64 = SECOND_EXTENSION + 24;
 /// A site's stub.
 const STUB_SIZE: u64 = 16;
 /// The common code's share of the text area.
-const COMMON_SIZE: u64 = 0x400;
+const COMMON_SIZE: u64 = 0x1000;
 
 const INT3: u8 = 0xcc;
 /// Caps the buffer at this many records (tests: a tiny buffer fills at almost every call, and
@@ -67,6 +87,106 @@ pub struct Record {
     pub stack: [u64; 2],
 }
 
+/// A kernel string a stub copied with its record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopiedString {
+    /// Where it was read.
+    pub at: u64,
+    /// Its first [`STRING_BYTES`] bytes (those after its NUL are stale).
+    pub bytes: [u8; STRING_BYTES],
+}
+
+impl CopiedString {
+    /// The string as reading at most `max` bytes of it shows it: up to its NUL, or cut at `max`.
+    pub fn shown(&self, max: usize) -> (String, bool) {
+        let bytes = &self.bytes[..max.min(STRING_BYTES)];
+        match bytes.iter().position(|&b| b == 0) {
+            Some(end) => (String::from_utf8_lossy(&bytes[..end]).into_owned(), false),
+            None => (String::from_utf8_lossy(bytes).into_owned(), true),
+        }
+    }
+}
+
+/// The records in a drained run of slots, each with the string copied with it, if any.
+pub fn records(raw: &[u8]) -> impl Iterator<Item = (Record, Option<CopiedString>)> + '_ {
+    let size = RECORD_SIZE as usize;
+    let slots = raw.len() / size;
+    let mut i = 0usize;
+    std::iter::from_fn(move || {
+        while i < slots && Record::is_extension(&raw[i * size..]) {
+            // An extension without its record (a drain never splits them): skipped.
+            i += 1;
+        }
+        if i >= slots {
+            return None;
+        }
+        let start = i * size;
+        let record = Record::parse(&raw[start..start + size]);
+        i += 1;
+        let extended = i + 1 < slots
+            && Record::is_extension(&raw[i * size..])
+            && Record::is_extension(&raw[(i + 1) * size..]);
+        let copied = extended.then(|| {
+            let first = &raw[start + size + 8..start + 2 * size];
+            let second = start + SECOND_EXTENSION as usize;
+            let mut bytes = [0u8; STRING_BYTES];
+            bytes[..first.len()].copy_from_slice(first);
+            bytes[first.len()..]
+                .copy_from_slice(&raw[second + 8..second + 8 + STRING_BYTES - first.len()]);
+            let from = start + COPIED_FROM as usize;
+            let at = u64::from_le_bytes(raw[from..from + 8].try_into().unwrap());
+            i += EXTENSION_SLOTS as usize;
+            CopiedString { at, bytes }
+        });
+        Some((record, copied))
+    })
+}
+
+/// Where in guest memory a stub may read a kernel string: ranges that stay mapped for the whole
+/// run, so that the copy cannot fault (`lo..hi`: where a string may start, so that all
+/// [`STRING_BYTES`] bytes lie inside).
+#[derive(Debug, Clone, Default)]
+pub struct CopyRanges {
+    ranges: Vec<(u64, u64)>,
+    /// Whether the kernel keeps all of its direct map mapped.
+    direct_map_stays: bool,
+}
+
+impl CopyRanges {
+    /// The kernel's read-only data (string literals). The direct map joins them
+    /// ([`Self::with_direct_map`]) where the kernel never unmaps a page of it: without KFENCE or
+    /// DEBUG_PAGEALLOC, which both unmap freed pages (a stub's read there would fault, or be
+    /// reported as the use after free that the callee's own read may be).
+    pub fn of(index: &Index) -> CopyRanges {
+        let symbol = |name| index.symbol(name).map(|s| s.address);
+        let mut ranges = CopyRanges {
+            ranges: Vec::new(),
+            direct_map_stays: symbol("__kfence_pool").is_none()
+                && symbol("_debug_pagealloc_enabled").is_none(),
+        };
+        if let (Some(lo), Some(end)) = (symbol("__start_rodata"), symbol("__end_rodata")) {
+            ranges.add(lo, end);
+        }
+        ranges
+    }
+
+    /// The direct map's first `len` bytes from `base` (the guest's RAM below its first hole).
+    pub fn with_direct_map(mut self, base: u64, len: u64) -> CopyRanges {
+        if self.direct_map_stays {
+            self.add(base, base.saturating_add(len));
+        }
+        self
+    }
+
+    fn add(&mut self, lo: u64, end: u64) {
+        if end.saturating_sub(lo) > STRING_BYTES as u64
+            && (self.ranges.len() as u64) < MAX_COPY_RANGES
+        {
+            self.ranges.push((lo, end - STRING_BYTES as u64));
+        }
+    }
+}
+
 /// Which common code a site's stub goes on to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StubKind {
@@ -77,11 +197,14 @@ pub enum StubKind {
     /// An entry whose function takes strings, in `registers`. A user address or NULL in each is
     /// recorded like any entry: a stub cannot read user memory (it could fault, and would touch
     /// the page tables' accessed bits), and the trace finds the string in what the system call's
-    /// own `hlt` captured of it. A kernel address in any stops at a `hlt`, where the VMM reads
-    /// the string now (see [`StubArea::stub_halt_site`]).
+    /// own `hlt` captured of it. A kernel string in `copy` (one of them) is copied with the
+    /// record where it lies in memory that is always mapped ([`CopyRanges`]). Any other kernel
+    /// address stops at a `hlt`, where the VMM reads the string now (see
+    /// [`StubArea::stub_halt_site`]).
     EntryUserStrings {
         stack: bool,
         registers: ArgRegisters,
+        copy: Option<ArgRegisters>,
     },
     Return,
     /// The return of a function that returns a string (see [`StubArea::stub_halt_site`]).
@@ -98,6 +221,15 @@ impl ArgRegisters {
     /// Adds argument register `n` (0 for `rdi` to 5 for `r9`).
     pub fn with_argument(self, n: usize) -> ArgRegisters {
         ArgRegisters(self.0 | 1 << Self::ORDER[n])
+    }
+
+    /// The set of argument register `n` alone.
+    pub fn argument(n: usize) -> ArgRegisters {
+        ArgRegisters::default().with_argument(n)
+    }
+
+    fn without(self, other: Option<ArgRegisters>) -> ArgRegisters {
+        ArgRegisters(self.0 & !other.map_or(0, |o| o.0))
     }
 
     pub fn is_empty(self) -> bool {
@@ -127,6 +259,12 @@ impl Record {
     /// The current task of the record at the start of `bytes`.
     pub fn current_of(bytes: &[u8]) -> u64 {
         u64::from_le_bytes(bytes[64..72].try_into().unwrap())
+    }
+
+    /// Whether the slot at the start of `bytes` continues the record before it (a copied
+    /// string) rather than being a record.
+    pub fn is_extension(bytes: &[u8]) -> bool {
+        bytes[..8] == [0; 8]
     }
 
     /// The registers an entry or return record kept, in DWARF's numbering (the others zero).
@@ -163,16 +301,18 @@ pub struct StubArea {
     capacity: u64,
     /// The common code each kind of stub goes on to.
     commons: Commons,
-    /// The checks of [`StubKind::EntryUserStrings`] stubs, one per set of registers (made when
-    /// a site first needs them, in the site stubs' room).
-    checks: std::collections::HashMap<(bool, ArgRegisters), u64>,
+    /// The checks of [`StubKind::EntryUserStrings`] stubs, one per kind (made when a site first
+    /// needs them, in the site stubs' room).
+    checks: std::collections::HashMap<StubKind, u64>,
+    /// Where kernel strings are copied from.
+    copy_ranges: CopyRanges,
     /// Where a string-returning function's stub stops when the string is not NULL.
     string_halt: u64,
     /// Where an entry's string check jumps for a kernel string, and its `hlt`.
     kernel_string: u64,
     kernel_string_halt: u64,
     /// The `hlt`s the stubs stop at when the buffer is full (addresses of the `hlt`s).
-    full_halts: [u64; 3],
+    full_halts: Vec<u64>,
     /// Where the next site's stub goes.
     next_stub: u64,
     /// How far records have ever been written (zeroed again when the room is put back).
@@ -187,9 +327,13 @@ impl StubArea {
         let data = index.symbol(TRACE_DATA_SYMBOL)?.address;
         let room = (TRACE_DATA_SIZE - RECORDS) / RECORD_SIZE;
         let capped = std::env::var(CAPACITY_ENV).ok().and_then(|v| {
-            let n = v.parse::<u64>().ok().filter(|&n| n > 0);
+            // A record with a copied string takes three slots: the buffer holds one at least.
+            let least = 1 + EXTENSION_SLOTS;
+            let n = v.parse::<u64>().ok().filter(|&n| n >= least);
             if n.is_none() {
-                tracing::warn!("{CAPACITY_ENV}={v:?} is not a number of records above 0; ignored");
+                tracing::warn!(
+                    "{CAPACITY_ENV}={v:?} is not a number of record slots of {least} or more; ignored"
+                );
             }
             n
         });
@@ -201,10 +345,11 @@ impl StubArea {
             capacity: capped.map_or(room, |n| n.min(room)),
             commons: Commons::default(),
             checks: std::collections::HashMap::new(),
+            copy_ranges: CopyRanges::default(),
             string_halt: 0,
             kernel_string: 0,
             kernel_string_halt: 0,
-            full_halts: [0; 3],
+            full_halts: Vec::new(),
             next_stub: text + COMMON_SIZE,
             high_water: 0,
             written: false,
@@ -217,7 +362,13 @@ impl StubArea {
     }
 
     /// Writes the common code and an empty buffer. Site stubs come after, one per site.
-    pub fn prepare(&mut self, vmm: &Vmm, mem: &mut GuestReader, current: CurrentAt) -> Result<()> {
+    pub fn prepare(
+        &mut self,
+        vmm: &Vmm,
+        mem: &mut GuestReader,
+        current: CurrentAt,
+        copy_ranges: CopyRanges,
+    ) -> Result<()> {
         let data = self.data;
         let first = mem.translate(vmm, data);
         let last = mem.translate(vmm, data + TRACE_DATA_SIZE - 1);
@@ -226,36 +377,36 @@ impl StubArea {
             _ => bail!("the trace buffer at {data:#x} is not mapped to one physical range: this kernel's image is not what rrr built"),
         };
         let mut asm = Asm::new(self.text);
-        let entry = entry_common(&mut asm, data, current, false);
-        let entry_with_stack = entry_common(&mut asm, data, current, true);
-
-        // Return: the same, with the return value.
-        let ret = RecordStart::emit(&mut asm, data);
-        asm.store_rcx(RAX, 8);
-        asm.store_rcx(RDX, 2 * 8);
-        asm.store_rcx(RSP, 7 * 8);
-        asm.store_rip(RAX, data + SAVED_RAX);
-        asm.load_rip(RAX, data + SITE);
-        asm.store_rcx(RAX, 0);
-        finish_record(&mut asm, data, current);
-        asm.ret();
-        let (return_full, return_retry) = (ret.full, ret.retry);
+        let entry = entry_common(&mut asm, data, current, false, false);
+        let entry_with_stack = entry_common(&mut asm, data, current, true, false);
+        let entry_copy = entry_common(&mut asm, data, current, false, true);
+        let entry_with_stack_copy = entry_common(&mut asm, data, current, true, true);
+        let ret = return_common(&mut asm, data, current, false);
+        let ret_copy = return_common(&mut asm, data, current, true);
 
         // A function that returns a string: a NULL one (most of `step_into`'s and
-        // `path_init`'s) is recorded as any return; another stops at a `hlt`, where the VMM
-        // reads the string now and performs the `ret`, as at a `hlt` probe on the site.
+        // `path_init`'s) is recorded as any return; one in always-mapped kernel memory is
+        // copied with the record; another stops at a `hlt`, where the VMM reads the string now
+        // and performs the `ret`, as at a `hlt` probe on the site.
         let string_return = asm.here();
         asm.store_rip(RCX, data + SAVED_RCX);
-        asm.mov_rcx_rax();
-        let null_jump = asm.here();
-        asm.jrcxz(null_jump); // patched below
+        asm.mov_rcx_from(RAX);
+        let null = asm.jump_if_rcx_zero();
+        asm.store_rip(RAX, data + COPY_SOURCE);
+        asm.store_rip(RAX, data + SAVED_RAX);
+        let copyable = copy_range_checks(&mut asm, data, copy_ranges.ranges.len());
+        asm.load_rip(RAX, data + SAVED_RAX);
         asm.load_rip(RCX, data + SAVED_RCX);
         self.string_halt = asm.here();
         asm.hlt();
         asm.int3();
-        let null = asm.here();
-        asm.jmp32(return_retry);
-        asm.patch_jrcxz(null_jump, null);
+        for at in copyable {
+            asm.patch_jmp32(at, asm.here());
+        }
+        asm.load_rip(RAX, data + SAVED_RAX);
+        asm.jmp32(ret_copy.retry);
+        asm.patch_jmp32(null, asm.here());
+        asm.jmp32(ret.retry);
 
         // An entry with a kernel string: `rcx` back as it was, and a `hlt`, where the VMM reads
         // the string and moves the vCPU past the site, as at a `hlt` probe on it.
@@ -273,12 +424,31 @@ impl StubArea {
             entry_retry: entry.retry,
             entry_with_stack: entry_with_stack.common,
             entry_with_stack_retry: entry_with_stack.retry,
+            entry_copy_retry: entry_copy.retry,
+            entry_with_stack_copy_retry: entry_with_stack_copy.retry,
             ret: ret.common,
             string_return,
         };
-        self.full_halts = [entry.full, entry_with_stack.full, return_full];
+        self.full_halts = [
+            entry.full,
+            entry_with_stack.full,
+            entry_copy.full,
+            entry_with_stack_copy.full,
+            ret.full,
+            ret_copy.full,
+        ]
+        .to_vec();
+        self.copy_ranges = copy_ranges;
         self.written = true;
         self.write(vmm, mem, self.text, &asm.code)?;
+        let mut ranges = [0u8; (MAX_COPY_RANGES * 16) as usize];
+        for (i, &(lo, hi)) in self.copy_ranges.ranges.iter().enumerate() {
+            ranges[i * 16..i * 16 + 8].copy_from_slice(&lo.wrapping_neg().to_le_bytes());
+            ranges[i * 16 + 8..i * 16 + 16].copy_from_slice(&hi.wrapping_neg().to_le_bytes());
+        }
+        vmm.mem
+            .write_slice(&ranges, GuestAddress(self.data_gpa + COPY_RANGES))
+            .context("cannot write the trace stubs' header")?;
         self.rearm(vmm)
     }
 
@@ -293,9 +463,7 @@ impl StubArea {
         let common = match kind {
             StubKind::Entry => self.commons.entry,
             StubKind::EntryWithStack => self.commons.entry_with_stack,
-            StubKind::EntryUserStrings { stack, registers } => {
-                self.string_check(vmm, mem, stack, registers)?
-            }
+            StubKind::EntryUserStrings { .. } => self.string_check(vmm, mem, kind)?,
             StubKind::Return => self.commons.ret,
             StubKind::StringReturn => self.commons.string_return,
         };
@@ -311,49 +479,73 @@ impl StubArea {
         Ok(at)
     }
 
-    /// The check an entry with strings in `registers` goes through before its record: each
-    /// register's top byte, zero for NULL and for a user address, is tested with `jrcxz` (no
-    /// flag changes), and any other goes to the kernel-string `hlt`.
-    fn string_check(
-        &mut self,
-        vmm: &Vmm,
-        mem: &mut GuestReader,
-        stack: bool,
-        registers: ArgRegisters,
-    ) -> Result<u64> {
-        if let Some(&at) = self.checks.get(&(stack, registers)) {
+    /// The check an entry with strings goes through before its record: each register's top
+    /// byte, zero for NULL and for a user address, is tested with `jrcxz` (no flag changes).
+    /// A kernel address in the register whose string may be copied goes to the copying record
+    /// if it is in a [`CopyRanges`] range; any other to the kernel-string `hlt`.
+    fn string_check(&mut self, vmm: &Vmm, mem: &mut GuestReader, kind: StubKind) -> Result<u64> {
+        let StubKind::EntryUserStrings {
+            stack,
+            registers,
+            copy,
+        } = kind
+        else {
+            bail!("{kind:?} has no string check");
+        };
+        if let Some(&at) = self.checks.get(&kind) {
             return Ok(at);
         }
         let data = self.data;
         let at = self.next_stub;
         let mut asm = Asm::new(at);
         asm.store_rip(RCX, data + SAVED_RCX);
-        for reg in registers.registers() {
+        let load = |asm: &mut Asm, reg: u8| {
             if reg == RCX {
                 asm.load_rip(RCX, data + SAVED_RCX);
             } else {
                 asm.mov_rcx_from(reg);
             }
-            asm.bswap_rcx();
-            asm.movzx_ecx_cl();
-            let user = asm.here();
-            asm.jrcxz(user); // patched below
+        };
+        for reg in registers.without(copy).registers() {
+            load(&mut asm, reg);
+            asm.top_byte_of_rcx();
+            let kernel = asm.jump_if_rcx_nonzero();
+            asm.patch_jmp32(kernel, self.kernel_string);
+        }
+        let (plain_retry, copy_retry) = if stack {
+            (
+                self.commons.entry_with_stack_retry,
+                self.commons.entry_with_stack_copy_retry,
+            )
+        } else {
+            (self.commons.entry_retry, self.commons.entry_copy_retry)
+        };
+        if let Some(reg) = copy.and_then(|c| c.registers().next()) {
+            load(&mut asm, reg);
+            asm.top_byte_of_rcx();
+            let user = asm.jump_if_rcx_zero();
+            load(&mut asm, reg);
+            asm.store_rip(RCX, data + COPY_SOURCE);
+            asm.store_rip(RAX, data + SAVED_RAX);
+            let copyable = copy_range_checks(&mut asm, data, self.copy_ranges.ranges.len());
+            asm.load_rip(RAX, data + SAVED_RAX);
             asm.jmp32(self.kernel_string);
-            asm.patch_jrcxz(user, asm.here());
+            for at in copyable {
+                asm.patch_jmp32(at, asm.here());
+            }
+            asm.load_rip(RAX, data + SAVED_RAX);
+            asm.jmp32(copy_retry);
+            asm.patch_jmp32(user, asm.here());
         }
         // Into the entry's common code past its save of `rcx`, done above.
-        asm.jmp32(if stack {
-            self.commons.entry_with_stack_retry
-        } else {
-            self.commons.entry_retry
-        });
+        asm.jmp32(plain_retry);
         let size = (asm.code.len() as u64).next_multiple_of(STUB_SIZE);
         if self.room() * STUB_SIZE < size + STUB_SIZE {
             bail!("the stub room is full");
         }
         self.write(vmm, mem, at, &asm.code)?;
         self.next_stub += size;
-        self.checks.insert((stack, registers), at);
+        self.checks.insert(kind, at);
         Ok(at)
     }
 
@@ -440,6 +632,8 @@ struct Commons {
     entry_retry: u64,
     entry_with_stack: u64,
     entry_with_stack_retry: u64,
+    entry_copy_retry: u64,
+    entry_with_stack_copy_retry: u64,
     ret: u64,
     string_return: u64,
 }
@@ -453,7 +647,8 @@ struct RecordStart {
 }
 
 impl RecordStart {
-    fn emit(asm: &mut Asm, data: u64) -> RecordStart {
+    /// `slots`: the record's, and its extension's if it copies a string.
+    fn emit(asm: &mut Asm, data: u64, slots: u64) -> RecordStart {
         let full = asm.here();
         asm.hlt();
         let retry_jump = asm.here();
@@ -462,8 +657,10 @@ impl RecordStart {
         asm.store_rip(RCX, data + SAVED_RCX);
         let retry = asm.here();
         asm.load_rip(RCX, data + REMAINING);
-        asm.jrcxz(full);
-        asm.lea_rcx_rcx(-1);
+        for _ in 0..slots {
+            asm.jrcxz(full);
+            asm.lea_rcx_rcx(-1);
+        }
         asm.store_rip(RCX, data + REMAINING);
         asm.load_rip(RCX, data + CURSOR);
         asm.patch_jmp8(retry_jump, retry);
@@ -475,22 +672,29 @@ impl RecordStart {
     }
 }
 
-/// The end every common code shares: `current` into the record, the cursor past it, `rax` and
-/// `rcx` back.
-fn finish_record(asm: &mut Asm, data: u64, current: CurrentAt) {
+/// The end every common code shares: `current` into the record, the cursor past it (and its
+/// extension's `slots`), `rax` and `rcx` back.
+fn finish_record(asm: &mut Asm, data: u64, current: CurrentAt, slots: u64) {
     asm.load_current(current);
     asm.store_rcx(RAX, 8 * 8);
-    asm.lea_rcx_rcx(RECORD_SIZE as i8);
+    asm.lea_rcx_rcx_far((slots * RECORD_SIZE) as i32);
     asm.store_rip(RCX, data + CURSOR);
     asm.load_rip(RAX, data + SAVED_RAX);
     asm.load_rip(RCX, data + SAVED_RCX);
 }
 
 /// The common code of an entry stub: where its full-buffer `hlt` is, where it starts, and where
-/// it goes on after saving `rcx`.
-fn entry_common(asm: &mut Asm, data: u64, current: CurrentAt, stack: bool) -> RecordStart {
+/// it goes on after saving `rcx`. With `copy`, it also copies the string at `COPY_SOURCE`.
+fn entry_common(
+    asm: &mut Asm,
+    data: u64,
+    current: CurrentAt,
+    stack: bool,
+    copy: bool,
+) -> RecordStart {
     // The site's stub put the site in data.site.
-    let start = RecordStart::emit(asm, data);
+    let slots = if copy { 1 + EXTENSION_SLOTS } else { 1 };
+    let start = RecordStart::emit(asm, data, slots);
     for (reg, slot) in [(RDI, 1), (RSI, 2), (RDX, 3), (R8, 5), (R9, 6), (RSP, 7)] {
         asm.store_rcx(reg, slot * 8);
     }
@@ -508,9 +712,114 @@ fn entry_common(asm: &mut Asm, data: u64, current: CurrentAt, stack: bool) -> Re
     asm.store_rip(RAX, data + SITE);
     asm.load_rip(RAX, data + SAVED_RCX);
     asm.store_rcx(RAX, 4 * 8);
-    finish_record(asm, data, current);
+    if copy {
+        copy_string(asm, data);
+    }
+    finish_record(asm, data, current, slots);
     asm.jmp_indirect_rip(data + SITE);
     start
+}
+
+/// The common code of a return stub (with `copy`, copying the string at `COPY_SOURCE`).
+fn return_common(asm: &mut Asm, data: u64, current: CurrentAt, copy: bool) -> RecordStart {
+    let slots = if copy { 1 + EXTENSION_SLOTS } else { 1 };
+    let start = RecordStart::emit(asm, data, slots);
+    asm.store_rcx(RAX, 8);
+    asm.store_rcx(RDX, 2 * 8);
+    asm.store_rcx(RSP, 7 * 8);
+    asm.store_rip(RAX, data + SAVED_RAX);
+    asm.load_rip(RAX, data + SITE);
+    asm.store_rcx(RAX, 0);
+    if copy {
+        copy_string(asm, data);
+    }
+    finish_record(asm, data, current, slots);
+    asm.ret();
+    start
+}
+
+/// Copies the string at `COPY_SOURCE` into the extension after the record at `rcx`: byte by
+/// byte up to its NUL or [`STRING_BYTES`] (never further: only the string's own bytes are
+/// read), into the scratch area, then word by word into the extension. `rax` is free (saved);
+/// `rcx` is the record again after.
+fn copy_string(asm: &mut Asm, data: u64) {
+    for (reg, slot) in [
+        (RDX, SAVED_RDX),
+        (RSI, SAVED_RSI),
+        (RDI, SAVED_RDI),
+        (R8, SAVED_R8),
+    ] {
+        asm.store_rip(reg, data + slot);
+    }
+    asm.mov_r8_rcx();
+    asm.load_rip(RSI, data + COPY_SOURCE);
+    asm.lea_rip(RDI, data + SCRATCH);
+    asm.mov_imm_rdx(-(STRING_BYTES as i32));
+    let next = asm.here();
+    asm.movzx_ecx_byte_rsi();
+    asm.store_cl_rdi();
+    let nul = asm.jump_if_rcx_zero();
+    asm.increment(RSI);
+    asm.increment(RDI);
+    asm.increment(RDX);
+    asm.mov_rcx_from(RDX);
+    let full = asm.jump_if_rcx_zero();
+    asm.jmp8_to(next);
+    let copied = asm.here();
+    asm.patch_jmp32(nul, copied);
+    asm.patch_jmp32(full, copied);
+    asm.store_zero_r8(RECORD_SIZE as i32);
+    asm.store_zero_r8(SECOND_EXTENSION as i32);
+    for word in 0..(STRING_BYTES / 8) as u64 {
+        // 80 bytes after the first extension's zero word, the rest after the second's.
+        let first = (RECORD_SIZE - 8) / 8;
+        let to = if word < first {
+            RECORD_SIZE + 8 + word * 8
+        } else {
+            SECOND_EXTENSION + 8 + (word - first) * 8
+        };
+        asm.load_rip(RAX, data + SCRATCH + word * 8);
+        asm.store_r8(RAX, to as i32);
+    }
+    asm.load_rip(RAX, data + COPY_SOURCE);
+    asm.store_r8(RAX, COPIED_FROM as i32);
+    asm.mov_rcx_from(R8);
+    for (reg, slot) in [
+        (RDX, SAVED_RDX),
+        (RSI, SAVED_RSI),
+        (RDI, SAVED_RDI),
+        (R8, SAVED_R8),
+    ] {
+        asm.load_rip(reg, data + slot);
+    }
+}
+
+/// Whether the address at `COPY_SOURCE` is in one of the first `ranges` copy ranges: for each,
+/// `address - lo` must have a zero top byte and `address - hi` a top byte of 0xff (negative),
+/// tested without changing a flag (`lea`, `not`, `bswap`, `movzx`, `jrcxz`). Uses `rax` and
+/// `rcx`. Falls through if it is in none; returns the jumps to patch to where it is in one.
+fn copy_range_checks(asm: &mut Asm, data: u64, ranges: usize) -> Vec<u64> {
+    let mut copyable = Vec::new();
+    for r in 0..ranges as u64 {
+        let bounds = data + COPY_RANGES + r * 16;
+        asm.load_rip(RCX, data + COPY_SOURCE);
+        asm.load_rip(RAX, bounds);
+        asm.lea_rcx_rcx_rax();
+        asm.top_byte_of_rcx();
+        let below = asm.jump_if_rcx_nonzero();
+        asm.load_rip(RCX, data + COPY_SOURCE);
+        asm.load_rip(RAX, bounds + 8);
+        asm.lea_rcx_rcx_rax();
+        asm.not_rcx();
+        asm.top_byte_of_rcx();
+        let above = asm.jump_if_rcx_nonzero();
+        copyable.push(asm.here());
+        asm.jmp32(0);
+        let next = asm.here();
+        asm.patch_jmp32(below, next);
+        asm.patch_jmp32(above, next);
+    }
+    copyable
 }
 
 /// A kernel address as the sign-extended 32-bit immediate `movq` takes.
@@ -662,11 +971,6 @@ impl Asm {
         self.code.push(INT3);
     }
 
-    /// `mov %rax, %rcx`
-    fn mov_rcx_rax(&mut self) {
-        self.mov_rcx_from(RAX);
-    }
-
     /// `mov %reg, %rcx`
     fn mov_rcx_from(&mut self, reg: u8) {
         self.code
@@ -678,15 +982,108 @@ impl Asm {
         self.code.extend_from_slice(&[0x48, 0x0f, 0xc9]);
     }
 
+    /// `rcx`'s top byte, alone in `rcx` (`bswap`, `movzbl`).
+    fn top_byte_of_rcx(&mut self) {
+        self.bswap_rcx();
+        self.movzx_ecx_cl();
+    }
+
+    /// `not %rcx`
+    fn not_rcx(&mut self) {
+        self.code.extend_from_slice(&[0x48, 0xf7, 0xd1]);
+    }
+
+    /// `lea (%rcx,%rax), %rcx`
+    fn lea_rcx_rcx_rax(&mut self) {
+        self.code.extend_from_slice(&[0x48, 0x8d, 0x0c, 0x01]);
+    }
+
+    /// `lea disp32(%rcx), %rcx`
+    fn lea_rcx_rcx_far(&mut self, disp: i32) {
+        self.code.extend_from_slice(&[0x48, 0x8d, 0x89]);
+        self.code.extend_from_slice(&disp.to_le_bytes());
+    }
+
+    /// `lea target(%rip), %reg`
+    fn lea_rip(&mut self, reg: u8, target: u64) {
+        self.rip_relative(&[Self::rex_w(reg), 0x8d, ((reg & 7) << 3) | 5], target, &[]);
+    }
+
+    /// `lea 1(%reg), %reg` (`rdx`, `rsi` or `rdi`)
+    fn increment(&mut self, reg: u8) {
+        assert!(matches!(reg, RDX | RSI | RDI));
+        self.code
+            .extend_from_slice(&[0x48, 0x8d, 0x40 | (reg << 3) | reg, 1]);
+    }
+
+    /// `mov %rcx, %r8`
+    fn mov_r8_rcx(&mut self) {
+        self.code.extend_from_slice(&[0x49, 0x89, 0xc8]);
+    }
+
+    /// `mov $imm, %rdx`
+    fn mov_imm_rdx(&mut self, imm: i32) {
+        self.code.extend_from_slice(&[0x48, 0xc7, 0xc2]);
+        self.code.extend_from_slice(&imm.to_le_bytes());
+    }
+
+    /// `movzbl (%rsi), %ecx`
+    fn movzx_ecx_byte_rsi(&mut self) {
+        self.code.extend_from_slice(&[0x0f, 0xb6, 0x0e]);
+    }
+
+    /// `mov %cl, (%rdi)`
+    fn store_cl_rdi(&mut self) {
+        self.code.extend_from_slice(&[0x88, 0x0f]);
+    }
+
+    /// `mov %reg, disp32(%r8)`
+    fn store_r8(&mut self, reg: u8, disp: i32) {
+        self.code
+            .extend_from_slice(&[Self::rex_w(reg) | 1, 0x89, 0x80 | ((reg & 7) << 3)]);
+        self.code.extend_from_slice(&disp.to_le_bytes());
+    }
+
+    /// `movq $0, disp32(%r8)`
+    fn store_zero_r8(&mut self, disp: i32) {
+        self.code.extend_from_slice(&[0x49, 0xc7, 0x80]);
+        self.code.extend_from_slice(&disp.to_le_bytes());
+        self.code.extend_from_slice(&0i32.to_le_bytes());
+    }
+
+    /// A `jmp rel32` to patch later ([`Self::patch_jmp32`]), taken when `rcx` is zero
+    /// (`jrcxz` over a short jump over it).
+    fn jump_if_rcx_zero(&mut self) -> u64 {
+        self.code.extend_from_slice(&[0xe3, 0x02, 0xeb, 0x05]);
+        let at = self.here();
+        self.jmp32(at + 5);
+        at
+    }
+
+    /// A `jmp rel32` to patch later, taken when `rcx` is not zero (`jrcxz` over it).
+    fn jump_if_rcx_nonzero(&mut self) -> u64 {
+        self.code.extend_from_slice(&[0xe3, 0x05]);
+        let at = self.here();
+        self.jmp32(at + 5);
+        at
+    }
+
+    fn patch_jmp32(&mut self, at: u64, target: u64) {
+        let rel = target.wrapping_sub(at + 5) as i64;
+        let rel = i32::try_from(rel).expect("a jump within the image");
+        let from = (at - self.base) as usize + 1;
+        self.code[from..from + 4].copy_from_slice(&rel.to_le_bytes());
+    }
+
+    /// `jmp rel8` back to `target`
+    fn jmp8_to(&mut self, target: u64) {
+        let rel = target.wrapping_sub(self.here() + 2) as i64;
+        self.jmp8(i8::try_from(rel).expect("a short jump"));
+    }
+
     /// `movzbl %cl, %ecx`
     fn movzx_ecx_cl(&mut self) {
         self.code.extend_from_slice(&[0x0f, 0xb6, 0xc9]);
-    }
-
-    fn patch_jrcxz(&mut self, at: u64, target: u64) {
-        let rel = target.wrapping_sub(at + 2) as i64;
-        let rel = i8::try_from(rel).expect("jrcxz within 127 bytes");
-        self.code[(at - self.base) as usize + 1] = rel as u8;
     }
 
     fn ret(&mut self) {
@@ -726,8 +1123,21 @@ mod tests {
         asm.jmp_indirect_rip(0xffff_ffff_8100_1020);
         asm.mov_rcx_from(R9);
         asm.mov_rcx_from(RSI);
-        asm.bswap_rcx();
-        asm.movzx_ecx_cl();
+        asm.top_byte_of_rcx();
+        asm.not_rcx();
+        asm.lea_rcx_rcx_rax();
+        asm.lea_rcx_rcx_far(264);
+        asm.lea_rip(RDI, 0xffff_ffff_8100_1080);
+        asm.increment(RSI);
+        asm.increment(RDI);
+        asm.increment(RDX);
+        asm.mov_r8_rcx();
+        asm.mov_imm_rdx(-96);
+        asm.movzx_ecx_byte_rsi();
+        asm.store_cl_rdi();
+        asm.store_r8(RAX, 96);
+        asm.store_r8(RDX, 200);
+        asm.store_zero_r8(176);
         let text = disassemble(0xffff_ffff_8100_0000, &asm.code);
         assert_eq!(
             text,
@@ -746,6 +1156,20 @@ mod tests {
                 "mov rcx,rsi",
                 "bswap rcx",
                 "movzx ecx,cl",
+                "not rcx",
+                "lea rcx,[rcx+rax]",
+                "lea rcx,[rcx+108h]",
+                "lea rdi,[rel 0FFFFFFFF81001080h]",
+                "lea rsi,[rsi+1]",
+                "lea rdi,[rdi+1]",
+                "lea rdx,[rdx+1]",
+                "mov r8,rcx",
+                "mov rdx,0FFFFFFFFFFFFFFA0h",
+                "movzx ecx,byte [rsi]",
+                "mov [rdi],cl",
+                "mov [r8+60h],rax",
+                "mov [r8+0C8h],rdx",
+                "mov qword [r8+0B0h],0",
             ]
         );
     }
@@ -768,5 +1192,102 @@ mod tests {
         assert_eq!(r.regs, [2, 3, 4, 5, 6, 7]);
         assert_eq!((r.rsp, r.current), (8, 9));
         assert_eq!(r.stack, [10, 11]);
+    }
+
+    #[test]
+    fn conditional_jumps_land_where_they_were_patched_to() {
+        let base = 0xffff_ffff_8100_0000;
+        let mut asm = Asm::new(base);
+        let zero = asm.jump_if_rcx_zero();
+        let nonzero = asm.jump_if_rcx_nonzero();
+        asm.hlt();
+        let target = asm.here();
+        asm.patch_jmp32(zero, target);
+        asm.patch_jmp32(nonzero, target);
+        let text = disassemble(base, &asm.code);
+        let at = |a: u64| format!("0{a:X}h");
+        // jrcxz over a short jump over the long one; jrcxz over the long one.
+        assert_eq!(
+            text,
+            [
+                format!("jrcxz {}", at(base + 4)),
+                format!("jmp short {}", at(base + 9)),
+                format!("jmp {}", at(target)),
+                format!("jrcxz {}", at(base + 16)),
+                format!("jmp {}", at(target)),
+                "hlt".to_string(),
+            ]
+        );
+    }
+
+    /// Slots as a drain gives them: a record, a record with a copied string, a record.
+    fn slot(site: u64) -> Vec<u8> {
+        let mut bytes = vec![0u8; RECORD_SIZE as usize];
+        bytes[..8].copy_from_slice(&site.to_le_bytes());
+        bytes[64..72].copy_from_slice(&0xffff_8880_0000_1000u64.to_le_bytes());
+        bytes
+    }
+
+    #[test]
+    fn a_copied_string_is_read_back_with_its_record() {
+        let text = b"/tmp/bench.txt\0";
+        let mut raw = slot(0xffff_ffff_8100_0010);
+        raw.extend(slot(0xffff_ffff_8100_0020));
+        let at = raw.len();
+        raw.resize(at + 2 * RECORD_SIZE as usize, 0xee);
+        raw[at..at + 8].fill(0);
+        raw[at + 8..at + 8 + text.len()].copy_from_slice(text);
+        let second = at + RECORD_SIZE as usize;
+        raw[second..second + 8].fill(0);
+        raw[second + 24..second + 32].copy_from_slice(&0xffff_8880_0123_4000u64.to_le_bytes());
+        raw.extend(slot(0xffff_ffff_8100_0030));
+        let read: Vec<_> = records(&raw).collect();
+        assert_eq!(read.len(), 3);
+        assert_eq!(read[0].0.site, 0xffff_ffff_8100_0010);
+        assert!(read[0].1.is_none());
+        let copied = read[1]
+            .1
+            .as_ref()
+            .expect("the second record copied a string");
+        assert_eq!(copied.at, 0xffff_8880_0123_4000);
+        assert_eq!(copied.shown(96), ("/tmp/bench.txt".into(), false));
+        assert_eq!(copied.shown(4), ("/tmp".into(), true));
+        assert_eq!(read[2].0.site, 0xffff_ffff_8100_0030);
+        assert!(Record::is_extension(&raw[at..]));
+        assert!(!Record::is_extension(&raw[..]));
+
+        // A string without a NUL in its first 96 bytes is shown cut, as a live read shows it.
+        let long = CopiedString {
+            at: 0,
+            bytes: [b'a'; STRING_BYTES],
+        };
+        assert_eq!(long.shown(96), ("a".repeat(96), true));
+    }
+
+    #[test]
+    fn strings_are_copied_only_from_memory_that_stays_mapped() {
+        let mut ranges = CopyRanges {
+            ranges: Vec::new(),
+            direct_map_stays: false,
+        };
+        ranges.add(0xffff_ffff_81c0_0000, 0xffff_ffff_81d9_e000);
+        let kfence = ranges
+            .clone()
+            .with_direct_map(0xffff_8880_0000_0000, 1 << 30);
+        assert_eq!(
+            kfence.ranges.len(),
+            1,
+            "a kernel that unmaps freed pages: rodata only"
+        );
+        ranges.direct_map_stays = true;
+        let all = ranges.with_direct_map(0xffff_8880_0000_0000, 1 << 30);
+        assert_eq!(
+            all.ranges,
+            [
+                (0xffff_ffff_81c0_0000, 0xffff_ffff_81d9_e000 - 96),
+                (0xffff_8880_0000_0000, 0xffff_8880_4000_0000 - 96),
+            ],
+            "a string starts where all its bytes are inside"
+        );
     }
 }

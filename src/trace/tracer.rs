@@ -21,7 +21,7 @@ use super::guest::{Captured, RecordMemory, StackWords};
 use super::introspect::Introspection;
 use super::observe::{Observation, Regs, Sink};
 use super::probes::Probe;
-use super::stubs::{Record, RECORD_SIZE};
+use super::stubs;
 use crate::position::Position;
 
 /// Kernel stacks (task and interrupt stacks) are 16 KiB and aligned to it: an address's stack.
@@ -152,14 +152,13 @@ impl Sink for Tracer {
                 });
                 Ok(())
             }
-            Observation::End => Ok(()),
+            Observation::End { .. } => Ok(()),
             Observation::Probes { sites } => {
                 self.probes = sites.into_iter().collect();
                 Ok(())
             }
             Observation::Records { exits, now_ns, raw } => {
-                for bytes in raw.chunks_exact(RECORD_SIZE as usize) {
-                    let record = Record::parse(bytes);
+                for (record, copied) in stubs::records(&raw) {
                     let Some(&probe) = self.probes.get(&record.site) else {
                         anyhow::bail!(
                             "the trace buffer held a record from {:#x}, which has no probe: the guest wrote over the buffer",
@@ -178,6 +177,7 @@ impl Sink for Tracer {
                             words: record.stack,
                         },
                         user: user.as_deref(),
+                        copied: copied.as_ref(),
                     };
                     self.kernel_event(probe, record.site, exits, now_ns, &regs, &mut memory)?;
                 }
