@@ -9,9 +9,12 @@
 //!
 //! Where rrr's kernel patch left room for them, most sites get a `jmp` to an in-guest stub
 //! instead ([`super::stubs`]), which records the call without an exit. A function keeps `hlt`s
-//! where its trace needs guest memory as it was at the call (a string argument or return value,
-//! an argument on the stack, a system call's registers), and where the kernel's identity of a
-//! task changes (`copy_process`, `free_task`: the buffer is drained before it does).
+//! where its trace needs guest memory as it was at the call and a stub cannot read it (a system
+//! call's registers and user memory, an argument deeper on the stack), and where the kernel's
+//! identity of a task changes (`copy_process`, `free_task`: the buffer is drained before it
+//! does). A string argument or return value is decided at each call, by the stub: a user one is
+//! taken from its system call's capture, a kernel one in always-mapped memory is copied, and
+//! only another stops at a `hlt`.
 //!
 //! The original bytes are kept: the probes are lifted before anything compares guest memory
 //! (a landmark search, the final state hash), which is what makes a traced replay pass the same

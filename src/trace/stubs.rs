@@ -12,16 +12,24 @@
 //!                        (and [rsp+8], [rsp+16] for stack arguments);
 //!                        cursor += RECORD_SIZE; restore rax rcx; jmp *(site + 5)
 //! common (return):       the same with rax and rdx, then ret
-//! common (string return): rcx = rax; jrcxz return (NULL); else hlt (the VMM reads the string
-//!                        and performs the ret)
+//! string check (entry):  each string register's top byte: zero (user or NULL) goes on to the
+//!                        entry; a kernel string in always-mapped memory to the entry that
+//!                        copies it; any other to a hlt (the VMM reads the string there)
+//! common (string return): rcx = rax; jrcxz return (NULL); in always-mapped memory: the return
+//!                        that copies it; else hlt (the VMM reads it and performs the ret)
+//! copying entry/return:  the same, with three slots: the record, then the string's first 96
+//!                        bytes, copied byte by byte up to its NUL, in two extension slots
 //! full:                  hlt (the VMM drains the buffer), then try again
 //! ```
 //!
-//! The stubs change no register, no flag (only `mov`, `lea` and `jrcxz`) and no byte of the
-//! guest's own memory; interrupts are injected at exits only, so none lands inside one. The
-//! VMM drains the records at every exit, so each is handled in order with the `hlt` probes
-//! (kept for functions whose arguments must be read from memory at the call: strings, deeper
-//! stack arguments, system calls) and stamped with the exit it followed. The room is put back
+//! The stubs change no register, no flag (only `mov`, `lea`, `not`, `bswap`, `movzx` and
+//! `jrcxz`) and no byte of the guest's own memory; interrupts are injected at exits only, so
+//! none lands inside one. A kernel string is copied only from memory no page of which the
+//! kernel unmaps while it runs ([`CopyRanges`]: its read-only data, and the direct map of a
+//! kernel without KFENCE or DEBUG_PAGEALLOC), and only its own bytes are read, so a copy cannot
+//! fault. The VMM drains the records at every exit, so each is handled in order with the `hlt`
+//! probes (kept for what must be read from memory at the call: system calls, other kernel
+//! strings, deeper stack arguments) and stamped with the exit it followed. The room is put back
 //! to the `int3`s and zeroes it held before the final state is compared.
 
 use anyhow::{bail, Context, Result};
