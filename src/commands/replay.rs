@@ -677,8 +677,6 @@ impl ReplaySession {
     }
 }
 
-/// Writes the trace from the observations a replay in the carrier made, and adds its counts
-/// (and the time writing it took) to the run's summary.
 /// The trace of a replay in the carrier, written here (natively) from the observations the
 /// replay makes there.
 struct TraceJob {
@@ -714,12 +712,7 @@ impl TraceJob {
             // The replay failed before it observed anything.
             Err(_) if !self.observations.exists() => {
                 tracer.abandon();
-                return Ok(WrittenTrace {
-                    stats: None,
-                    whole: false,
-                    busy: started.elapsed(),
-                    finished: Instant::now(),
-                });
+                return Ok(WrittenTrace::nothing(started));
             }
             Err(err) => return Err(err),
         };
@@ -727,12 +720,7 @@ impl TraceJob {
             // The replay stopped (an error, Ctrl-C) before anything was traced: no trace.
             tracer.abandon();
             let _ = std::fs::remove_file(&self.observations);
-            return Ok(WrittenTrace {
-                stats: None,
-                whole: false,
-                busy: started.elapsed(),
-                finished: Instant::now(),
-            });
+            return Ok(WrittenTrace::nothing(started));
         }
         // Open slices end where the replay did (or at the last event, if it stopped early: a
         // replay stopped by Ctrl-C is written all the same, up to the last observation).
@@ -761,6 +749,16 @@ fn read_summary(run_dir: &Path) -> Result<Option<serde_json::Value>> {
 }
 
 impl WrittenTrace {
+    /// No trace: the replay stopped before it traced anything.
+    fn nothing(started: Instant) -> WrittenTrace {
+        WrittenTrace {
+            stats: None,
+            whole: false,
+            busy: started.elapsed(),
+            finished: Instant::now(),
+        }
+    }
+
     /// Adds the trace's counts and the writer's times to the run summary, and says where the
     /// trace is. `stopped_at`: when the carrier stopped (the writer's time after it is what
     /// writing the trace added to the replay).

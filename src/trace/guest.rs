@@ -5,16 +5,15 @@
 //! pages are translated once; anything else (user memory, vmalloc'd stacks) is walked again
 //! through the page tables the vCPU uses now.
 
+use rrr_vmm::arch::x86_64::walk::PagingMode;
+use rrr_vmm::builder::Vmm;
 // Looked up at every guest read: FxHash costs little next to SipHash, which showed in profiles
 // of the replay inside the carrier (where rrr's own code runs emulated).
 use rustc_hash::FxHashMap as HashMap;
-
-use rrr_vmm::arch::x86_64::walk::PagingMode;
-use rrr_vmm::builder::Vmm;
 use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::stubs::CopiedString;
-use vm_memory::{Bytes, GuestAddress};
 
 /// The direct map of a kernel without memory randomisation, and the kernel image mapping.
 pub const DIRECT_MAP: std::ops::Range<u64> = 0xffff_8880_0000_0000..0xffff_c880_0000_0000;

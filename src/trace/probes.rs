@@ -22,11 +22,10 @@
 
 use std::collections::HashSet;
 
-use rustc_hash::FxHashMap as HashMap;
-
 use anyhow::{bail, Result};
 use rrr_tracer::{Index, Location, Reg, ValueKind};
 use rrr_vmm::builder::Vmm;
+use rustc_hash::FxHashMap as HashMap;
 
 use super::guest::GuestReader;
 use super::guest::DIRECT_MAP;

@@ -78,8 +78,8 @@ const STUB_SIZE: u64 = 16;
 const COMMON_SIZE: u64 = 0x1000;
 
 const INT3: u8 = 0xcc;
-/// Caps the buffer at this many records (tests: a tiny buffer fills at almost every call, and
-/// must give the same trace).
+/// Caps the buffer at this many record slots, 3 at least (tests: a tiny buffer fills at almost
+/// every call, and must give the same trace).
 pub const CAPACITY_ENV: &str = "RRR_TRACE_STUB_CAPACITY";
 
 /// One call or return, as its stub recorded it.
@@ -746,17 +746,20 @@ fn return_common(asm: &mut Asm, data: u64, current: CurrentAt, copy: bool) -> Re
     start
 }
 
+/// The registers a string copy uses, and where each is kept meanwhile.
+const COPY_REGISTERS: [(u8, u64); 4] = [
+    (RDX, SAVED_RDX),
+    (RSI, SAVED_RSI),
+    (RDI, SAVED_RDI),
+    (R8, SAVED_R8),
+];
+
 /// Copies the string at `COPY_SOURCE` into the extension after the record at `rcx`: byte by
 /// byte up to its NUL or [`STRING_BYTES`] (never further: only the string's own bytes are
 /// read), into the scratch area, then word by word into the extension. `rax` is free (saved);
 /// `rcx` is the record again after.
 fn copy_string(asm: &mut Asm, data: u64) {
-    for (reg, slot) in [
-        (RDX, SAVED_RDX),
-        (RSI, SAVED_RSI),
-        (RDI, SAVED_RDI),
-        (R8, SAVED_R8),
-    ] {
+    for (reg, slot) in COPY_REGISTERS {
         asm.store_rip(reg, data + slot);
     }
     asm.mov_r8_rcx();
@@ -792,12 +795,7 @@ fn copy_string(asm: &mut Asm, data: u64) {
     asm.load_rip(RAX, data + COPY_SOURCE);
     asm.store_r8(RAX, COPIED_FROM as i32);
     asm.mov_rcx_from(R8);
-    for (reg, slot) in [
-        (RDX, SAVED_RDX),
-        (RSI, SAVED_RSI),
-        (RDI, SAVED_RDI),
-        (R8, SAVED_R8),
-    ] {
+    for (reg, slot) in COPY_REGISTERS {
         asm.load_rip(reg, data + slot);
     }
 }

@@ -7,17 +7,16 @@
 //! the same or a deeper stack pointer on the same stack: that also closes a function that
 //! tail-called the returning one, and frames whose return was never seen.
 
-use rustc_hash::FxHashMap as HashMap;
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rrr_perfetto::{Arg, Event, Kind, TraceWriter, TrackId, Value, MAX_DEPTH};
+use rustc_hash::FxHashMap as HashMap;
 
 use super::decode::{self, Shown};
-use super::guest::Memory;
-use super::guest::{Captured, RecordMemory, StackWords};
+use super::guest::{Captured, Memory, RecordMemory, StackWords};
 use super::introspect::Introspection;
 use super::observe::{Observation, Regs, Sink};
 use super::probes::Probe;
@@ -287,13 +286,13 @@ impl Tracer {
         }
     }
 
-    /// Ends every open slice (at virtual time `now_ns`) and writes the rest of the trace.
     /// Drops a trace that was never written (its replay observed nothing): no partial file is
     /// left.
     pub fn abandon(self) {
         let _ = std::fs::remove_file(&self.partial);
     }
 
+    /// Ends every open slice (at virtual time `now_ns`) and writes the rest of the trace.
     pub fn finish(mut self, now_ns: u64) -> anyhow::Result<TraceStats> {
         let ts = self.timestamp(now_ns);
         let stats = self.stats();
