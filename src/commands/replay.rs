@@ -455,17 +455,20 @@ fn write_trace_lines(
 ) -> std::io::Result<()> {
     let n = |k: &str| stats[k].as_u64().unwrap_or(0);
     let size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
+    // The probes' counts come with the replay's summary, which a stopped replay did not write.
+    let probes = match stats["probes"].as_u64() {
+        Some(probes) => format!("; {probes} probes, {} of them in-guest", n("stub_sites")),
+        None => String::new(),
+    };
     writeln!(
         out,
-        "rrr: trace: {} events ({} kernel calls, {} system calls, {} calls in the stimulus, {} tasks, {} switches; {} probes, {} of them in-guest), {:.1} MiB",
+        "rrr: trace: {} events ({} kernel calls, {} system calls, {} calls in the stimulus, {} tasks, {} switches{probes}), {:.1} MiB",
         n("events"),
         n("entries"),
         n("syscalls"),
         n("user_entries"),
         n("tasks"),
         n("switches"),
-        n("probes"),
-        n("stub_sites"),
         size as f64 / (1024.0 * 1024.0)
     )?;
     writeln!(out, "rrr: the trace is {}", output.display())?;
