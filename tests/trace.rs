@@ -39,6 +39,20 @@ fn rrr(args: &[&str]) -> std::process::Output {
         .expect("cannot start rrr")
 }
 
+/// `rrr record` of `open_write_close.c` into `rec`, quietly, with `more` arguments after.
+fn record_open_write_close(rec: &Path, more: &[&str]) -> std::process::Output {
+    let stimulus = root().join("examples/stimuli/open_write_close.c");
+    let mut args = vec![
+        "record",
+        stimulus.to_str().unwrap(),
+        "-o",
+        rec.to_str().unwrap(),
+        "--quiet",
+    ];
+    args.extend_from_slice(more);
+    rrr(&args)
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -126,17 +140,10 @@ fn a_traced_recording_shows_its_system_calls_and_kernel_calls_and_replays_unchan
     let dir = test_dir("semantic");
     let rec = dir.join("ow.rrr");
     let trace = dir.join("ow.pftrace");
-    let stimulus = root().join("examples/stimuli/open_write_close.c");
-    let out = rrr(&[
-        "record",
-        stimulus.to_str().unwrap(),
-        "-o",
-        rec.to_str().unwrap(),
-        "--quiet",
-        "--trace",
-        "--trace-output",
-        trace.to_str().unwrap(),
-    ]);
+    let out = record_open_write_close(
+        &rec,
+        &["--trace", "--trace-output", trace.to_str().unwrap()],
+    );
     let stdout = text(&out.stdout);
     assert!(
         out.status.success(),
@@ -358,14 +365,7 @@ fn calls_recorded_in_the_guest_give_the_same_trace_however_often_the_buffer_fill
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
     let dir = test_dir("stubs");
     let rec = dir.join("sys.rrr");
-    let stimulus = root().join("examples/stimuli/open_write_close.c");
-    let out = rrr(&[
-        "record",
-        stimulus.to_str().unwrap(),
-        "-o",
-        rec.to_str().unwrap(),
-        "--quiet",
-    ]);
+    let out = record_open_write_close(&rec, &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let trace = |name: &str, capacity: Option<&str>, in_process: bool| -> (Value, u64) {
         let output = dir.join(format!("{name}.pftrace"));
@@ -452,16 +452,7 @@ fn filters_choose_what_is_traced_and_one_that_matches_nothing_says_so() {
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
     let dir = test_dir("filters");
     let rec = dir.join("hello.rrr");
-    let out = rrr(&[
-        "record",
-        root()
-            .join("examples/stimuli/open_write_close.c")
-            .to_str()
-            .unwrap(),
-        "-o",
-        rec.to_str().unwrap(),
-        "--quiet",
-    ]);
+    let out = record_open_write_close(&rec, &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 
     let started = std::time::Instant::now();

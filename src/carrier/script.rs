@@ -180,12 +180,12 @@ pub fn exit_status(console: &str, nonce: &str) -> Option<i32> {
     marker_value(console, EXIT_MARKER, nonce)?.parse().ok()
 }
 
-/// What the script said went wrong while setting up, if it did.
 /// Whether the carrier's kernel booted and ran the script (the start marker is on the console).
 pub fn started(console: &str, nonce: &str) -> bool {
     marker_value(console, START_MARKER, nonce).is_some()
 }
 
+/// What the script said went wrong while setting up, if it did.
 pub fn setup_error(console: &str, nonce: &str) -> Option<String> {
     marker_value(console, ERROR_MARKER, nonce).map(str::to_owned)
 }

@@ -289,6 +289,15 @@ fn looks_like_flags(enumerators: &[(String, i64)]) -> bool {
 mod tests {
     use super::*;
 
+    fn plain_char() -> Type {
+        Type::Int {
+            name: "char".into(),
+            size: 1,
+            signed: false,
+            char: true,
+        }
+    }
+
     #[test]
     fn equal_types_share_an_id_and_absorb_remaps_children() {
         let mut a = TypeTable::default();
@@ -302,12 +311,7 @@ mod tests {
         assert_eq!(a.intern(Type::Pointer(int)), p);
 
         let mut b = TypeTable::default();
-        let ch = b.intern(Type::Int {
-            name: "char".into(),
-            size: 1,
-            signed: false,
-            char: true,
-        });
+        let ch = b.intern(plain_char());
         let c = b.intern(Type::Const(ch));
         let s = b.intern(Type::Pointer(c));
         let map = a.absorb(b);
@@ -315,12 +319,7 @@ mod tests {
         assert_eq!(a.name(map[s.0 as usize]), "const char *");
         assert_eq!(a.len(), 5);
         let mut c = TypeTable::default();
-        let ch = c.intern(Type::Int {
-            name: "char".into(),
-            size: 1,
-            signed: false,
-            char: true,
-        });
+        let ch = c.intern(plain_char());
         let buf = c.intern(Type::Pointer(ch));
         let map = a.absorb(c);
         assert_eq!(a.value_kind(map[buf.0 as usize]), ValueKind::CharBuffer);
